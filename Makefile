@@ -1,0 +1,50 @@
+# sluice: every command a user or CI runs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+STACK  := scripts/stack.sh
+# Loads the addresses `make up` found or started (database URL, emulator endpoint, test credentials).
+WITH_STACK := set -a && . .stack/env && set +a &&
+SLUICE := target/debug/sluice
+DEMO_CONFIG := config/demo.toml
+
+.PHONY: help up start down stop status build demo test lint unit bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+up: ## start the local stack: moto (SQS/Kinesis) on 4566 and PostgreSQL
+	@$(STACK) up
+
+start: up ## same as up
+
+down: ## stop what `make up` started
+	@$(STACK) down
+
+stop: down ## same as down
+
+status: ## show what answers where
+	@$(STACK) status
+
+build: ## build the sluice binary (debug)
+	cargo build --bins
+
+demo: up build ## load the 100 demo messages end to end and show what landed
+	@$(WITH_STACK) $(SLUICE) migrate --config $(DEMO_CONFIG)
+	@$(WITH_STACK) $(SLUICE) seed --config $(DEMO_CONFIG) --file data/demo-logins.json
+	@$(WITH_STACK) $(SLUICE) run --config $(DEMO_CONFIG) --exit-when-idle 3
+	@$(WITH_STACK) $(SLUICE) report --config $(DEMO_CONFIG)
+
+lint: ## formatting and clippy, warnings are errors
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+unit: ## unit tests only (no services needed)
+	cargo nextest run --lib --bins
+
+test: up lint ## everything the tests need, then the whole suite (and the benchmarks must build)
+	$(WITH_STACK) cargo nextest run --no-fail-fast
+	cargo bench --no-run
+
+clean: ## remove build output (not the stack)
+	cargo clean

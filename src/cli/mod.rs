@@ -1,0 +1,8 @@
+//! The commands behind the `sluice` binary.
+
+pub mod check;
+pub mod migrate;
+pub mod report;
+pub mod run;
+pub mod seed;
+pub mod telemetry;

@@ -1,0 +1,144 @@
+//! `sluice seed`: demo and test traffic onto the configured source.
+//!
+//! Every message gets a dedupe id (an SQS message attribute) derived from where it came from: the
+//! file's name, its position and its content, or the generator's seed and position. Seeding the same
+//! messages twice therefore loads them once, which keeps `make demo` repeatable.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use sluice::config::{Config, SourceKind};
+use sluice::message_file;
+use sluice::seed::generate::LoginGenerator;
+use sluice::seed::send::{self, SeedMessage};
+
+pub enum What {
+    File(PathBuf),
+    Generate {
+        count: u64,
+        seed: Option<u64>,
+        bad_every: Option<u64>,
+    },
+}
+
+pub async fn seed(config: &Config, what: What, with_dedupe_ids: bool) -> anyhow::Result<ExitCode> {
+    let (messages, total, origin): (Box<dyn Iterator<Item = SeedMessage> + Send>, u64, String) =
+        match what {
+            What::File(path) => {
+                let messages = from_file(&path)?;
+                let n = messages.len() as u64;
+                (
+                    Box::new(messages.into_iter()),
+                    n,
+                    path.display().to_string(),
+                )
+            }
+            What::Generate {
+                count,
+                seed,
+                bad_every,
+            } => {
+                let seed = seed.unwrap_or_else(rand::random);
+                let generated = LoginGenerator::new(seed, bad_every)
+                    .take(count as usize)
+                    .enumerate()
+                    .map(move |(i, body)| SeedMessage {
+                        body,
+                        dedupe_id: Some(format!("gen-{seed}-{i}")),
+                    });
+                (
+                    Box::new(generated),
+                    count,
+                    format!("generator (seed {seed})"),
+                )
+            }
+        };
+    let messages: Box<dyn Iterator<Item = SeedMessage> + Send> = if with_dedupe_ids {
+        messages
+    } else {
+        Box::new(messages.map(|m| SeedMessage {
+            dedupe_id: None,
+            ..m
+        }))
+    };
+    let progress = progress_bar(total);
+    let sent = match config.source.kind {
+        SourceKind::Sqs => {
+            let cfg = &config.source.sqs;
+            let client = sluice::aws::sqs_client(cfg).await;
+            let url = send::ensure_queue(&client, cfg).await?;
+            let sent =
+                send::send_to_queue(&client, &url, &cfg.dedupe_attribute, messages, &progress)
+                    .await?;
+            progress.finish_and_clear();
+            eprintln!("sluice: sent {sent} messages from {origin} to {url}");
+            sent
+        }
+        SourceKind::File => {
+            let path = config
+                .source
+                .file
+                .path
+                .clone()
+                .context("`source.file.path` is not set")?;
+            let path = if path.is_absolute() {
+                path
+            } else {
+                config.base_dir.join(path)
+            };
+            let written =
+                tokio::task::block_in_place(|| send::write_file(&path, messages, &progress))?;
+            progress.finish_and_clear();
+            eprintln!(
+                "sluice: wrote {written} messages from {origin} to {}",
+                path.display()
+            );
+            written
+        }
+    };
+    anyhow::ensure!(sent == total, "only {sent} of {total} messages were sent");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Messages of a seed file, each with a dedupe id from the file's name, position and content.
+fn from_file(path: &Path) -> anyhow::Result<Vec<SeedMessage>> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let messages = message_file::read_all(path)?;
+    messages
+        .into_iter()
+        .map(|m| {
+            let body = m.body.map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: message #{} is not valid UTF-8",
+                    path.display(),
+                    m.position
+                )
+            })?;
+            let mut hash = Sha256::new();
+            hash.update(name.as_bytes());
+            hash.update(m.position.to_be_bytes());
+            hash.update(body.as_bytes());
+            let dedupe_id = format!("seed-{}", &hex::encode(hash.finalize())[..32]);
+            Ok(SeedMessage {
+                body,
+                dedupe_id: Some(dedupe_id),
+            })
+        })
+        .collect()
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} {pos}/{len} messages [{bar:40}] {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}

@@ -1,0 +1,269 @@
+//! Reading message bodies from a file: NDJSON (one message per line) or one JSON array, gzip when the
+//! name ends in `.gz`, `-` for standard input.
+//!
+//! Files are streamed, never loaded whole, so a backfill of any size runs in constant memory. NDJSON
+//! lines are passed on exactly as written (a malformed line is the parse stage's business, and gets a
+//! dead-letter record like any other bad message); array elements are passed on as their raw JSON
+//! text.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use serde::de::{Deserializer, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// One message read from a file.
+pub struct FileMessage {
+    /// 1-based line (NDJSON) or element (array) number.
+    pub position: u64,
+    /// The text, or the raw bytes of a line that is not UTF-8.
+    pub body: Result<String, Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessageFileError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{path} is not a JSON array of messages: {source}")]
+    Array {
+        path: String,
+        source: serde_json::Error,
+    },
+}
+
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Calls `each` for every message until the file ends or `each` breaks. Returns how many were read.
+pub fn for_each_message(
+    path: &Path,
+    mut each: impl FnMut(FileMessage) -> ControlFlow<()>,
+) -> Result<u64, MessageFileError> {
+    let name = path.display().to_string();
+    let mut reader = open(path).map_err(|source| MessageFileError::Open {
+        path: name.clone(),
+        source,
+    })?;
+    let read_err = |source| MessageFileError::Read {
+        path: name.clone(),
+        source,
+    };
+    if starts_with_array(&mut reader).map_err(read_err)? {
+        read_array(reader, &mut each).map_err(|source| MessageFileError::Array {
+            path: name.clone(),
+            source,
+        })
+    } else {
+        read_lines(reader, &mut each).map_err(read_err)
+    }
+}
+
+/// Reads every message into memory; for small files such as seed data.
+pub fn read_all(path: &Path) -> Result<Vec<FileMessage>, MessageFileError> {
+    let mut all = Vec::new();
+    for_each_message(path, |m| {
+        all.push(m);
+        ControlFlow::Continue(())
+    })?;
+    Ok(all)
+}
+
+fn open(path: &Path) -> io::Result<Box<dyn BufRead + Send>> {
+    let raw: Box<dyn Read + Send> = if path == Path::new("-") {
+        Box::new(io::stdin())
+    } else {
+        Box::new(File::open(path)?)
+    };
+    let gzip = path.extension().is_some_and(|ext| ext == "gz");
+    let decoded: Box<dyn Read + Send> = if gzip {
+        Box::new(flate2::read::MultiGzDecoder::new(raw))
+    } else {
+        raw
+    };
+    Ok(Box::new(BufReader::with_capacity(READ_BUFFER, decoded)))
+}
+
+/// Skips leading whitespace and tells whether the content opens with `[`.
+fn starts_with_array(reader: &mut Box<dyn BufRead + Send>) -> io::Result<bool> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        let skip = buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        if skip < buf.len() {
+            let is_array = buf[skip] == b'[';
+            reader.consume(skip);
+            return Ok(is_array);
+        }
+        let n = buf.len();
+        reader.consume(n);
+    }
+}
+
+fn read_lines(
+    mut reader: Box<dyn BufRead + Send>,
+    each: &mut impl FnMut(FileMessage) -> ControlFlow<()>,
+) -> io::Result<u64> {
+    let (mut line_no, mut count) = (0u64, 0u64);
+    loop {
+        let mut line = Vec::with_capacity(256);
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(count);
+        }
+        line_no += 1;
+        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            line.pop();
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        count += 1;
+        let body = String::from_utf8(line).map_err(|e| e.into_bytes());
+        if each(FileMessage {
+            position: line_no,
+            body,
+        })
+        .is_break()
+        {
+            return Ok(count);
+        }
+    }
+}
+
+fn read_array(
+    reader: Box<dyn BufRead + Send>,
+    each: &mut impl FnMut(FileMessage) -> ControlFlow<()>,
+) -> Result<u64, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let count = de.deserialize_seq(ArrayVisitor { each })?;
+    Ok(count)
+}
+
+struct ArrayVisitor<'a, F> {
+    each: &'a mut F,
+}
+
+impl<'de, F: FnMut(FileMessage) -> ControlFlow<()>> Visitor<'de> for ArrayVisitor<'_, F> {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON array of messages")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let mut count = 0;
+        while let Some(element) = seq.next_element::<Box<RawValue>>()? {
+            count += 1;
+            let body = String::from(Box::<str>::from(element));
+            if (self.each)(FileMessage {
+                position: count,
+                body: Ok(body),
+            })
+            .is_break()
+            {
+                break;
+            }
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp(name: &str, content: &[u8]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-mf-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(name);
+        std::fs::write(&path, content).expect("write");
+        path
+    }
+
+    fn bodies(path: &Path) -> Vec<(u64, String)> {
+        read_all(path)
+            .expect("readable")
+            .into_iter()
+            .map(|m| {
+                (
+                    m.position,
+                    m.body
+                        .unwrap_or_else(|b| format!("<{} raw bytes>", b.len())),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ndjson_lines_pass_through_verbatim_and_blank_lines_are_skipped() {
+        let p = temp("a.ndjson", b"{\"a\": 1}\r\n\n  \nnot json\n{\"b\":2}");
+        assert_eq!(
+            bodies(&p),
+            [
+                (1, "{\"a\": 1}".into()),
+                (4, "not json".into()),
+                (5, "{\"b\":2}".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn arrays_yield_raw_elements() {
+        let p = temp("b.json", b"  [ {\"a\": [1, 2]}, \"x\", null ]");
+        assert_eq!(
+            bodies(&p),
+            [
+                (1, "{\"a\": [1, 2]}".into()),
+                (2, "\"x\"".into()),
+                (3, "null".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn gzip_is_chosen_by_name() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"[{\"a\":1},{\"a\":2}]").expect("compress");
+        let p = temp("c.json.gz", &gz.finish().expect("finish"));
+        assert_eq!(bodies(&p).len(), 2);
+    }
+
+    #[test]
+    fn invalid_utf8_lines_are_kept_as_bytes() {
+        let p = temp("d.ndjson", b"{\"a\":1}\n\xff\xfe\n");
+        let all = read_all(&p).expect("readable");
+        assert!(all[1].body.is_err());
+    }
+
+    #[test]
+    fn broken_arrays_and_missing_files_are_errors() {
+        let p = temp("e.json", b"[{\"a\":1}, {");
+        assert!(matches!(read_all(&p), Err(MessageFileError::Array { .. })));
+        assert!(matches!(
+            read_all(Path::new("/nonexistent/x.json")),
+            Err(MessageFileError::Open { .. })
+        ));
+    }
+
+    #[test]
+    fn reading_stops_when_asked() {
+        let p = temp("f.ndjson", b"1\n2\n3\n");
+        let mut seen = 0;
+        for_each_message(&p, |_| {
+            seen += 1;
+            if seen == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .expect("readable");
+        assert_eq!(seen, 2);
+    }
+}

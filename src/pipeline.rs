@@ -1,0 +1,310 @@
+//! Wiring the stages into a running pipeline, and taking it down cleanly.
+//!
+//! ```text
+//! source ─▶ parse ─▶ mask/transform ─▶ batcher ─▶ PgCopySink ─▶ acknowledger
+//! ```
+//!
+//! Each arrow is a bounded channel (capacity `pipeline.channel_capacity` chunks; one batch between
+//! batcher and sink, so the next batch is encoded while the current one commits). When any stage is
+//! slower, the channels in front of it fill and everything upstream waits, down to the source, which
+//! stops receiving. Rejects ride along in the same chunks as good rows, so one transaction commits
+//! both and one rule covers acknowledgement: after commit, never before.
+//!
+//! [`Pipeline::run`] supervises the tasks: the first fatal error stops the source, and the rest drain
+//! as in a graceful shutdown. A drain that exceeds `pipeline.shutdown_timeout_seconds` is abandoned:
+//! the unfinished messages are handed back to the source and the run ends with an error.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::aws;
+use crate::config::{Config, ConfigError, SourceKind};
+use crate::pg;
+use crate::shutdown;
+use crate::sink::batch::run_batcher;
+use crate::sink::dead_letter::DeadLetterQueue;
+use crate::sink::ledger::{self, Ledger};
+use crate::sink::postgres::{PgCopySink, SinkError, SinkSettings};
+use crate::sink::schema::{self, SchemaError, Tables};
+use crate::source::file::FileSource;
+use crate::source::sqs::SqsSource;
+use crate::source::{BuiltSource, SourceError, acknowledge_committed};
+use crate::stage::mask::Masker;
+use crate::stage::parse::run_parse_stage;
+use crate::stage::transform::{Transformer, run_transform_stage};
+use crate::stats::{Stats, Summary};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("source: {0}")]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("PostgreSQL schema: {0}")]
+    Schema(#[from] SchemaError),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error(
+        "shutdown did not drain within {0:?}; unfinished messages were handed back to the source"
+    )]
+    DrainTimeout(Duration),
+    #[error("{0} task failed: {1}")]
+    Task(&'static str, String),
+}
+
+/// How a run ends, besides the source running dry.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop once the source has delivered nothing for this long and everything is acknowledged.
+    pub exit_when_idle: Option<Duration>,
+    /// Install SIGINT/SIGTERM handlers (the daemon does; benchmarks and tests driving the library
+    /// do not).
+    pub handle_signals: bool,
+}
+
+/// A pipeline whose sink is connected and whose tables are checked, ready for a source.
+pub struct Pipeline {
+    config: Config,
+    stats: Arc<Stats>,
+    transformer: Transformer,
+    sink: PgCopySink,
+}
+
+impl Pipeline {
+    /// Loads the mask key, connects to PostgreSQL, creates missing tables (if allowed) and checks
+    /// them. Everything that can be wrong with the setup fails here, before any message is touched.
+    pub async fn prepare(config: &Config) -> Result<Pipeline, PipelineError> {
+        let stats = Arc::new(Stats::default());
+        let transformer = transformer(config)?;
+        let sink = prepare_sink(config, stats.clone()).await?;
+        Ok(Pipeline {
+            config: config.clone(),
+            stats,
+            transformer,
+            sink,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Runs until the source ends, shutdown is requested, or a stage fails.
+    pub async fn run(
+        self,
+        source: BuiltSource,
+        options: RunOptions,
+    ) -> Result<Summary, PipelineError> {
+        let Pipeline {
+            config,
+            stats,
+            transformer,
+            sink,
+        } = self;
+        let token = CancellationToken::new();
+        if options.handle_signals {
+            shutdown::listen_for_signals(token.clone()).map_err(PipelineError::Signals)?;
+        }
+        if let Some(idle) = options.exit_when_idle {
+            shutdown::exit_when_idle(token.clone(), stats.clone(), idle);
+        }
+        let pruner = spawn_ledger_pruner(&config);
+
+        let capacity = config.pipeline.channel_capacity;
+        let (raw_tx, raw_rx) = mpsc::channel(capacity);
+        let (parsed_tx, parsed_rx) = mpsc::channel(capacity);
+        let (rows_tx, rows_rx) = mpsc::channel(capacity);
+        let (batch_tx, batch_rx) = mpsc::channel(1);
+        let (ack_tx, ack_rx) = mpsc::channel(capacity);
+        let postgres = &config.sink.postgres;
+
+        let mut tasks: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
+        let source_token = token.clone();
+        let receiving = source.source;
+        tasks.spawn(async move {
+            let result = receiving.run(raw_tx, source_token).await;
+            ("source", result.map_err(Into::into))
+        });
+        let s = stats.clone();
+        tasks.spawn(async move {
+            run_parse_stage(raw_rx, parsed_tx, s).await;
+            ("parse", Ok(()))
+        });
+        let s = stats.clone();
+        tasks.spawn(async move {
+            run_transform_stage(transformer, parsed_rx, rows_tx, s).await;
+            ("transform", Ok(()))
+        });
+        let rows = postgres.batch_rows;
+        let linger = Duration::from_millis(postgres.linger_ms);
+        tasks.spawn(async move {
+            run_batcher(rows_rx, batch_tx, rows, linger).await;
+            ("batcher", Ok(()))
+        });
+        tasks.spawn(async move {
+            let result = sink.run(batch_rx, ack_tx).await;
+            ("sink", result.map_err(Into::into))
+        });
+        let (acknowledger, s) = (source.acknowledger.clone(), stats.clone());
+        tasks.spawn(async move {
+            acknowledge_committed(acknowledger, ack_rx, s).await;
+            ("acknowledger", Ok(()))
+        });
+
+        let timeout = Duration::from_secs(config.pipeline.shutdown_timeout_seconds);
+        let outcome = supervise(tasks, &token, timeout).await;
+        source.acknowledger.finish().await;
+        pruner.cancel();
+        outcome.map(|()| stats.summary())
+    }
+}
+
+/// Waits for every task; the first failure cancels `token` so the rest drain. Gives up on the drain
+/// `timeout` after cancellation.
+async fn supervise(
+    mut tasks: JoinSet<(&'static str, Result<(), PipelineError>)>,
+    token: &CancellationToken,
+    timeout: Duration,
+) -> Result<(), PipelineError> {
+    let mut first_error = None;
+    let deadline = async {
+        token.cancelled().await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => {
+                let failure = match joined {
+                    None => break,
+                    Some(Ok((_, Ok(())))) => continue,
+                    Some(Ok((name, Err(e)))) => {
+                        tracing::error!(task = name, error = %e, "pipeline task failed; stopping");
+                        e
+                    }
+                    Some(Err(e)) => PipelineError::Task("pipeline", e.to_string()),
+                };
+                token.cancel();
+                first_error.get_or_insert(failure);
+            }
+            _ = &mut deadline => {
+                tracing::error!(timeout_seconds = timeout.as_secs(), "drain timed out; abandoning unfinished messages");
+                tasks.abort_all();
+                return Err(first_error.unwrap_or(PipelineError::DrainTimeout(timeout)));
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn transformer(config: &Config) -> Result<Transformer, PipelineError> {
+    let key = config.mask_key()?;
+    if key.is_development_key() {
+        tracing::warn!(
+            "masking with the PUBLIC development key: masked values are NOT protected; set SLUICE_MASK_KEY or `mask.key_file` for real data"
+        );
+    }
+    Ok(Transformer::new(
+        Masker::new(config.mask.mode, &key),
+        config.transform.app_version,
+        config.transform.create_date,
+    ))
+}
+
+/// The three tables named by the configuration.
+pub fn tables(config: &Config) -> Tables {
+    Tables {
+        target: config.table(),
+        dead_letter: config.dead_letter_table(),
+        ledger: config.ledger_table(),
+    }
+}
+
+async fn prepare_sink(config: &Config, stats: Arc<Stats>) -> Result<PgCopySink, PipelineError> {
+    let postgres = &config.sink.postgres;
+    let timeout = Duration::from_secs(postgres.connect_timeout_seconds);
+    let mut client = pg::connect(config.database_url(), "sluice", timeout)
+        .await
+        .map_err(|e| PipelineError::Connect(pg::describe(&e)))?;
+    let tables = tables(config);
+    let dedupe = config.dedupe_enabled();
+    let columns = match schema::verify(&client, &tables, dedupe).await {
+        Err(SchemaError::Missing { .. }) if postgres.create_tables => {
+            for status in schema::migrate(&mut client, &tables, dedupe).await? {
+                if status.created {
+                    tracing::info!(table = status.table, "created missing table");
+                }
+            }
+            schema::verify(&client, &tables, dedupe).await?
+        }
+        other => other?,
+    };
+    let dead_letter_queue = match &config.dead_letter.sqs_queue_url {
+        Some(url) => Some(DeadLetterQueue::new(
+            aws::sqs_client(&config.source.sqs).await,
+            url.clone(),
+        )),
+        None => None,
+    };
+    let settings = SinkSettings {
+        url: config.database_url().to_owned(),
+        connect_timeout: timeout,
+        tables,
+        dead_letter_columns: columns,
+        dedupe,
+        dead_letter_queue,
+    };
+    Ok(PgCopySink::new(settings, Some(client), stats))
+}
+
+fn spawn_ledger_pruner(config: &Config) -> CancellationToken {
+    let stop = CancellationToken::new();
+    if config.dedupe_enabled() {
+        let postgres = &config.sink.postgres;
+        tokio::spawn(ledger::prune_periodically(
+            Ledger::new(&config.ledger_table()),
+            config.database_url().to_owned(),
+            i32::try_from(postgres.ledger_retention_hours).unwrap_or(i32::MAX),
+            Duration::from_secs(postgres.connect_timeout_seconds),
+            stop.clone(),
+        ));
+    }
+    stop
+}
+
+/// Builds the configured source.
+pub async fn build_source(
+    config: &Config,
+    stats: Arc<Stats>,
+) -> Result<BuiltSource, PipelineError> {
+    match config.source.kind {
+        SourceKind::Sqs => Ok(SqsSource::build(&config.source.sqs, stats).await?),
+        SourceKind::File => {
+            let path = file_path(config);
+            Ok(FileSource::build(
+                path,
+                config.source.file.chunk_messages,
+                stats,
+            ))
+        }
+    }
+}
+
+/// `source.file.path`, relative to the config file's directory like every path in it; `-` is stdin.
+fn file_path(config: &Config) -> PathBuf {
+    let path = config.source.file.path.clone().unwrap_or_default();
+    if path.as_os_str() == "-" || path.is_absolute() {
+        path
+    } else {
+        config.base_dir.join(path)
+    }
+}

@@ -1,0 +1,4 @@
+//! Test and demo traffic: realistic login events, and getting them onto the configured source.
+
+pub mod generate;
+pub mod send;

@@ -1,0 +1,195 @@
+//! Gathering chunks into transaction-sized batches.
+//!
+//! A batch closes when it holds `batch_rows` messages or when its first message has waited `linger`,
+//! whichever comes first: big batches for throughput under load, bounded latency when traffic is thin.
+//! Chunks are split at the boundary, so no batch exceeds `batch_rows`. The batch's rows are encoded
+//! here, in their own task, so that the next batch is ready the moment the current one commits.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::envelope::{AckToken, Chunk, Reject};
+use crate::sink::copy_encode::encode_rows;
+use crate::stage::transform::LoginRow;
+
+/// What one transaction commits: rows, dead-letter records, and the rows' COPY payload.
+pub struct Batch {
+    pub rows: Vec<LoginRow>,
+    pub rejects: Vec<Reject>,
+    /// The encoded `rows`; re-encoded by the sink only if some rows turn out to be duplicates.
+    pub copy_data: Bytes,
+}
+
+impl Batch {
+    pub fn new(rows: Vec<LoginRow>, rejects: Vec<Reject>) -> Batch {
+        let copy_data = encode_rows(rows.iter());
+        Batch {
+            rows,
+            rejects,
+            copy_data,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.rejects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every message's acknowledgement token.
+    pub fn into_ack_tokens(self) -> Vec<AckToken> {
+        let mut tokens = Vec::with_capacity(self.len());
+        tokens.extend(self.rows.into_iter().map(|r| r.event.meta.ack));
+        tokens.extend(self.rejects.into_iter().map(|r| r.meta.ack));
+        tokens
+    }
+}
+
+/// Accumulates chunks up to a size limit.
+struct Gathering {
+    rows: Vec<LoginRow>,
+    rejects: Vec<Reject>,
+    limit: usize,
+}
+
+impl Gathering {
+    fn new(limit: usize) -> Gathering {
+        Gathering {
+            rows: Vec::with_capacity(limit),
+            rejects: Vec::new(),
+            limit,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len() + self.rejects.len()
+    }
+
+    fn is_full(&self) -> bool {
+        self.len() >= self.limit
+    }
+
+    /// Takes what fits; returns the rest of the chunk, if any.
+    fn add(&mut self, mut chunk: Chunk<LoginRow>) -> Option<Chunk<LoginRow>> {
+        let room = self.limit - self.len();
+        if chunk.len() <= room {
+            self.rows.append(&mut chunk.items);
+            self.rejects.append(&mut chunk.rejects);
+            return None;
+        }
+        let take_rows = chunk.items.len().min(room);
+        let rest_rows = chunk.items.split_off(take_rows);
+        self.rows.append(&mut chunk.items);
+        let take_rejects = room - take_rows;
+        let rest_rejects = chunk.rejects.split_off(take_rejects);
+        self.rejects.append(&mut chunk.rejects);
+        Some(Chunk {
+            items: rest_rows,
+            rejects: rest_rejects,
+        })
+    }
+
+    fn into_batch(self) -> Batch {
+        Batch::new(self.rows, self.rejects)
+    }
+}
+
+/// The batching task: runs until its input closes, then sends the last partial batch and closes its
+/// output.
+pub async fn run_batcher(
+    mut input: mpsc::Receiver<Chunk<LoginRow>>,
+    output: mpsc::Sender<Batch>,
+    batch_rows: usize,
+    linger: Duration,
+) {
+    let mut carry: Option<Chunk<LoginRow>> = None;
+    let mut input_open = true;
+    while input_open || carry.is_some() {
+        let mut gathering = Gathering::new(batch_rows);
+        let first = match carry.take() {
+            Some(chunk) => chunk,
+            None => match input.recv().await {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
+        let deadline = Instant::now() + linger;
+        carry = gathering.add(first);
+        while carry.is_none() && !gathering.is_full() && input_open {
+            tokio::select! {
+                next = input.recv() => match next {
+                    Some(chunk) => carry = gathering.add(chunk),
+                    None => input_open = false,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if gathering.len() > 0 && output.send(gathering.into_batch()).await.is_err() {
+            tracing::warn!("batcher: sink stopped; dropping out");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {
+        use crate::envelope::{MessageId, Meta, Stage};
+        let rejects = (0..n)
+            .map(|i| Reject {
+                body: String::new(),
+                meta: Meta {
+                    message_id: MessageId::Position(i as u64),
+                    dedupe_key: None,
+                    sent_at_ms: None,
+                    received_at: std::time::SystemTime::now(),
+                    receive_count: 1,
+                    ack: AckToken::None,
+                },
+                stage: Stage::Parse,
+                reason: "x".into(),
+            })
+            .collect();
+        Chunk {
+            items: Vec::new(),
+            rejects,
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_are_cut_at_the_limit_and_the_tail_is_flushed() {
+        let (tx, rx) = mpsc::channel(16);
+        let (btx, mut brx) = mpsc::channel(16);
+        let task = tokio::spawn(run_batcher(rx, btx, 4, Duration::from_secs(60)));
+        tx.send(chunk_of_rejects(3)).await.expect("send");
+        tx.send(chunk_of_rejects(3)).await.expect("send");
+        tx.send(chunk_of_rejects(3)).await.expect("send");
+        drop(tx);
+        let mut sizes = Vec::new();
+        while let Some(b) = brx.recv().await {
+            sizes.push(b.len());
+        }
+        task.await.expect("batcher");
+        assert_eq!(sizes, [4, 4, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_batch_leaves_after_linger() {
+        let (tx, rx) = mpsc::channel(16);
+        let (btx, mut brx) = mpsc::channel(16);
+        tokio::spawn(run_batcher(rx, btx, 100, Duration::from_millis(250)));
+        tx.send(chunk_of_rejects(2)).await.expect("send");
+        let started = Instant::now();
+        let batch = brx.recv().await.expect("a batch");
+        assert_eq!(batch.len(), 2);
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        drop(tx);
+    }
+}

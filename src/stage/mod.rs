@@ -1,0 +1,5 @@
+//! The CPU-bound stages between source and sink.
+
+pub mod mask;
+pub mod parse;
+pub mod transform;

@@ -1,0 +1,567 @@
+//! Parse and validate: a message body becomes a [`LoginEvent`] or a precise reject reason.
+//!
+//! The body is parsed once, borrowing from it: a field without JSON escapes is remembered as a byte
+//! range of the body, not copied, so a valid message costs no allocation here beyond the chunk's
+//! vector. Every field is first read as "whatever JSON value it is", so the reason can say which field
+//! is wrong and how, rather than repeating serde's type error.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use tokio::sync::mpsc;
+
+use crate::envelope::{Chunk, Envelope, Meta, Reject, Stage};
+use crate::stats::Stats;
+
+/// Column limits of the fixed `user_logins` DDL, in characters.
+pub const USER_ID_MAX: usize = 128;
+pub const DEVICE_TYPE_MAX: usize = 32;
+pub const LOCALE_MAX: usize = 32;
+
+/// A validated login event. Its text fields point into the original body, which it owns.
+#[derive(Debug, Clone)]
+pub struct LoginEvent {
+    body: String,
+    pub meta: Meta,
+    user_id: Text,
+    device_type: Text,
+    device_id: Text,
+    locale: Option<Text>,
+    app_version: Text,
+    create_date: Option<Text>,
+    /// Parsed here so that the mask stage works on the address, not on how it was written.
+    pub ip: IpAddr,
+}
+
+impl LoginEvent {
+    pub fn user_id(&self) -> &str {
+        self.user_id.get(&self.body)
+    }
+    pub fn device_type(&self) -> &str {
+        self.device_type.get(&self.body)
+    }
+    pub fn device_id(&self) -> &str {
+        self.device_id.get(&self.body)
+    }
+    pub fn locale(&self) -> Option<&str> {
+        self.locale.as_ref().map(|t| t.get(&self.body))
+    }
+    /// Syntactically valid: dot-separated decimal parts. Whether it fits an integer is the transform's
+    /// concern, since that depends on the configured encoding.
+    pub fn app_version(&self) -> &str {
+        self.app_version.get(&self.body)
+    }
+    /// The body's own `create_date` string, if it had one (unvalidated: the transform decides).
+    pub fn create_date(&self) -> Option<&str> {
+        self.create_date.as_ref().map(|t| t.get(&self.body))
+    }
+    pub fn body(&self) -> &str {
+        &self.body
+    }
+    /// Gives the body back, for a reject raised after parsing.
+    pub fn into_body_and_meta(self) -> (String, Meta) {
+        (self.body, self.meta)
+    }
+}
+
+/// A string field: a range of the body when it had no escapes, an owned copy when it did.
+#[derive(Debug, Clone)]
+enum Text {
+    Span(u32, u32),
+    Owned(Box<str>),
+}
+
+impl Text {
+    fn get<'a>(&'a self, body: &'a str) -> &'a str {
+        match self {
+            // The range was taken from this very body, on a char boundary, when it was parsed.
+            Text::Span(start, end) => body.get(*start as usize..*end as usize).unwrap_or_default(),
+            Text::Owned(s) => s,
+        }
+    }
+
+    fn from_cow(value: Cow<'_, str>, body: &str) -> Text {
+        match value {
+            Cow::Borrowed(s) => {
+                // serde_json hands out slices of the input; anything else is copied.
+                let start = (s.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+                match (u32::try_from(start), u32::try_from(start + s.len())) {
+                    (Ok(from), Ok(to)) if start + s.len() <= body.len() => Text::Span(from, to),
+                    _ => Text::Owned(s.into()),
+                }
+            }
+            Cow::Owned(s) => Text::Owned(s.into_boxed_str()),
+        }
+    }
+}
+
+/// Why a body is not a usable login event. The text is what lands in the dead-letter table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("body is empty")]
+    EmptyBody,
+    #[error("body is not a JSON object (found {0})")]
+    NotAnObject(&'static str),
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{field}` must be a string, found {found}")]
+    WrongType {
+        field: &'static str,
+        found: &'static str,
+    },
+    #[error("field `{0}` is empty")]
+    Empty(&'static str),
+    #[error("field `{field}` is {chars} characters long, the column holds at most {max}")]
+    TooLong {
+        field: &'static str,
+        chars: usize,
+        max: usize,
+    },
+    #[error("field `{0}` contains a NUL character, which PostgreSQL text cannot hold")]
+    NulCharacter(&'static str),
+    #[error("field `ip` is not an IPv4 or IPv6 address")]
+    InvalidIp,
+    #[error("field `app_version` is not dot-separated decimal numbers: {0:?}")]
+    InvalidVersion(String),
+}
+
+/// Bodies longer than this (SQS allows 256 KiB) are rejected before parsing.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Parses and validates one message body.
+/// A failure hands the envelope back (boxed: the failure path is the rare one) for its dead letter.
+pub fn parse_login(envelope: Envelope) -> Result<LoginEvent, Box<(Envelope, ParseError)>> {
+    match validate(&envelope.body) {
+        Ok(fields) => Ok(LoginEvent {
+            body: envelope.body,
+            meta: envelope.meta,
+            user_id: fields.user_id,
+            device_type: fields.device_type,
+            device_id: fields.device_id,
+            locale: fields.locale,
+            app_version: fields.app_version,
+            create_date: fields.create_date,
+            ip: fields.ip,
+        }),
+        Err(e) => Err(Box::new((envelope, e))),
+    }
+}
+
+struct Fields {
+    user_id: Text,
+    device_type: Text,
+    device_id: Text,
+    locale: Option<Text>,
+    app_version: Text,
+    create_date: Option<Text>,
+    ip: IpAddr,
+}
+
+fn validate(body: &str) -> Result<Fields, ParseError> {
+    match body.trim_start().as_bytes().first() {
+        None => return Err(ParseError::EmptyBody),
+        Some(b'{') => {}
+        Some(_) => {
+            let found = serde_json::from_str::<JsonValue>(body)
+                .map(|v| v.kind())
+                .map_err(|e| ParseError::InvalidJson(e.to_string()))?;
+            return Err(ParseError::NotAnObject(found));
+        }
+    }
+    let raw: RawLogin<'_> =
+        serde_json::from_str(body).map_err(|e| ParseError::InvalidJson(e.to_string()))?;
+
+    let user_id = required(raw.user_id, "user_id", Some(USER_ID_MAX))?;
+    let device_type = required(raw.device_type, "device_type", Some(DEVICE_TYPE_MAX))?;
+    let ip_text = required(raw.ip, "ip", None)?;
+    let device_id = required(raw.device_id, "device_id", None)?;
+    let app_version = required(raw.app_version, "app_version", None)?;
+    let locale = match raw.locale {
+        JsonValue::Missing | JsonValue::Null => None,
+        JsonValue::Str(s) => Some(checked(s, "locale", Some(LOCALE_MAX), true)?),
+        other => return Err(wrong_type("locale", &other)),
+    };
+    let ip: IpAddr = ip_text.parse().map_err(|_| ParseError::InvalidIp)?;
+    if !is_version(&app_version) {
+        return Err(ParseError::InvalidVersion(app_version.into_owned()));
+    }
+    let create_date = match raw.create_date {
+        JsonValue::Str(s) => Some(Text::from_cow(s, body)),
+        _ => None,
+    };
+    Ok(Fields {
+        user_id: Text::from_cow(user_id, body),
+        device_type: Text::from_cow(device_type, body),
+        device_id: Text::from_cow(device_id, body),
+        locale: locale.map(|s| Text::from_cow(s, body)),
+        app_version: Text::from_cow(app_version, body),
+        create_date,
+        ip,
+    })
+}
+
+fn required<'a>(
+    value: JsonValue<'a>,
+    field: &'static str,
+    max_chars: Option<usize>,
+) -> Result<Cow<'a, str>, ParseError> {
+    match value {
+        JsonValue::Str(s) => checked(s, field, max_chars, false),
+        JsonValue::Missing => Err(ParseError::Missing(field)),
+        other => Err(wrong_type(field, &other)),
+    }
+}
+
+fn checked<'a>(
+    s: Cow<'a, str>,
+    field: &'static str,
+    max_chars: Option<usize>,
+    empty_ok: bool,
+) -> Result<Cow<'a, str>, ParseError> {
+    if s.is_empty() && !empty_ok {
+        return Err(ParseError::Empty(field));
+    }
+    if let Some(max) = max_chars {
+        // Byte length bounds the character count from above: count only when it might matter.
+        if s.len() > max {
+            let chars = s.chars().count();
+            if chars > max {
+                return Err(ParseError::TooLong { field, chars, max });
+            }
+        }
+    }
+    // Raw JSON text cannot hold a NUL byte; only an escaped `\u0000` can produce one.
+    if matches!(s, Cow::Owned(_)) && s.contains('\0') {
+        return Err(ParseError::NulCharacter(field));
+    }
+    Ok(s)
+}
+
+fn wrong_type(field: &'static str, value: &JsonValue<'_>) -> ParseError {
+    ParseError::WrongType {
+        field,
+        found: value.kind(),
+    }
+}
+
+/// `1`, `0.96`, `2.3.0`: one or more non-empty runs of ASCII digits joined by dots.
+fn is_version(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The fields sluice reads; everything else in the body is skipped without being built.
+#[derive(Deserialize)]
+struct RawLogin<'a> {
+    #[serde(borrow, default)]
+    user_id: JsonValue<'a>,
+    #[serde(borrow, default)]
+    device_type: JsonValue<'a>,
+    #[serde(borrow, default)]
+    ip: JsonValue<'a>,
+    #[serde(borrow, default)]
+    device_id: JsonValue<'a>,
+    #[serde(borrow, default)]
+    locale: JsonValue<'a>,
+    #[serde(borrow, default)]
+    app_version: JsonValue<'a>,
+    #[serde(borrow, default)]
+    create_date: JsonValue<'a>,
+}
+
+/// Any JSON value, reduced to what validation needs: the string itself, or just its kind.
+#[derive(Default)]
+enum JsonValue<'a> {
+    #[default]
+    Missing,
+    Null,
+    Str(Cow<'a, str>),
+    Other(&'static str),
+}
+
+impl JsonValue<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            JsonValue::Missing => "nothing",
+            JsonValue::Null => "null",
+            JsonValue::Str(_) => "a string",
+            JsonValue::Other(kind) => kind,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for JsonValue<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(JsonValueVisitor(std::marker::PhantomData))
+    }
+}
+
+struct JsonValueVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for JsonValueVisitor<'a> {
+    type Value = JsonValue<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(JsonValue::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(JsonValue::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(JsonValue::Str(Cow::Owned(v)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(JsonValue::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(JsonValue::Null)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(JsonValue::Other("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(JsonValue::Other("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(JsonValue::Other("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(JsonValue::Other("a number"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(JsonValue::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(JsonValue::Other("an object"))
+    }
+}
+
+/// Parses a whole chunk: good events go on, failures join the chunk's rejects.
+pub fn parse_chunk(chunk: Chunk<Envelope>) -> Chunk<LoginEvent> {
+    let mut events = Vec::with_capacity(chunk.items.len());
+    let mut rejects = chunk.rejects;
+    for envelope in chunk.items {
+        if envelope.body.len() > MAX_BODY_BYTES {
+            let reason = format!(
+                "body is {} bytes, more than the {MAX_BODY_BYTES} accepted",
+                envelope.body.len()
+            );
+            rejects.push(reject(envelope, reason));
+            continue;
+        }
+        match parse_login(envelope) {
+            Ok(event) => events.push(event),
+            Err(failed) => {
+                let (envelope, e) = *failed;
+                rejects.push(reject(envelope, e.to_string()));
+            }
+        }
+    }
+    Chunk {
+        items: events,
+        rejects,
+    }
+}
+
+fn reject(envelope: Envelope, reason: String) -> Reject {
+    Reject {
+        body: envelope.body,
+        meta: envelope.meta,
+        stage: Stage::Parse,
+        reason,
+    }
+}
+
+/// The parse stage as a task: runs until its input closes, then closes its output.
+pub async fn run_parse_stage(
+    mut input: mpsc::Receiver<Chunk<Envelope>>,
+    output: mpsc::Sender<Chunk<LoginEvent>>,
+    stats: std::sync::Arc<Stats>,
+) {
+    while let Some(chunk) = input.recv().await {
+        let parsed = parse_chunk(chunk);
+        stats.record_parsed(parsed.items.len(), parsed.rejects.len());
+        if output.send(parsed).await.is_err() {
+            tracing::warn!("parse stage: downstream stage stopped; dropping out");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{AckToken, MessageId};
+    use std::time::SystemTime;
+
+    fn envelope(body: &str) -> Envelope {
+        Envelope {
+            body: body.to_owned(),
+            meta: Meta {
+                message_id: MessageId::Position(1),
+                dedupe_key: None,
+                sent_at_ms: None,
+                received_at: SystemTime::now(),
+                receive_count: 1,
+                ack: AckToken::None,
+            },
+        }
+    }
+
+    fn parse(body: &str) -> Result<LoginEvent, ParseError> {
+        parse_login(envelope(body)).map_err(|failed| failed.1)
+    }
+
+    const GOOD: &str = r#"{"user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae", "app_version": "2.3.0", "device_type": "android", "ip": "199.172.111.135", "locale": "RU", "device_id": "593-47-5928"}"#;
+
+    #[test]
+    fn accepts_the_documented_example() {
+        let e = parse(GOOD).expect("valid");
+        assert_eq!(e.user_id(), "424cdd21-063a-43a7-b91b-7ca1a833afae");
+        assert_eq!(e.device_type(), "android");
+        assert_eq!(e.device_id(), "593-47-5928");
+        assert_eq!(e.locale(), Some("RU"));
+        assert_eq!(e.app_version(), "2.3.0");
+        assert_eq!(e.ip.to_string(), "199.172.111.135");
+        assert_eq!(e.create_date(), None);
+    }
+
+    #[test]
+    fn null_or_absent_locale_is_none_and_extra_fields_are_ignored() {
+        let e = parse(r#"{"user_id":"u","device_type":"ios","ip":"::1","device_id":"d","app_version":"0.96","locale":null,"extra":{"a":[1,2]}}"#).expect("valid");
+        assert_eq!(e.locale(), None);
+        let e = parse(r#"{"user_id":"u","device_type":"ios","ip":"::1","device_id":"d","app_version":"2.00"}"#).expect("valid");
+        assert_eq!(e.locale(), None);
+        assert_eq!(e.app_version(), "2.00");
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let e = parse(r#"{"user_id":"a\"b\u00e9","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1"}"#).expect("valid");
+        assert_eq!(e.user_id(), "a\"bé");
+    }
+
+    #[test]
+    fn wrong_message_type_names_the_first_missing_field() {
+        assert_eq!(
+            parse(r#"{"foo": "oops_wrong_msg_type", "bar": "123"}"#).unwrap_err(),
+            ParseError::Missing("user_id")
+        );
+    }
+
+    #[test]
+    fn every_reason_is_precise() {
+        let cases: &[(&str, ParseError)] = &[
+            ("", ParseError::EmptyBody),
+            ("  ", ParseError::EmptyBody),
+            ("[1,2]", ParseError::NotAnObject("an array")),
+            ("\"text\"", ParseError::NotAnObject("a string")),
+            ("42", ParseError::NotAnObject("a number")),
+            (
+                r#"{"user_id":5,"device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1"}"#,
+                ParseError::WrongType {
+                    field: "user_id",
+                    found: "a number",
+                },
+            ),
+            (
+                r#"{"user_id":"u","device_type":null,"ip":"1.2.3.4","device_id":"d","app_version":"1"}"#,
+                ParseError::WrongType {
+                    field: "device_type",
+                    found: "null",
+                },
+            ),
+            (
+                r#"{"user_id":"","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1"}"#,
+                ParseError::Empty("user_id"),
+            ),
+            (
+                r#"{"user_id":"u","device_type":"ios","ip":"999.1.1.1","device_id":"d","app_version":"1"}"#,
+                ParseError::InvalidIp,
+            ),
+            (
+                r#"{"user_id":"u","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1.x"}"#,
+                ParseError::InvalidVersion("1.x".into()),
+            ),
+            (
+                r#"{"user_id":"u","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1..2"}"#,
+                ParseError::InvalidVersion("1..2".into()),
+            ),
+            (
+                r#"{"user_id":"u","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1","locale":7}"#,
+                ParseError::WrongType {
+                    field: "locale",
+                    found: "a number",
+                },
+            ),
+            (
+                r#"{"user_id":"u\u0000","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1"}"#,
+                ParseError::NulCharacter("user_id"),
+            ),
+            (
+                r#"{"user_id":"u","device_type":"ios","ip":"1.2.3.4","app_version":"1"}"#,
+                ParseError::Missing("device_id"),
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(&parse(body).unwrap_err(), want, "body {body}");
+        }
+    }
+
+    #[test]
+    fn lengths_are_counted_in_characters_and_never_truncated() {
+        let ok = "é".repeat(USER_ID_MAX); // 256 bytes, 128 characters
+        let body = format!(
+            r#"{{"user_id":"{ok}","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1"}}"#
+        );
+        assert_eq!(parse(&body).expect("fits").user_id(), ok);
+        let long = "x".repeat(LOCALE_MAX + 1);
+        let body = format!(
+            r#"{{"user_id":"u","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1","locale":"{long}"}}"#
+        );
+        assert_eq!(
+            parse(&body).unwrap_err(),
+            ParseError::TooLong {
+                field: "locale",
+                chars: 33,
+                max: LOCALE_MAX
+            }
+        );
+    }
+
+    #[test]
+    fn broken_json_and_duplicates_are_invalid_json() {
+        assert!(matches!(
+            parse(r#"{"user_id": "#).unwrap_err(),
+            ParseError::InvalidJson(_)
+        ));
+        let dup = r#"{"user_id":"u","user_id":"v","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1"}"#;
+        match parse(dup).unwrap_err() {
+            ParseError::InvalidJson(msg) => {
+                assert!(msg.contains("duplicate field `user_id`"), "{msg}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_chunk_keeps_every_message() {
+        let chunk = Chunk::new(vec![envelope(GOOD), envelope("{}"), envelope(GOOD)]);
+        let out = parse_chunk(chunk);
+        assert_eq!(out.items.len(), 2);
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(out.rejects[0].reason, "missing field `user_id`");
+        assert_eq!(out.rejects[0].stage, Stage::Parse);
+    }
+}

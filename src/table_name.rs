@@ -1,0 +1,98 @@
+//! Table names from configuration, checked and quoted once.
+//!
+//! Names end up inside SQL text (COPY cannot take a table name as a parameter), so only plain
+//! identifiers, optionally schema-qualified, are accepted, and they are always double-quoted.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl TableName {
+    /// `table` or `schema.table`, each part a plain identifier of at most 63 bytes.
+    pub fn parse(text: &str) -> Result<TableName, String> {
+        let parts: Vec<&str> = text.split('.').collect();
+        let check = |part: &str| -> Result<String, String> {
+            let mut chars = part.chars();
+            let first_ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            if first_ok && part.len() <= 63 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                Ok(part.to_owned())
+            } else {
+                Err(format!(
+                    "{text:?} is not a table name (letters, digits and `_`, optionally `schema.table`)"
+                ))
+            }
+        };
+        match parts.as_slice() {
+            [name] => Ok(TableName {
+                schema: None,
+                name: check(name)?,
+            }),
+            [schema, name] => Ok(TableName {
+                schema: Some(check(schema)?),
+                name: check(name)?,
+            }),
+            _ => Err(format!("{text:?} is not a table name (at most one `.`)")),
+        }
+    }
+
+    pub fn unqualified(name: &str) -> TableName {
+        TableName {
+            schema: None,
+            name: name.to_owned(),
+        }
+    }
+
+    /// A name for an index or constraint derived from this table.
+    pub fn derived(&self, suffix: &str) -> String {
+        format!("\"{}_{}\"", self.name, suffix)
+    }
+}
+
+impl fmt::Display for TableName {
+    /// The quoted SQL form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(schema) => write!(f, "\"{schema}\".\"{}\"", self.name),
+            None => write!(f, "\"{}\"", self.name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_qualified_names_are_quoted() {
+        assert_eq!(
+            TableName::parse("user_logins").expect("ok").to_string(),
+            "\"user_logins\""
+        );
+        assert_eq!(
+            TableName::parse("etl.user_logins").expect("ok").to_string(),
+            "\"etl\".\"user_logins\""
+        );
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a.b.c",
+            "x\"; drop",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(TableName::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
