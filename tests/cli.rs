@@ -1,0 +1,303 @@
+//! The command line's promises: a bad configuration fails at start naming the key, `check` tells
+//! the truth about the services, `migrate` never alters what exists, `seed` is deterministic, and the
+//! file source runs a backfill to its end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn run_with_config(toml: &str, args: &[&str]) -> Finished {
+    let config = TestConfig::write(toml);
+    let mut all = vec![args[0], "--config", path_str(&config.path)];
+    all.extend(&args[1..]);
+    run_to_end(sluice(&all), LIMIT).await
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_at_start_naming_the_key() {
+    let cases = [
+        (
+            "[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_name = \"q\"\npolers = 3\n[sink.postgres]\nurl = \"postgres://x@y/z\"\n",
+            "unknown field `polers`",
+        ),
+        (
+            "[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_name = \"q\"\nmax_messages = 11\n[sink.postgres]\nurl = \"postgres://x@y/z\"\n",
+            "`source.sqs.max_messages`: must be between 1 and 10, got 11",
+        ),
+        (
+            "[source]\nkind = \"sqs\"\n[sink.postgres]\nurl = \"postgres://x@y/z\"\n",
+            "`source.sqs.queue_url`: one of",
+        ),
+        (
+            "[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_name = \"q\"\n",
+            "`sink.postgres.url`: required",
+        ),
+        ("[source]\nkind = \"kafka\"\n", "unknown variant `kafka`"),
+        (
+            "[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_name = \"q\"\n[sink.postgres]\nurl = \"postgres://x@y/z\"\nbatch_rows = \"many\"\n",
+            "batch_rows",
+        ),
+        (
+            "[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_name = \"q\"\n[sink.postgres]\nurl = \"postgres://x@y/z\"\ntable = \"user logins\"\n",
+            "`sink.postgres.table`",
+        ),
+        (
+            "[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_name = \"q\"\n[sink.postgres]\nurl = \"postgres://x@y/z\"\n[mask]\nmode = \"md5\"\n",
+            "unknown variant `md5`",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let out = run_with_config(toml, &["run"]).await;
+        assert_eq!(
+            out.code,
+            Some(2),
+            "config:\n{toml}\nstderr:\n{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(expected),
+            "expected {expected:?} in:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_missing_mask_key_stops_the_daemon_before_it_touches_anything() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    queue.send(&[login("kept")]).await;
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
+    let mut cmd = sluice(&["run", "--config", path_str(&config.path)]);
+    cmd.env_remove("SLUICE_MASK_KEY");
+    let out = run_to_end(cmd, LIMIT).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("SLUICE_MASK_KEY"), "{}", out.stderr);
+    assert_eq!(
+        queue.depth().await,
+        (1, 0),
+        "the message must stay in the queue"
+    );
+}
+
+#[tokio::test]
+async fn check_reports_reachable_services_and_fails_on_unreachable_ones() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let good = run_with_config(&sqs_config(&queue, &schema, "", "", ""), &["check"]).await;
+    assert_eq!(good.code, Some(0), "{}\n{}", good.stdout, good.stderr);
+    for line in [
+        "config      ok",
+        "mask key    ok",
+        "sqs         ok",
+        "postgres    ok",
+        "tables      WARN",
+    ] {
+        assert!(
+            good.stdout.contains(line),
+            "expected {line:?} in:\n{}",
+            good.stdout
+        );
+    }
+
+    let missing_queue = sqs_config(&queue, &schema, "", "", "")
+        .replace(&queue.url, &format!("{}-absent", queue.url));
+    let bad = run_with_config(&missing_queue, &["check"]).await;
+    assert_eq!(bad.code, Some(1), "{}", bad.stdout);
+    assert!(bad.stdout.contains("sqs         FAIL"), "{}", bad.stdout);
+
+    let no_db = sqs_config(&queue, &schema, "", "", "")
+        .replace(&database_url(), "postgres://postgres@127.0.0.1:1/postgres");
+    let bad = run_with_config(&no_db, &["check"]).await;
+    assert_eq!(bad.code, Some(1), "{}", bad.stdout);
+    assert!(bad.stdout.contains("postgres    FAIL"), "{}", bad.stdout);
+}
+
+#[tokio::test]
+async fn migrate_creates_missing_tables_and_never_alters_existing_ones() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let toml = sqs_config(&queue, &schema, "", "", "");
+    let first = run_with_config(&toml, &["migrate"]).await;
+    first.assert_success();
+    assert_eq!(
+        first.stdout.matches("created").count(),
+        3,
+        "{}",
+        first.stdout
+    );
+    let again = run_with_config(&toml, &["migrate"]).await;
+    again.assert_success();
+    assert_eq!(
+        again.stdout.matches("exists, left unchanged").count(),
+        3,
+        "{}",
+        again.stdout
+    );
+
+    // A table made by someone else, with a type binary COPY cannot write: reported, left alone.
+    let other = TestSchema::new().await;
+    other
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE {}(user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+             masked_device_id varchar(256), locale varchar(32), app_version bigint, create_date date)",
+            other.table()
+        ))
+        .await
+        .expect("create");
+    let toml = sqs_config(&queue, &other, "", "", "");
+    let out = run_with_config(&toml, &["migrate"]).await;
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains("column `app_version` is `bigint`"),
+        "{}",
+        out.stderr
+    );
+    let run = run_with_config(&toml, &["run"]).await;
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("column `app_version` is `bigint`"),
+        "{}",
+        run.stderr
+    );
+    let ty: String = other
+        .client
+        .query_one(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = 'app_version'",
+            &[&other.table()],
+        )
+        .await
+        .expect("type")
+        .get(0);
+    assert_eq!(ty, "bigint", "the existing table must not be altered");
+}
+
+fn file_config(schema: &TestSchema, path: &str) -> String {
+    format!(
+        r#"
+[source]
+kind = "file"
+[source.file]
+path = "{path}"
+[sink.postgres]
+url = "{db}"
+table = "{table}"
+ledger_table = "{ledger}"
+batch_rows = 500
+linger_ms = 50
+[dead_letter]
+table = "{dead}"
+"#,
+        db = database_url(),
+        table = schema.table(),
+        ledger = schema.ledger(),
+        dead = schema.dead_letters(),
+    )
+}
+
+/// `seed --count` writes the file a file source reads, the same for the same seed; `run` loads it
+/// and exits by itself at the end of the file.
+#[tokio::test]
+async fn seeded_files_are_deterministic_and_the_file_source_runs_to_the_end() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut contents = Vec::new();
+    for name in ["a.ndjson.gz", "b.ndjson.gz"] {
+        let data = dir.path().join(name);
+        let config = TestConfig::write(&file_config(&schema, path_str(&data)));
+        let out = run_to_end(
+            sluice(&[
+                "seed",
+                "--config",
+                path_str(&config.path),
+                "--count",
+                "2000",
+                "--seed",
+                "42",
+                "--bad-every",
+                "100",
+            ]),
+            LIMIT,
+        )
+        .await;
+        out.assert_success();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(std::fs::File::open(&data).expect("open")),
+            &mut text,
+        )
+        .expect("gunzip");
+        contents.push(text);
+    }
+    assert_eq!(contents[0], contents[1], "same seed, same messages");
+    assert_eq!(contents[0].lines().count(), 2000);
+
+    let config = TestConfig::write(&file_config(
+        &schema,
+        path_str(&dir.path().join("a.ndjson.gz")),
+    ));
+    let run = run_to_end(sluice(&["run", "--config", path_str(&config.path)]), LIMIT).await;
+    run.assert_success();
+    assert_eq!(
+        run.summary(),
+        Summary {
+            received: 2000,
+            loaded: 1980,
+            rejected: 20,
+            duplicates: 0
+        }
+    );
+    assert_eq!(schema.rows_loaded().await, 1980);
+    let reasons = schema.rejects().await;
+    assert!(
+        reasons
+            .iter()
+            .all(|(reason, stage, _)| reason == "missing field `user_id`" && stage == "parse")
+    );
+}
+
+/// A file source reads a JSON array too, and a line that is not UTF-8 becomes a dead letter.
+#[tokio::test]
+async fn file_source_handles_arrays_and_bad_bytes() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ndjson = dir.path().join("mixed.ndjson");
+    let mut bytes = format!("{}\n\n{}\n", login("f-1"), login("f-2")).into_bytes();
+    bytes.extend_from_slice(b"{\"user_id\": \"\xff\xfe\"}\n");
+    std::fs::write(&ndjson, bytes).expect("write");
+    let run = run_with_config(&file_config(&schema, path_str(&ndjson)), &["run"]).await;
+    run.assert_success();
+    assert_eq!(
+        run.summary(),
+        Summary {
+            received: 3,
+            loaded: 2,
+            rejected: 1,
+            duplicates: 0
+        }
+    );
+    let rejects = schema.rejects().await;
+    assert_eq!(
+        (rejects[0].0.as_str(), rejects[0].1.as_str()),
+        ("body is not valid UTF-8", "source")
+    );
+
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/data/demo-logins.json");
+    let other = TestSchema::new().await;
+    let run = run_with_config(&file_config(&other, demo), &["run"]).await;
+    run.assert_success();
+    assert_eq!(
+        run.summary(),
+        Summary {
+            received: 100,
+            loaded: 90,
+            rejected: 10,
+            duplicates: 0
+        }
+    );
+}

@@ -1,0 +1,476 @@
+//! Shared fixtures for the integration tests: a private schema in the real PostgreSQL, a private
+//! queue in the SQS emulator, config files, and the `sluice` binary run as a child process.
+//!
+//! The services are found the way `make test` provides them (`SLUICE_TEST_DATABASE_URL`,
+//! `SLUICE_TEST_AWS_ENDPOINT`, defaulting to the local stack's addresses). A test that cannot reach
+//! them fails, naming what it tried: it never skips.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
+use tokio_postgres::{Client, NoTls};
+
+pub const MASK_KEY: &str = "integration-test-mask-key-0123456789";
+
+pub fn database_url() -> String {
+    std::env::var("SLUICE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn aws_endpoint() -> String {
+    std::env::var("SLUICE_TEST_AWS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
+/// A short random suffix for names, so parallel tests never share a queue or a schema.
+pub fn unique(prefix: &str) -> String {
+    let n: u64 = rand::random();
+    format!("{prefix}{:012x}", n & 0xffff_ffff_ffff)
+}
+
+pub async fn pg() -> Client {
+    let url = database_url();
+    let (client, connection) = tokio_postgres::connect(&url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} does not answer ({e}); run `make up`"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A schema of its own, dropped (with everything in it) when the test ends, pass or fail.
+pub struct TestSchema {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestSchema {
+    pub async fn new() -> TestSchema {
+        let name = unique("sluice_t_");
+        let client = pg().await;
+        client
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .expect("create schema");
+        TestSchema { name, client }
+    }
+
+    pub fn table(&self) -> String {
+        format!("{}.user_logins", self.name)
+    }
+    pub fn dead_letters(&self) -> String {
+        format!("{}.user_logins_rejected", self.name)
+    }
+    pub fn ledger(&self) -> String {
+        format!("{}.sluice_ledger", self.name)
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        self.client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    /// Rows in the target table, 0 while sluice has not created it yet.
+    pub async fn rows_so_far(&self) -> i64 {
+        let exists: bool = self
+            .client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table()])
+            .await
+            .expect("to_regclass")
+            .get(0);
+        if exists { self.rows_loaded().await } else { 0 }
+    }
+
+    pub async fn rows_loaded(&self) -> i64 {
+        self.count(&self.table()).await
+    }
+
+    /// (reason, stage, body) of every dead letter, ordered by body.
+    pub async fn rejects(&self) -> Vec<(String, String, String)> {
+        self.client
+            .query(
+                &format!(
+                    "SELECT reason, stage, body FROM {} ORDER BY body",
+                    self.dead_letters()
+                ),
+                &[],
+            )
+            .await
+            .expect("rejects")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async: use a small runtime of its own on another thread.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(&database_url(), NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub async fn sqs() -> aws_sdk_sqs::Client {
+    let creds = aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "tests");
+    let config = aws_sdk_sqs::config::Builder::new()
+        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .endpoint_url(aws_endpoint())
+        .build();
+    aws_sdk_sqs::Client::from_conf(config)
+}
+
+/// A queue of its own in the emulator, deleted when the test ends.
+pub struct TestQueue {
+    pub url: String,
+    pub name: String,
+    pub client: aws_sdk_sqs::Client,
+}
+
+impl TestQueue {
+    pub async fn new() -> TestQueue {
+        let client = sqs().await;
+        let name = unique("sluice-t-");
+        let url = client
+            .create_queue()
+            .queue_name(&name)
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "SQS emulator at {} does not answer ({}); run `make up`",
+                    aws_endpoint(),
+                    aws_sdk_sqs::error::DisplayErrorContext(e)
+                )
+            })
+            .queue_url
+            .expect("queue url");
+        TestQueue { url, name, client }
+    }
+
+    /// Sends bodies in batches of ten; `dedupe_ids[i]`, when given, becomes the `dedupe_id` attribute.
+    pub async fn send(&self, bodies: &[String]) {
+        self.send_with_ids(bodies, &[]).await;
+    }
+
+    pub async fn send_with_ids(&self, bodies: &[String], dedupe_ids: &[&str]) {
+        for (g, group) in bodies.chunks(10).enumerate() {
+            let entries = group
+                .iter()
+                .enumerate()
+                .map(|(i, body)| {
+                    let mut entry = SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(body);
+                    if let Some(id) = dedupe_ids.get(g * 10 + i) {
+                        entry = entry.message_attributes(
+                            "dedupe_id",
+                            MessageAttributeValue::builder()
+                                .data_type("String")
+                                .string_value(*id)
+                                .build()
+                                .expect("attribute"),
+                        );
+                    }
+                    entry.build().expect("entry")
+                })
+                .collect();
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("send batch");
+            assert!(out.failed.is_empty(), "some sends failed: {:?}", out.failed);
+        }
+    }
+
+    /// (visible, in flight) as the queue reports them.
+    pub async fn depth(&self) -> (i64, i64) {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .expect("queue attributes");
+        let attrs = out.attributes.unwrap_or_default();
+        let get = |n| attrs.get(&n).and_then(|v| v.parse().ok()).unwrap_or(-1);
+        (
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let (client, url) = (self.client.clone(), self.url.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = client.delete_queue().queue_url(url).send().await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// A valid login body; `user` makes it unique.
+pub fn login(user: &str) -> String {
+    login_with(user, "10.0.0.1", "111-22-3333")
+}
+
+pub fn login_with(user: &str, ip: &str, device_id: &str) -> String {
+    format!(
+        r#"{{"user_id": "{user}", "app_version": "2.3.0", "device_type": "android", "ip": "{ip}", "locale": "RU", "device_id": "{device_id}"}}"#
+    )
+}
+
+/// A config file in a temporary directory, deleted with it.
+pub struct TestConfig {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl TestConfig {
+    pub fn write(toml: &str) -> TestConfig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, toml).expect("write config");
+        TestConfig { dir, path }
+    }
+}
+
+/// The usual test configuration: SQS queue → the schema's tables, small batches, short polls, one
+/// poller (the emulator, like SQS, may hand one message to two concurrent receives; tests that count
+/// exactly use one poller, tests of concurrency ask for more and allow for duplicates).
+/// `extra_sqs` and `extra_pg` add keys to `[source.sqs]` and `[sink.postgres]` (a key given there
+/// replaces the default below); `extra` is appended verbatim.
+pub fn sqs_config(
+    queue: &TestQueue,
+    schema: &TestSchema,
+    extra_sqs: &str,
+    extra_pg: &str,
+    extra: &str,
+) -> String {
+    let sqs_defaults = with_defaults(
+        extra_sqs,
+        &[
+            ("pollers", "1"),
+            ("wait_time_seconds", "1"),
+            ("visibility_timeout_seconds", "30"),
+        ],
+    );
+    let pg_defaults = with_defaults(extra_pg, &[("batch_rows", "100"), ("linger_ms", "100")]);
+    format!(
+        r#"
+[source]
+kind = "sqs"
+
+[source.sqs]
+queue_url = "{queue}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+{sqs_defaults}
+
+[sink.postgres]
+url = "{db}"
+table = "{table}"
+ledger_table = "{ledger}"
+{pg_defaults}
+
+[dead_letter]
+table = "{dead}"
+
+{extra}
+"#,
+        queue = queue.url,
+        endpoint = aws_endpoint(),
+        db = database_url(),
+        table = schema.table(),
+        ledger = schema.ledger(),
+        dead = schema.dead_letters(),
+    )
+}
+
+/// `extra` plus every `key = value` default whose key `extra` does not set.
+fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
+    let mut lines: Vec<String> = extra.lines().map(str::to_owned).collect();
+    for (key, value) in defaults {
+        if !extra
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{key} ")))
+        {
+            lines.push(format!("{key} = {value}"));
+        }
+    }
+    lines.join("\n")
+}
+
+/// The `sluice` binary, with an environment that holds only what the test decides: the `SLUICE_*`
+/// overrides of the surrounding shell are removed so the config file is what counts.
+pub fn sluice(args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(args)
+        .env_remove("SLUICE_SQS_QUEUE_URL")
+        .env_remove("SLUICE_SQS_ENDPOINT_URL")
+        .env_remove("SLUICE_DATABASE_URL")
+        .env("SLUICE_MASK_KEY", MASK_KEY)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// What a finished `sluice` process said.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The numbers of the `sluice: received=… loaded=… rejected=… duplicates=…` line.
+    pub fn summary(&self) -> Summary {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("sluice: received="))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no summary line in stdout:\n{}\nstderr:\n{}",
+                    self.stdout, self.stderr
+                )
+            });
+        let mut numbers = line.split_whitespace().skip(1).map(|kv| {
+            kv.split('=')
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .expect("number")
+        });
+        let mut next = || numbers.next().expect("four numbers");
+        Summary {
+            received: next(),
+            loaded: next(),
+            rejected: next(),
+            duplicates: next(),
+        }
+    }
+
+    pub fn assert_success(&self) {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "sluice failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub received: u64,
+    pub loaded: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+}
+
+/// Runs `sluice` to completion (at most `limit`).
+pub async fn run_to_end(mut cmd: tokio::process::Command, limit: Duration) -> Finished {
+    let child = cmd.spawn().expect("spawn sluice");
+    finish(child, limit).await
+}
+
+pub async fn finish(child: tokio::process::Child, limit: Duration) -> Finished {
+    let output = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("sluice did not finish within {limit:?}"))
+        .expect("wait for sluice");
+    Finished {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `sluice run --config … --exit-when-idle SECONDS`, to completion.
+pub async fn run_until_idle(config: &Path, idle_seconds: u32) -> Finished {
+    let idle = idle_seconds.to_string();
+    let cmd = sluice(&[
+        "run",
+        "--config",
+        path_str(config),
+        "--exit-when-idle",
+        &idle,
+    ]);
+    run_to_end(cmd, Duration::from_secs(180)).await
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Polls `condition` until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sends SIGTERM (or another signal) to a child.
+pub fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("child still running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}

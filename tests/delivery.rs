@@ -1,0 +1,372 @@
+//! The delivery rules, proven against the real services: nothing acknowledged before commit, nothing
+//! lost when the database goes away, bounded memory when the sink stalls, a clean drain on SIGTERM,
+//! redeliveries skipped, and a poison row isolated.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+/// Terminating sluice's database sessions again and again while messages flow: every message still
+/// lands exactly once, and the queue ends empty.
+#[tokio::test]
+async fn no_message_is_lost_when_the_database_connection_is_cut() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let app = unique("sluice-cut-");
+    let url = format!("{}?application_name={app}", database_url());
+    let toml = sqs_config(
+        &queue,
+        &schema,
+        "pollers = 2",
+        "batch_rows = 40\nlinger_ms = 50",
+        "",
+    )
+    .replace(
+        &format!("url = \"{}\"", database_url()),
+        &format!("url = \"{url}\""),
+    );
+    let config = TestConfig::write(&toml);
+    let daemon = sluice(&[
+        "run",
+        "--config",
+        path_str(&config.path),
+        "--exit-when-idle",
+        "4",
+    ])
+    .spawn()
+    .expect("spawn");
+
+    const TOTAL: usize = 600;
+    let bodies: Vec<String> = (0..TOTAL).map(|i| login(&format!("cut-{i}"))).collect();
+    let feeding = Arc::new(AtomicBool::new(true));
+    let kills = Arc::new(AtomicU64::new(0));
+    let killer = {
+        let (feeding, kills, app) = (feeding.clone(), kills.clone(), app.clone());
+        tokio::spawn(async move {
+            let admin = pg().await;
+            while feeding.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let killed = admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                        &[&app],
+                    )
+                    .await
+                    .expect("terminate");
+                kills.fetch_add(killed.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    // Feed while sluice consumes, in slices, so the cuts land mid-stream.
+    eventually(Duration::from_secs(30), "sluice to connect", || async {
+        pg().await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .expect("activity")
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    for slice in bodies.chunks(50) {
+        queue.send(slice).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    feeding.store(false, Ordering::Relaxed);
+    killer.await.expect("killer");
+
+    let run = finish(daemon, Duration::from_secs(180)).await;
+    run.assert_success();
+    assert!(
+        kills.load(Ordering::Relaxed) >= 3,
+        "the test must actually cut connections"
+    );
+    let row = schema
+        .client
+        .query_one(
+            &format!(
+                "SELECT count(*), count(DISTINCT user_id) FROM {}",
+                schema.table()
+            ),
+            &[],
+        )
+        .await
+        .expect("count");
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (TOTAL as i64, TOTAL as i64),
+        "{}",
+        run.stderr
+    );
+    let summary = run.summary();
+    assert_eq!(
+        summary.loaded + summary.duplicates,
+        summary.received,
+        "{summary:?}"
+    );
+    assert!(
+        run.stderr.contains("retrying"),
+        "the cuts should have been noticed:\n{}",
+        run.stderr
+    );
+    assert_eq!(queue.depth().await, (0, 0));
+}
+
+/// While the table is locked the sink cannot commit: the pollers stop at `max_in_flight`, the rest
+/// stays in the queue, and visibility is extended so nothing held is redelivered meanwhile.
+#[tokio::test]
+async fn a_stalled_sink_bounds_the_messages_in_flight() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    const MAX_IN_FLIGHT: i64 = 40;
+    // One poller (the default here): this test counts receives to prove visibility extension.
+    let toml = sqs_config(
+        &queue,
+        &schema,
+        &format!("max_in_flight = {MAX_IN_FLIGHT}\nvisibility_timeout_seconds = 4"),
+        "batch_rows = 10\nlinger_ms = 50",
+        "[pipeline]\nchannel_capacity = 2\n",
+    );
+    let config = TestConfig::write(&toml);
+    run_to_end(
+        sluice(&["migrate", "--config", path_str(&config.path)]),
+        Duration::from_secs(30),
+    )
+    .await
+    .assert_success();
+
+    // Hold an exclusive lock: every COPY into the table waits.
+    let mut locker = pg().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        schema.table()
+    ))
+    .await
+    .expect("lock");
+
+    let daemon = sluice(&[
+        "run",
+        "--config",
+        path_str(&config.path),
+        "--exit-when-idle",
+        "3",
+    ])
+    .spawn()
+    .expect("spawn");
+    const TOTAL: usize = 300;
+    let bodies: Vec<String> = (0..TOTAL).map(|i| login(&format!("stall-{i}"))).collect();
+    queue.send(&bodies).await;
+
+    // Over twice the visibility timeout, the queue never shows more than the bound in flight.
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (visible, in_flight) = queue.depth().await;
+        assert!(
+            in_flight <= MAX_IN_FLIGHT,
+            "{in_flight} in flight, bound is {MAX_IN_FLIGHT}"
+        );
+        assert!(
+            visible >= TOTAL as i64 - MAX_IN_FLIGHT,
+            "only {visible} left in the queue"
+        );
+        peak = peak.max(in_flight);
+    }
+    assert!(peak > 0, "sluice should hold some messages while stalled");
+
+    lock.rollback().await.expect("release the lock");
+    let run = finish(daemon, Duration::from_secs(180)).await;
+    run.assert_success();
+    assert_eq!(schema.rows_loaded().await, TOTAL as i64);
+    let summary = run.summary();
+    assert_eq!(summary.loaded, TOTAL as u64);
+    assert_eq!(
+        summary.received, TOTAL as u64,
+        "visibility was not extended: messages were redelivered\n{}",
+        run.stderr
+    );
+    assert_eq!(queue.depth().await, (0, 0));
+}
+
+/// SIGTERM stops receiving, drains what was received into the table, acknowledges it and exits 0;
+/// the rest stays in the queue, visible, for the next run.
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    const TOTAL: usize = 400;
+    let bodies: Vec<String> = (0..TOTAL).map(|i| login(&format!("term-{i}"))).collect();
+    queue.send(&bodies).await;
+    let config = TestConfig::write(&sqs_config(
+        &queue,
+        &schema,
+        "",
+        "batch_rows = 20\nlinger_ms = 50",
+        "",
+    ));
+    let daemon = sluice(&["run", "--config", path_str(&config.path)])
+        .spawn()
+        .expect("spawn");
+
+    eventually(Duration::from_secs(60), "the first rows", || async {
+        schema.rows_so_far().await >= 20
+    })
+    .await;
+    signal(&daemon, "TERM");
+    let run = finish(daemon, Duration::from_secs(40)).await;
+    run.assert_success();
+    let summary = run.summary();
+    assert!(
+        summary.received < TOTAL as u64,
+        "stopped too late to prove anything: {summary:?}"
+    );
+    assert_eq!(
+        summary.loaded, summary.received,
+        "everything received is committed: {summary:?}"
+    );
+    assert_eq!(schema.rows_loaded().await as u64, summary.loaded);
+    let (visible, in_flight) = queue.depth().await;
+    assert_eq!(in_flight, 0, "nothing may stay held after the drain");
+    assert_eq!(visible as u64, TOTAL as u64 - summary.received);
+
+    let rest = run_until_idle(&config.path, 2).await;
+    rest.assert_success();
+    assert_eq!(schema.rows_loaded().await, TOTAL as i64);
+    assert_eq!(queue.depth().await, (0, 0));
+}
+
+/// A message whose row was committed but which was never deleted (the crash case) comes back: the
+/// ledger recognises it by its SQS message id, skips it and deletes it. A producer resending with the
+/// same dedupe id is skipped the same way.
+#[tokio::test]
+async fn redelivered_messages_are_skipped_not_loaded_twice() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
+    run_to_end(
+        sluice(&["migrate", "--config", path_str(&config.path)]),
+        Duration::from_secs(30),
+    )
+    .await
+    .assert_success();
+
+    // "Committed before a crash": receive it, record its id in the ledger, leave it in the queue.
+    queue.send(&[login("crashed-before-delete")]).await;
+    let received = queue
+        .client
+        .receive_message()
+        .queue_url(&queue.url)
+        .visibility_timeout(1)
+        .send()
+        .await
+        .expect("receive")
+        .messages
+        .unwrap_or_default();
+    assert_eq!(received.len(), 1);
+    let message_id = received[0].message_id.clone().expect("id");
+    schema
+        .client
+        .execute(
+            &format!("INSERT INTO {} (message_key) VALUES ($1)", schema.ledger()),
+            &[&message_id],
+        )
+        .await
+        .expect("ledger");
+    // The producer sent this login twice, with one idempotency key; plus one ordinary message.
+    queue
+        .send_with_ids(
+            &[login("resent"), login("resent"), login("fresh")],
+            &["k-resent", "k-resent", "k-fresh"],
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let run = run_until_idle(&config.path, 2).await;
+    run.assert_success();
+    assert_eq!(
+        run.summary(),
+        Summary {
+            received: 4,
+            loaded: 2,
+            rejected: 0,
+            duplicates: 2
+        }
+    );
+    let users: Vec<String> = schema
+        .client
+        .query(
+            &format!("SELECT user_id FROM {} ORDER BY 1", schema.table()),
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(users, ["fresh", "resent"]);
+    assert_eq!(queue.depth().await, (0, 0));
+}
+
+/// A row the database refuses (here: a CHECK constraint the operator added) is found by splitting the
+/// batch, dead-lettered with PostgreSQL's error, and does not hold back its neighbours.
+#[tokio::test]
+async fn a_poison_row_is_dead_lettered_and_its_neighbours_load() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let config = TestConfig::write(&sqs_config(
+        &queue,
+        &schema,
+        "",
+        "batch_rows = 100\nlinger_ms = 1500",
+        "",
+    ));
+    run_to_end(
+        sluice(&["migrate", "--config", path_str(&config.path)]),
+        Duration::from_secs(30),
+    )
+    .await
+    .assert_success();
+    schema
+        .client
+        .batch_execute(&format!(
+            "ALTER TABLE {} ADD CONSTRAINT no_test_locale CHECK (locale IS DISTINCT FROM 'XX')",
+            schema.table()
+        ))
+        .await
+        .expect("constraint");
+    let mut bodies: Vec<String> = (0..30).map(|i| login(&format!("n-{i}"))).collect();
+    bodies[7] = bodies[7].replace("\"RU\"", "\"XX\"");
+    bodies[21] = bodies[21].replace("\"RU\"", "\"XX\"");
+    queue.send(&bodies).await;
+
+    let run = run_until_idle(&config.path, 3).await;
+    run.assert_success();
+    assert_eq!(
+        run.summary(),
+        Summary {
+            received: 30,
+            loaded: 28,
+            rejected: 2,
+            duplicates: 0
+        }
+    );
+    let rejects = schema.rejects().await;
+    assert_eq!(rejects.len(), 2);
+    for (reason, stage, body) in rejects {
+        assert_eq!(stage, "sink");
+        assert!(body.contains("\"XX\""), "{body}");
+        assert!(
+            reason.contains("no_test_locale") && reason.contains("23514"),
+            "{reason}"
+        );
+    }
+    assert_eq!(queue.depth().await, (0, 0));
+}
