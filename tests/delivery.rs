@@ -370,3 +370,97 @@ async fn a_poison_row_is_dead_lettered_and_its_neighbours_load() {
     }
     assert_eq!(queue.depth().await, (0, 0));
 }
+
+/// Sets up a daemon whose sink is stuck on a table lock while it holds messages.
+async fn stuck_daemon(
+    schema: &TestSchema,
+    queue: &TestQueue,
+    extra: &str,
+) -> (TestConfig, tokio::process::Child, tokio_postgres::Client) {
+    let toml = sqs_config(
+        queue,
+        schema,
+        "visibility_timeout_seconds = 3",
+        "batch_rows = 10\nlinger_ms = 50",
+        extra,
+    );
+    let config = TestConfig::write(&toml);
+    run_to_end(
+        sluice(&["migrate", "--config", path_str(&config.path)]),
+        Duration::from_secs(30),
+    )
+    .await
+    .assert_success();
+    let locker = pg().await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            schema.table()
+        ))
+        .await
+        .expect("lock");
+    let daemon = sluice(&["run", "--config", path_str(&config.path)])
+        .spawn()
+        .expect("spawn");
+    let bodies: Vec<String> = (0..50).map(|i| login(&format!("stuck-{i}"))).collect();
+    queue.send(&bodies).await;
+    eventually(
+        Duration::from_secs(30),
+        "sluice to hold messages",
+        || async { queue.depth().await.1 > 0 },
+    )
+    .await;
+    (config, daemon, locker)
+}
+
+/// When the drain cannot finish (the database is stuck), shutdown gives up after
+/// `shutdown_timeout_seconds`, hands the held messages straight back to the queue and exits non-zero.
+#[tokio::test]
+async fn a_drain_that_cannot_finish_releases_held_messages() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let (config, daemon, locker) = stuck_daemon(
+        &schema,
+        &queue,
+        "[pipeline]\nshutdown_timeout_seconds = 2\n",
+    )
+    .await;
+    signal(&daemon, "TERM");
+    let run = finish(daemon, Duration::from_secs(20)).await;
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("did not drain"), "{}", run.stderr);
+    // Released with visibility 0: visible again at once, well before the 3 s timeout would expire.
+    assert_eq!(queue.depth().await, (50, 0));
+
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    let rest = run_until_idle(&config.path, 2).await;
+    rest.assert_success();
+    assert_eq!(schema.rows_loaded().await, 50);
+}
+
+/// A second signal exits at once without acknowledging anything uncommitted: the queue delivers those
+/// messages again after their visibility timeout, and they load exactly once.
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_acknowledges_nothing_uncommitted() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let (config, daemon, locker) = stuck_daemon(&schema, &queue, "").await;
+    signal(&daemon, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&daemon, "INT");
+    let run = finish(daemon, Duration::from_secs(5)).await;
+    assert_eq!(run.code, Some(130), "{}", run.stderr);
+    let (visible, in_flight) = queue.depth().await;
+    assert_eq!(visible + in_flight, 50, "nothing may have been deleted");
+
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    eventually(
+        Duration::from_secs(15),
+        "held messages to become visible again",
+        || async { queue.depth().await == (50, 0) },
+    )
+    .await;
+    let rest = run_until_idle(&config.path, 2).await;
+    rest.assert_success();
+    assert_eq!(schema.rows_loaded().await, 50);
+}
