@@ -273,11 +273,23 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address for `/metrics`, `/healthz` and `/readyz`, e.g. `"127.0.0.1:9187"`. Default: off.
     pub listen: Option<String>,
+    /// `/readyz` fails when messages are waiting and nothing has been committed or acknowledged for
+    /// this long. Default 120.
+    pub stall_after_seconds: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            stall_after_seconds: 120,
+        }
+    }
 }
 
 /// A configuration that cannot be used. Every problem is named by its dotted key.
@@ -422,6 +434,12 @@ impl Config {
                 format!("{listen:?} is not an address like \"127.0.0.1:9187\""),
             );
         }
+        v.range(
+            "metrics.stall_after_seconds",
+            self.metrics.stall_after_seconds,
+            1,
+            86_400,
+        );
         v.problems
     }
 

@@ -8,6 +8,7 @@ pub mod aws;
 pub mod config;
 pub mod envelope;
 pub mod message_file;
+pub mod metrics;
 pub mod pg;
 pub mod pipeline;
 pub mod retry;

@@ -24,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws;
 use crate::config::{Config, ConfigError, SourceKind};
+use crate::envelope::{AckToken, Chunk, Envelope};
+use crate::metrics::{self, ChannelProbe};
 use crate::pg;
 use crate::shutdown;
-use crate::sink::batch::run_batcher;
+use crate::sink::batch::{Batch, run_batcher};
 use crate::sink::dead_letter::DeadLetterQueue;
 use crate::sink::ledger::{self, Ledger};
 use crate::sink::postgres::{PgCopySink, SinkError, SinkSettings};
@@ -35,8 +37,8 @@ use crate::source::file::FileSource;
 use crate::source::sqs::SqsSource;
 use crate::source::{BuiltSource, SourceError, acknowledge_committed};
 use crate::stage::mask::Masker;
-use crate::stage::parse::run_parse_stage;
-use crate::stage::transform::{Transformer, run_transform_stage};
+use crate::stage::parse::{LoginEvent, run_parse_stage};
+use crate::stage::transform::{LoginRow, Transformer, run_transform_stage};
 use crate::stats::{Stats, Summary};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,8 @@ pub enum PipelineError {
     Schema(#[from] SchemaError),
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(String),
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(
@@ -104,67 +108,149 @@ impl Pipeline {
         source: BuiltSource,
         options: RunOptions,
     ) -> Result<Summary, PipelineError> {
+        let token = CancellationToken::new();
+        if options.handle_signals {
+            shutdown::listen_for_signals(token.clone()).map_err(PipelineError::Signals)?;
+        }
+        if let Some(idle) = options.exit_when_idle {
+            shutdown::exit_when_idle(token.clone(), self.stats.clone(), idle);
+        }
+        let channels = Channels::new(self.config.pipeline.channel_capacity);
+        let endpoint = self.start_endpoint(&channels).await?;
+        let pruner = spawn_ledger_pruner(&self.config);
+        let acknowledger = source.acknowledger.clone();
+        let stats = self.stats.clone();
+        let timeout = Duration::from_secs(self.config.pipeline.shutdown_timeout_seconds);
+
+        let tasks = self.spawn_stages(source, channels, token.clone());
+        let outcome = supervise(tasks, &token, timeout).await;
+        acknowledger.finish().await;
+        pruner.cancel();
+        endpoint.cancel();
+        outcome.map(|()| stats.summary())
+    }
+
+    /// Starts `/metrics`, `/healthz` and `/readyz` if configured; cancel the token to stop them.
+    async fn start_endpoint(
+        &self,
+        channels: &Channels,
+    ) -> Result<CancellationToken, PipelineError> {
+        let stop = CancellationToken::new();
+        let Some(listen) = &self.config.metrics.listen else {
+            return Ok(stop);
+        };
+        let addr = listen
+            .parse()
+            .map_err(|_| PipelineError::Metrics(format!("{listen:?} is not an address")))?;
+        let stall_after = Duration::from_secs(self.config.metrics.stall_after_seconds);
+        metrics::serve(
+            addr,
+            self.stats.clone(),
+            channels.probes(),
+            stall_after,
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| PipelineError::Metrics(format!("cannot listen on {listen}: {e}")))?;
+        Ok(stop)
+    }
+
+    /// One task per stage, joined by the channels.
+    fn spawn_stages(
+        self,
+        source: BuiltSource,
+        channels: Channels,
+        token: CancellationToken,
+    ) -> JoinSet<(&'static str, Result<(), PipelineError>)> {
         let Pipeline {
             config,
             stats,
             transformer,
             sink,
         } = self;
-        let token = CancellationToken::new();
-        if options.handle_signals {
-            shutdown::listen_for_signals(token.clone()).map_err(PipelineError::Signals)?;
-        }
-        if let Some(idle) = options.exit_when_idle {
-            shutdown::exit_when_idle(token.clone(), stats.clone(), idle);
-        }
-        let pruner = spawn_ledger_pruner(&config);
-
-        let capacity = config.pipeline.channel_capacity;
-        let (raw_tx, raw_rx) = mpsc::channel(capacity);
-        let (parsed_tx, parsed_rx) = mpsc::channel(capacity);
-        let (rows_tx, rows_rx) = mpsc::channel(capacity);
-        let (batch_tx, batch_rx) = mpsc::channel(1);
-        let (ack_tx, ack_rx) = mpsc::channel(capacity);
+        let Channels {
+            raw,
+            parsed,
+            rows,
+            batches,
+            acks,
+        } = channels;
         let postgres = &config.sink.postgres;
-
-        let mut tasks: JoinSet<(&'static str, Result<(), PipelineError>)> = JoinSet::new();
-        let source_token = token.clone();
+        let (batch_rows, linger) = (
+            postgres.batch_rows,
+            Duration::from_millis(postgres.linger_ms),
+        );
+        let mut tasks = JoinSet::new();
         let receiving = source.source;
         tasks.spawn(async move {
-            let result = receiving.run(raw_tx, source_token).await;
+            let result = receiving.run(raw.0, token).await;
             ("source", result.map_err(Into::into))
         });
         let s = stats.clone();
         tasks.spawn(async move {
-            run_parse_stage(raw_rx, parsed_tx, s).await;
+            run_parse_stage(raw.1, parsed.0, s).await;
             ("parse", Ok(()))
         });
         let s = stats.clone();
         tasks.spawn(async move {
-            run_transform_stage(transformer, parsed_rx, rows_tx, s).await;
+            run_transform_stage(transformer, parsed.1, rows.0, s).await;
             ("transform", Ok(()))
         });
-        let rows = postgres.batch_rows;
-        let linger = Duration::from_millis(postgres.linger_ms);
         tasks.spawn(async move {
-            run_batcher(rows_rx, batch_tx, rows, linger).await;
+            run_batcher(rows.1, batches.0, batch_rows, linger).await;
             ("batcher", Ok(()))
         });
         tasks.spawn(async move {
-            let result = sink.run(batch_rx, ack_tx).await;
+            let result = sink.run(batches.1, acks.0).await;
             ("sink", result.map_err(Into::into))
         });
-        let (acknowledger, s) = (source.acknowledger.clone(), stats.clone());
+        let acknowledger = source.acknowledger;
         tasks.spawn(async move {
-            acknowledge_committed(acknowledger, ack_rx, s).await;
+            acknowledge_committed(acknowledger, acks.1, stats).await;
             ("acknowledger", Ok(()))
         });
+        tasks
+    }
+}
 
-        let timeout = Duration::from_secs(config.pipeline.shutdown_timeout_seconds);
-        let outcome = supervise(tasks, &token, timeout).await;
-        source.acknowledger.finish().await;
-        pruner.cancel();
-        outcome.map(|()| stats.summary())
+/// The bounded channels between the stages, as (sender, receiver) pairs.
+struct Channels {
+    raw: (
+        mpsc::Sender<Chunk<Envelope>>,
+        mpsc::Receiver<Chunk<Envelope>>,
+    ),
+    parsed: (
+        mpsc::Sender<Chunk<LoginEvent>>,
+        mpsc::Receiver<Chunk<LoginEvent>>,
+    ),
+    rows: (
+        mpsc::Sender<Chunk<LoginRow>>,
+        mpsc::Receiver<Chunk<LoginRow>>,
+    ),
+    /// One batch in waiting: encoded while the previous one commits.
+    batches: (mpsc::Sender<Batch>, mpsc::Receiver<Batch>),
+    acks: (mpsc::Sender<Vec<AckToken>>, mpsc::Receiver<Vec<AckToken>>),
+}
+
+impl Channels {
+    fn new(capacity: usize) -> Channels {
+        Channels {
+            raw: mpsc::channel(capacity),
+            parsed: mpsc::channel(capacity),
+            rows: mpsc::channel(capacity),
+            batches: mpsc::channel(1),
+            acks: mpsc::channel(capacity),
+        }
+    }
+
+    fn probes(&self) -> Vec<ChannelProbe> {
+        vec![
+            ChannelProbe::new("source_to_parse", &self.raw.0),
+            ChannelProbe::new("parse_to_transform", &self.parsed.0),
+            ChannelProbe::new("transform_to_batcher", &self.rows.0),
+            ChannelProbe::new("batcher_to_sink", &self.batches.0),
+            ChannelProbe::new("sink_to_acknowledger", &self.acks.0),
+        ]
     }
 }
 

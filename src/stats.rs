@@ -1,50 +1,74 @@
-//! Counters shared by every stage: the run summary, the idle detector and the metrics endpoint all
-//! read the same atomics, so there is one source of truth for "how many messages are where".
+//! Counters and histograms shared by every stage.
+//!
+//! The run summary, the idle detector, the readiness probe and the Prometheus endpoint all read the
+//! same values, so there is one source of truth for "how many messages are where". The metric types
+//! are prometheus-client's (atomics behind an `Arc`), so recording costs an atomic add and exporting
+//! needs no copying.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// Pipeline-wide counters. Each stage only ever adds to its own.
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Pipeline-wide measurements. Each stage only ever adds to its own.
 #[derive(Debug)]
 pub struct Stats {
     started: Instant,
     /// Messages handed to sluice by the source (redeliveries count again).
-    pub received: AtomicU64,
-    pub parsed: AtomicU64,
-    pub parse_rejected: AtomicU64,
-    pub transformed: AtomicU64,
+    pub received: Counter,
+    pub parsed: Counter,
+    pub parse_rejected: Counter,
+    pub transformed: Counter,
     /// Rows committed to the target table.
-    pub loaded: AtomicU64,
+    pub loaded: Counter,
     /// Dead-letter records committed.
-    pub rejected: AtomicU64,
+    pub rejected: Counter,
     /// Messages skipped because the ledger had committed them before.
-    pub duplicates: AtomicU64,
+    pub duplicates: Counter,
     /// Messages whose acknowledgement (delete, checkpoint) has been attempted after commit.
-    pub acknowledged: AtomicU64,
+    pub acknowledged: Counter,
     /// Messages handed back to the source unprocessed (shutdown).
-    pub released: AtomicU64,
-    pub batches_committed: AtomicU64,
-    pub commit_retries: AtomicU64,
+    pub released: Counter,
+    pub batches_committed: Counter,
+    pub commit_retries: Counter,
+    /// Messages per committed transaction.
+    pub batch_messages: Histogram,
+    /// Seconds from BEGIN to COMMIT of a batch, retries excluded.
+    pub commit_seconds: Histogram,
+    /// Seconds from the source accepting a message to its commit.
+    pub end_to_end_seconds: Histogram,
+    /// 1 while the sink holds a working connection.
+    pub postgres_connected: Gauge,
     /// Milliseconds after `started` at which the source last delivered a message.
     last_receive_ms: AtomicU64,
+    /// Milliseconds after `started` of the last commit or acknowledgement.
+    last_progress_ms: AtomicU64,
 }
 
 impl Default for Stats {
     fn default() -> Self {
         Stats {
             started: Instant::now(),
-            received: AtomicU64::new(0),
-            parsed: AtomicU64::new(0),
-            parse_rejected: AtomicU64::new(0),
-            transformed: AtomicU64::new(0),
-            loaded: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
-            acknowledged: AtomicU64::new(0),
-            released: AtomicU64::new(0),
-            batches_committed: AtomicU64::new(0),
-            commit_retries: AtomicU64::new(0),
+            received: Counter::default(),
+            parsed: Counter::default(),
+            parse_rejected: Counter::default(),
+            transformed: Counter::default(),
+            loaded: Counter::default(),
+            rejected: Counter::default(),
+            duplicates: Counter::default(),
+            acknowledged: Counter::default(),
+            released: Counter::default(),
+            batches_committed: Counter::default(),
+            commit_retries: Counter::default(),
+            batch_messages: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            commit_seconds: Histogram::new(exponential_buckets(0.001, 2.5, 12)),
+            end_to_end_seconds: Histogram::new(exponential_buckets(0.01, 3.0, 12)),
+            postgres_connected: Gauge::default(),
             last_receive_ms: AtomicU64::new(0),
+            last_progress_ms: AtomicU64::new(0),
         }
     }
 }
@@ -71,58 +95,161 @@ impl std::fmt::Display for Summary {
 }
 
 impl Stats {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     pub fn record_received(&self, n: usize) {
         if n > 0 {
-            self.received.fetch_add(n as u64, Relaxed);
-            self.last_receive_ms
-                .store(self.started.elapsed().as_millis() as u64, Relaxed);
+            self.received.inc_by(n as u64);
+            self.last_receive_ms.store(self.now_ms(), Relaxed);
         }
     }
 
     pub fn record_parsed(&self, ok: usize, rejected: usize) {
-        self.parsed.fetch_add(ok as u64, Relaxed);
-        self.parse_rejected.fetch_add(rejected as u64, Relaxed);
+        self.parsed.inc_by(ok as u64);
+        self.parse_rejected.inc_by(rejected as u64);
     }
 
     pub fn record_transformed(&self, n: usize) {
-        self.transformed.fetch_add(n as u64, Relaxed);
+        self.transformed.inc_by(n as u64);
     }
 
-    pub fn record_commit(&self, loaded: usize, rejected: usize, duplicates: usize) {
-        self.loaded.fetch_add(loaded as u64, Relaxed);
-        self.rejected.fetch_add(rejected as u64, Relaxed);
-        self.duplicates.fetch_add(duplicates as u64, Relaxed);
-        self.batches_committed.fetch_add(1, Relaxed);
+    pub fn record_commit(&self, loaded: usize, rejected: usize, duplicates: usize, took: Duration) {
+        self.loaded.inc_by(loaded as u64);
+        self.rejected.inc_by(rejected as u64);
+        self.duplicates.inc_by(duplicates as u64);
+        self.batches_committed.inc();
+        self.batch_messages
+            .observe((loaded + rejected + duplicates) as f64);
+        self.commit_seconds.observe(took.as_secs_f64());
+        self.last_progress_ms.store(self.now_ms(), Relaxed);
     }
 
     pub fn record_acknowledged(&self, n: usize) {
-        self.acknowledged.fetch_add(n as u64, Relaxed);
+        self.acknowledged.inc_by(n as u64);
+        self.last_progress_ms.store(self.now_ms(), Relaxed);
     }
 
     pub fn record_released(&self, n: usize) {
-        self.released.fetch_add(n as u64, Relaxed);
+        self.released.inc_by(n as u64);
     }
 
     /// Received but neither acknowledged nor released yet.
     pub fn in_flight(&self) -> u64 {
-        let done = self.acknowledged.load(Relaxed) + self.released.load(Relaxed);
-        self.received.load(Relaxed).saturating_sub(done)
+        let done = self.acknowledged.get() + self.released.get();
+        self.received.get().saturating_sub(done)
     }
 
     /// How long the source has delivered nothing.
-    pub fn idle_for(&self) -> std::time::Duration {
-        let last = std::time::Duration::from_millis(self.last_receive_ms.load(Relaxed));
-        self.started.elapsed().saturating_sub(last)
+    pub fn idle_for(&self) -> Duration {
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_receive_ms.load(Relaxed)))
+    }
+
+    /// Messages are waiting but nothing has been committed or acknowledged for `limit`.
+    pub fn stalled(&self, limit: Duration) -> bool {
+        let since = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_progress_ms.load(Relaxed)));
+        self.in_flight() > 0 && since > limit
     }
 
     pub fn summary(&self) -> Summary {
         Summary {
-            received: self.received.load(Relaxed),
-            loaded: self.loaded.load(Relaxed),
-            rejected: self.rejected.load(Relaxed),
-            duplicates: self.duplicates.load(Relaxed),
-            released: self.released.load(Relaxed),
+            received: self.received.get(),
+            loaded: self.loaded.get(),
+            rejected: self.rejected.get(),
+            duplicates: self.duplicates.get(),
+            released: self.released.get(),
         }
+    }
+
+    /// Registers every measurement under the `sluice_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sluice");
+        let counters: [(&str, &str, &Counter); 11] = [
+            (
+                "messages_received",
+                "Messages delivered by the source (redeliveries count again)",
+                &self.received,
+            ),
+            (
+                "messages_parsed",
+                "Messages that passed parsing and validation",
+                &self.parsed,
+            ),
+            (
+                "messages_parse_rejected",
+                "Messages rejected by the parse stage",
+                &self.parse_rejected,
+            ),
+            (
+                "messages_transformed",
+                "Messages masked and transformed into rows",
+                &self.transformed,
+            ),
+            (
+                "rows_loaded",
+                "Rows committed to the target table",
+                &self.loaded,
+            ),
+            (
+                "dead_letters",
+                "Dead-letter records committed",
+                &self.rejected,
+            ),
+            (
+                "duplicates",
+                "Messages skipped because they were committed before",
+                &self.duplicates,
+            ),
+            (
+                "messages_acknowledged",
+                "Messages acknowledged at the source after commit",
+                &self.acknowledged,
+            ),
+            (
+                "messages_released",
+                "Messages handed back to the source unprocessed",
+                &self.released,
+            ),
+            (
+                "batches_committed",
+                "Transactions committed by the sink",
+                &self.batches_committed,
+            ),
+            (
+                "commit_retries",
+                "Batch commits retried after a transient failure",
+                &self.commit_retries,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            "batch_messages",
+            "Messages per committed transaction",
+            self.batch_messages.clone(),
+        );
+        r.register(
+            "commit_seconds",
+            "Time from BEGIN to COMMIT of a batch",
+            self.commit_seconds.clone(),
+        );
+        r.register(
+            "end_to_end_seconds",
+            "Time from the source accepting a message to its commit",
+            self.end_to_end_seconds.clone(),
+        );
+        r.register(
+            "postgres_connected",
+            "1 while the sink holds a working PostgreSQL connection",
+            self.postgres_connected.clone(),
+        );
     }
 }
 
@@ -134,7 +261,7 @@ mod tests {
     fn summary_line_has_the_documented_shape() {
         let stats = Stats::default();
         stats.record_received(5);
-        stats.record_commit(3, 1, 1);
+        stats.record_commit(3, 1, 1, Duration::from_millis(5));
         assert_eq!(
             stats.summary().to_string(),
             "sluice: received=5 loaded=3 rejected=1 duplicates=1"
@@ -143,5 +270,19 @@ mod tests {
         stats.record_acknowledged(4);
         stats.record_released(1);
         assert_eq!(stats.in_flight(), 0);
+    }
+
+    #[test]
+    fn stalled_means_waiting_messages_and_no_progress() {
+        let stats = Stats::default();
+        assert!(
+            !stats.stalled(Duration::ZERO),
+            "nothing in flight is not a stall"
+        );
+        stats.record_received(1);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(stats.stalled(Duration::from_millis(1)));
+        stats.record_acknowledged(1);
+        assert!(!stats.stalled(Duration::from_millis(1)));
     }
 }

@@ -376,3 +376,83 @@ async fn rejects_are_forwarded_to_the_dead_letter_queue() {
         ]
     );
 }
+
+/// A plain HTTP GET, enough for the operations endpoint.
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `/metrics` reports what the run did, `/healthz` answers, `/readyz` says ready while connected.
+#[tokio::test]
+async fn the_operations_endpoint_reports_counts_and_readiness() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let extra = format!("[metrics]\nlisten = \"{addr}\"\n");
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", &extra));
+    let daemon = sluice(&["run", "--config", path_str(&config.path)])
+        .spawn()
+        .expect("spawn");
+    queue.send(&[login("m-1"), login("m-2"), "{}".into()]).await;
+
+    eventually(
+        Duration::from_secs(30),
+        "three messages acknowledged",
+        || async {
+            match tokio::net::TcpStream::connect(&addr).await {
+                Ok(_) => http_get(&addr, "/metrics")
+                    .await
+                    .1
+                    .contains("sluice_messages_acknowledged_total 3"),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    let (status, body) = http_get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "sluice_messages_received_total 3",
+        "sluice_rows_loaded_total 2",
+        "sluice_dead_letters_total 1",
+        "sluice_duplicates_total 0",
+        "sluice_postgres_connected 1",
+        "sluice_commit_seconds_count",
+        "sluice_end_to_end_seconds_count 3",
+        "sluice_channel_capacity{channel=\"source_to_parse\"} 64",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+    }
+    assert_eq!(http_get(&addr, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(
+        http_get(&addr, "/readyz").await,
+        (200, "ready\n".to_owned())
+    );
+
+    signal(&daemon, "TERM");
+    finish(daemon, Duration::from_secs(30))
+        .await
+        .assert_success();
+}

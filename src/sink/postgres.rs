@@ -72,7 +72,8 @@ pub struct CommitCounts {
 }
 
 enum Attempt {
-    Committed(CommitCounts),
+    /// Committed, with how long the successful transaction took.
+    Committed(CommitCounts, Duration),
     /// The database refused some row's data; the text is its error.
     Refused(String),
 }
@@ -92,6 +93,7 @@ impl PgCopySink {
     /// `client` may be a connection already opened (and used to check the schema) at start.
     pub fn new(settings: SinkSettings, client: Option<Client>, stats: Arc<Stats>) -> PgCopySink {
         let tables = &settings.tables;
+        stats.postgres_connected.set(i64::from(client.is_some()));
         PgCopySink {
             url: settings.url,
             connect_timeout: settings.connect_timeout,
@@ -133,8 +135,10 @@ impl PgCopySink {
         let mut work = vec![batch];
         while let Some(batch) = work.pop() {
             match self.commit_with_retry(&batch).await? {
-                Attempt::Committed(c) => {
-                    self.stats.record_commit(c.loaded, c.rejected, c.duplicates);
+                Attempt::Committed(c, took) => {
+                    self.stats
+                        .record_commit(c.loaded, c.rejected, c.duplicates, took);
+                    self.observe_lag(&batch);
                     tokens.extend(batch.into_ack_tokens());
                 }
                 Attempt::Refused(reason) => work.extend(split(batch, &reason)?),
@@ -150,8 +154,9 @@ impl PgCopySink {
             let Some(client) = self.client.as_mut() else {
                 continue;
             };
+            let started = std::time::Instant::now();
             let error = match self.parts.try_commit(client, batch).await {
-                Ok(counts) => return Ok(Attempt::Committed(counts)),
+                Ok(counts) => return Ok(Attempt::Committed(counts, started.elapsed())),
                 Err(CommitError::Forward(message)) => message,
                 Err(CommitError::Db(e)) => match classify(&e) {
                     ErrorClass::Data => return Ok(Attempt::Refused(pg::describe(&e))),
@@ -159,15 +164,34 @@ impl PgCopySink {
                     ErrorClass::Transient => pg::describe(&e),
                 },
             };
-            self.stats
-                .commit_retries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.commit_retries.inc();
+            if self.client.as_ref().is_none_or(Client::is_closed) {
+                self.stats.postgres_connected.set(0);
+            }
             tracing::warn!(
                 error,
                 messages = batch.len(),
                 "commit failed; keeping the batch and retrying"
             );
             retry::pause(&mut pacing).await;
+        }
+    }
+
+    /// Time from the source accepting each message to now, just after its commit.
+    fn observe_lag(&self, batch: &Batch) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let sent = batch
+            .rows
+            .iter()
+            .map(|r| &r.event.meta)
+            .chain(batch.rejects.iter().map(|r| &r.meta))
+            .filter_map(|m| m.sent_at_ms);
+        for sent_at in sent {
+            self.stats
+                .end_to_end_seconds
+                .observe((now_ms - sent_at).max(0) as f64 / 1000.0);
         }
     }
 
@@ -182,6 +206,7 @@ impl PgCopySink {
                 Ok(client) => {
                     tracing::info!("connected to PostgreSQL");
                     self.client = Some(client);
+                    self.stats.postgres_connected.set(1);
                 }
                 Err(e) if classify(&e) == ErrorClass::Fatal => {
                     return Err(SinkError::Fatal(format!(
