@@ -234,8 +234,9 @@ fn envelope_from(
         .message_attributes
         .as_ref()
         .and_then(|attrs| attrs.get(dedupe_attribute))
-        .and_then(|value| value.string_value.clone())
-        .filter(|key| !key.is_empty());
+        .and_then(|value| value.string_value.as_deref())
+        .filter(|key| !key.is_empty())
+        .map(ledger_sized);
     Some(Envelope {
         body: message.body.unwrap_or_default(),
         meta: Meta {
@@ -248,6 +249,23 @@ fn envelope_from(
             ack: AckToken::Sqs { receipt_handle },
         },
     })
+}
+
+/// Longest producer key stored as given; a B-tree index entry must stay well under PostgreSQL's
+/// ~2.7 kB limit, and SQS attributes may be far longer.
+const MAX_KEY_BYTES: usize = 256;
+
+/// The key as given, or for an overlong one its SHA-256 (still unique, and the same for every resend).
+fn ledger_sized(key: &str) -> String {
+    if key.len() <= MAX_KEY_BYTES {
+        key.to_owned()
+    } else {
+        use sha2::Digest;
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        )
+    }
 }
 
 #[cfg(test)]
@@ -284,6 +302,15 @@ mod tests {
                 receipt_handle: "rh".into()
             }
         );
+    }
+
+    #[test]
+    fn overlong_producer_keys_are_hashed_consistently() {
+        let long = "k".repeat(MAX_KEY_BYTES + 1);
+        assert_eq!(ledger_sized("short"), "short");
+        assert_eq!(ledger_sized(&long), ledger_sized(&long));
+        assert!(ledger_sized(&long).starts_with("sha256:"));
+        assert_eq!(ledger_sized(&long).len(), 7 + 64);
     }
 
     #[test]
