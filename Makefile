@@ -7,6 +7,10 @@ STACK  := scripts/stack.sh
 WITH_STACK := set -a && . .stack/env && set +a &&
 SLUICE := target/debug/sluice
 DEMO_CONFIG := config/demo.toml
+# `make bench`: side results of the benchmarks and the message counts of the two memory runs.
+BENCH_OUT := target/bench
+BENCH_MEMORY_LARGE := 1000000
+BENCH_MEMORY_SMALL := 250000
 
 .PHONY: help up start down stop status build demo test lint unit bench clean
 
@@ -45,6 +49,14 @@ unit: ## unit tests only (no services needed)
 test: up lint ## everything the tests need, then the whole suite (and the benchmarks must build)
 	$(WITH_STACK) cargo nextest run --no-fail-fast
 	cargo bench --no-run
+
+bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (2-7 min)
+	@mkdir -p $(BENCH_OUT) && date +%s > $(BENCH_OUT)/started-at && cp /proc/loadavg $(BENCH_OUT)/loadavg-at-start
+	cargo build --release --bins
+	$(WITH_STACK) cargo bench --bench stages --bench postgres
+	$(WITH_STACK) scripts/bench-memory.sh $(BENCH_MEMORY_LARGE) $(BENCH_MEMORY_SMALL)
+	python3 scripts/capacity_report.py --since "$$(cat $(BENCH_OUT)/started-at)" --command "make bench" \
+		--memory-large $(BENCH_MEMORY_LARGE) --memory-small $(BENCH_MEMORY_SMALL)
 
 clean: ## remove build output (not the stack)
 	cargo clean

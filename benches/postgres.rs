@@ -1,0 +1,520 @@
+//! Everything that talks to PostgreSQL: the sink alone at three batch sizes (and with the dedupe
+//! ledger), the whole pipeline from the in-memory source into PostgreSQL, and, on the same rows,
+//! PostgreSQL's own ceiling (one connection doing binary COPY of pre-encoded batches) and a naive
+//! loader (one autocommitted INSERT per row).
+//!
+//! ```sh
+//! make up                                     # PostgreSQL, writes .stack/env
+//! set -a && . .stack/env && set +a
+//! cargo bench --bench postgres                # about a minute and a half
+//! cargo bench --bench postgres -- pipeline    # one group
+//! ```
+//!
+//! The database is `SLUICE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! Each run works in its own schema `bench_<pid>` and drops it at the end; tables are truncated
+//! between iterations, outside the timed part. Knobs: `SLUICE_BENCH_PIPELINE_MESSAGES` (default
+//! 200,000 messages per pipeline iteration, also the COPY ceiling's row source) and
+//! `SLUICE_BENCH_NAIVE_ROWS` (default 2,000 rows per naive-loader iteration).
+//!
+//! Besides criterion's results, the run writes `target/bench/postgres-run.json`: the server's
+//! version and durability settings, and the pipeline's own counts, for the capacity report.
+
+mod common;
+
+use std::cell::OnceCell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+use futures::SinkExt;
+use sluice::config::{Config, EnvOverrides, redact_url};
+use sluice::envelope::Envelope;
+use sluice::pipeline::{Pipeline, RunOptions};
+use sluice::sink::batch::Batch;
+use sluice::sink::copy_encode::{COLUMNS, encode_rows};
+use sluice::sink::postgres::{PgCopySink, SinkSettings};
+use sluice::sink::schema::{self, DeadLetterColumns, Tables};
+use sluice::source::memory::MemorySource;
+use sluice::stage::transform::LoginRow;
+use sluice::stats::{Stats, Summary};
+use sluice::table_name::TableName;
+use tokio::runtime::Runtime;
+use tokio_postgres::Client;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pipeline's batch size in this benchmark and the COPY ceiling's (the backfill setting).
+const BATCH_ROWS: usize = 10_000;
+/// Truncate the sink's tables once this many rows have accumulated (never inside the timed part).
+const TRUNCATE_AFTER_ROWS: usize = 300_000;
+
+fn count_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// Where side results go: `target/bench/` (or `$CARGO_TARGET_DIR/bench/`).
+fn output_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("bench")
+}
+
+/// The benchmark's database: a runtime, an admin connection and a schema of its own, dropped when
+/// the run ends (also when a benchmark panics).
+struct Db {
+    runtime: Runtime,
+    url: String,
+    schema: String,
+    admin: Client,
+    tables: Tables,
+    dead_letter_columns: DeadLetterColumns,
+}
+
+impl Db {
+    fn open() -> Db {
+        let url = std::env::var("SLUICE_TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| DEFAULT_URL.to_owned());
+        // The daemon's runtime: multi-threaded, one worker per core.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let mut admin = match runtime.block_on(sluice::pg::connect(
+            &url,
+            "sluice-bench",
+            CONNECT_TIMEOUT,
+        )) {
+            Ok(client) => client,
+            Err(e) => panic!(
+                "PostgreSQL does not answer at {} ({}). Start it with `make up` (which writes \
+                 SLUICE_TEST_DATABASE_URL to .stack/env), or point SLUICE_TEST_DATABASE_URL at a server.",
+                redact_url(&url),
+                sluice::pg::describe(&e)
+            ),
+        };
+        let schema = format!("bench_{}", std::process::id());
+        let table =
+            |name: &str| TableName::parse(&format!("{schema}.{name}")).expect("a valid table name");
+        let tables = Tables {
+            target: table("user_logins"),
+            dead_letter: table("user_logins_rejected"),
+            ledger: table("sluice_ledger"),
+        };
+        let dead_letter_columns = runtime.block_on(async {
+            admin
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .await
+                .expect("drop a leftover bench schema");
+            schema::migrate(&mut admin, &tables, true)
+                .await
+                .expect("create the bench tables");
+            schema::verify(&admin, &tables, true)
+                .await
+                .expect("check the bench tables")
+        });
+        Db {
+            runtime,
+            url,
+            schema,
+            admin,
+            tables,
+            dead_letter_columns,
+        }
+    }
+
+    fn execute(&self, sql: &str) {
+        self.runtime
+            .block_on(self.admin.batch_execute(sql))
+            .unwrap_or_else(|e| panic!("{sql}: {}", sluice::pg::describe(&e)));
+    }
+
+    fn truncate_all(&self) {
+        let t = &self.tables;
+        self.execute(&format!(
+            "TRUNCATE {}, {}, {}",
+            t.target, t.dead_letter, t.ledger
+        ));
+    }
+
+    fn count(&self, table: &TableName) -> i64 {
+        self.runtime
+            .block_on(
+                self.admin
+                    .query_one(&format!("SELECT count(*) FROM {table}"), &[]),
+            )
+            .expect("count rows")
+            .get(0)
+    }
+
+    fn connect(&self) -> Client {
+        self.runtime
+            .block_on(sluice::pg::connect(
+                &self.url,
+                "sluice-bench",
+                CONNECT_TIMEOUT,
+            ))
+            .expect("a second connection")
+    }
+
+    fn setting(&self, name: &str) -> String {
+        self.runtime
+            .block_on(self.admin.query_one(&format!("SHOW {name}"), &[]))
+            .map(|row| row.get::<_, String>(0))
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    fn sink(&self, dedupe: bool) -> PgCopySink {
+        let settings = SinkSettings {
+            url: self.url.clone(),
+            connect_timeout: CONNECT_TIMEOUT,
+            tables: self.tables.clone(),
+            dead_letter_columns: self.dead_letter_columns,
+            dedupe,
+            dead_letter_queue: None,
+        };
+        PgCopySink::new(settings, Some(self.connect()), Arc::new(Stats::default()))
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema);
+        if let Err(e) = self.runtime.block_on(self.admin.batch_execute(&sql)) {
+            eprintln!("could not drop the bench schema {}: {e}", self.schema);
+        }
+    }
+}
+
+/// A group for benchmarks whose iterations take milliseconds to seconds.
+fn db_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    measurement: Duration,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(measurement);
+    group
+}
+
+/// `PgCopySink::commit` of one batch of rows: a transaction with the binary COPY, at 100, 1,000 and
+/// 10,000 rows, and at 1,000 with the dedupe ledger (every key new, as for fresh SQS traffic).
+/// Building and encoding the batch is not timed (the batcher does it while the previous batch
+/// commits).
+fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
+    let template = common::rows(&common::bodies(10_600, 21));
+    assert!(template.len() >= 10_000);
+    let mut group = db_group(c, "sink", Duration::from_secs(4));
+    let mut pending = 0usize;
+    let mut plain: Option<PgCopySink> = None;
+    for n in [100usize, 1_000, 10_000] {
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(BenchmarkId::new("copy", n), |b| {
+            let db = db.get_or_init(Db::open);
+            let sink = plain.get_or_insert_with(|| db.sink(false));
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    if pending > TRUNCATE_AFTER_ROWS {
+                        db.truncate_all();
+                        pending = 0;
+                    }
+                    let batch = Batch::new(template[..n].to_vec(), Vec::new());
+                    let started = Instant::now();
+                    let tokens = db.runtime.block_on(sink.commit(batch)).expect("commit");
+                    total += started.elapsed();
+                    assert_eq!(tokens.len(), n);
+                    pending += n;
+                }
+                total
+            })
+        });
+    }
+    let n = 1_000usize;
+    let mut key = 0u64;
+    let pid = std::process::id();
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_function(BenchmarkId::new("copy+ledger", n), |b| {
+        let db = db.get_or_init(Db::open);
+        let mut sink = db.sink(true);
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if pending > TRUNCATE_AFTER_ROWS {
+                    db.truncate_all();
+                    pending = 0;
+                }
+                let mut rows = template[..n].to_vec();
+                for row in &mut rows {
+                    key += 1;
+                    row.event.meta.dedupe_key = Some(format!("bench-{pid}-{key}"));
+                }
+                let batch = Batch::new(rows, Vec::new());
+                let started = Instant::now();
+                let tokens = db.runtime.block_on(sink.commit(batch)).expect("commit");
+                total += started.elapsed();
+                assert_eq!(tokens.len(), n);
+                pending += n;
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+/// What the end-to-end benchmark saw, for the report.
+#[derive(Default, Clone, Copy)]
+struct PipelineCounts {
+    messages: usize,
+    summary: Summary,
+    rows_in_table: i64,
+    dead_letters_in_table: i64,
+}
+
+fn pipeline_config(db: &Db) -> Config {
+    let schema = &db.schema;
+    let text = format!(
+        r#"
+[source]
+kind = "file"
+[source.file]
+path = "unused"
+
+[sink.postgres]
+table = "{schema}.user_logins"
+ledger_table = "{schema}.sluice_ledger"
+dedupe = false
+batch_rows = {BATCH_ROWS}
+linger_ms = 50
+
+[dead_letter]
+table = "{schema}.user_logins_rejected"
+"#
+    );
+    let env = EnvOverrides {
+        mask_key: Some(String::from_utf8(common::BENCH_KEY.to_vec()).expect("ascii key")),
+        database_url: Some(db.url.clone()),
+        ..Default::default()
+    };
+    Config::from_toml(&text, Path::new("bench-pipeline.toml"), Path::new("."), env)
+        .expect("the bench configuration is valid")
+}
+
+/// The whole pipeline: in-memory source → parse → mask/transform → batcher → PgCopySink →
+/// acknowledger, every message committed and acknowledged before the run returns. Timed: the run
+/// only; `Pipeline::prepare` (connecting, checking the tables) and cloning the input are not.
+fn pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String], counts: &mut PipelineCounts) {
+    let n = bodies.len();
+    let template = common::envelopes(bodies);
+    let mut group = db_group(c, "pipeline", Duration::from_secs(12));
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_function(BenchmarkId::new("memory_to_postgres", n), |b| {
+        let db = db.get_or_init(Db::open);
+        let config = pipeline_config(db);
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                db.truncate_all();
+                let envelopes: Vec<Envelope> = template.clone();
+                let (elapsed, summary) = db.runtime.block_on(async {
+                    let pipeline = Pipeline::prepare(&config)
+                        .await
+                        .expect("prepare the pipeline");
+                    let source = MemorySource::build(envelopes, 256, pipeline.stats());
+                    let started = Instant::now();
+                    let summary = pipeline
+                        .run(source, RunOptions::default())
+                        .await
+                        .expect("the pipeline run");
+                    (started.elapsed(), summary)
+                });
+                assert_eq!(summary.received as usize, n);
+                assert_eq!((summary.loaded + summary.rejected) as usize, n);
+                counts.summary = summary;
+                total += elapsed;
+            }
+            counts.messages = n;
+            counts.rows_in_table = db.count(&db.tables.target);
+            counts.dead_letters_in_table = db.count(&db.tables.dead_letter);
+            total
+        })
+    });
+    group.finish();
+}
+
+/// PostgreSQL's own ceiling on the pipeline's rows: one connection, binary COPY of pre-encoded
+/// batches of 10,000 rows, each its own transaction. And a naive loader: one prepared INSERT per
+/// row, each its own autocommitted transaction, on fewer rows because it is slow.
+fn ceiling(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
+    let rows: Vec<LoginRow> = common::rows(bodies);
+    let payloads: Vec<Bytes> = rows
+        .chunks(BATCH_ROWS)
+        .map(|batch| encode_rows(batch.iter()))
+        .collect();
+    let total_rows = rows.len();
+    let naive_rows = count_from_env("SLUICE_BENCH_NAIVE_ROWS", 2_000).min(total_rows);
+    let naive: Vec<NaiveRow> = rows[..naive_rows].iter().map(NaiveRow::from).collect();
+    drop(rows);
+
+    let mut group = db_group(c, "postgres_ceiling", Duration::from_secs(10));
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(total_rows as u64));
+    group.bench_function(BenchmarkId::new("binary_copy", total_rows), |b| {
+        let db = db.get_or_init(Db::open);
+        let mut client = db.connect();
+        let copy = format!(
+            "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)",
+            db.tables.target
+        );
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                db.truncate_all();
+                let started = Instant::now();
+                db.runtime.block_on(async {
+                    for payload in &payloads {
+                        let tx = client.transaction().await.expect("begin");
+                        let sink = tx.copy_in::<_, Bytes>(&copy).await.expect("COPY");
+                        futures::pin_mut!(sink);
+                        sink.send(payload.clone()).await.expect("COPY data");
+                        sink.finish().await.expect("COPY end");
+                        tx.commit().await.expect("commit");
+                    }
+                });
+                total += started.elapsed();
+            }
+            assert_eq!(db.count(&db.tables.target) as usize, total_rows);
+            total
+        })
+    });
+
+    group.throughput(Throughput::Elements(naive_rows as u64));
+    group.bench_function(BenchmarkId::new("naive_insert", naive_rows), |b| {
+        let db = db.get_or_init(Db::open);
+        let client = db.connect();
+        let insert = format!(
+            "INSERT INTO {} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7::text::date)",
+            db.tables.target
+        );
+        let statement = db
+            .runtime
+            .block_on(client.prepare(&insert))
+            .expect("prepare");
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                db.truncate_all();
+                let started = Instant::now();
+                db.runtime.block_on(async {
+                    for row in &naive {
+                        client
+                            .execute(
+                                &statement,
+                                &[
+                                    &row.user_id,
+                                    &row.device_type,
+                                    &row.masked_ip,
+                                    &row.masked_device_id,
+                                    &row.locale,
+                                    &row.app_version,
+                                    &row.create_date,
+                                ],
+                            )
+                            .await
+                            .expect("insert");
+                    }
+                });
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+/// A row as a per-message loader script would hold it: plain values, ready to bind.
+struct NaiveRow {
+    user_id: String,
+    device_type: String,
+    masked_ip: String,
+    masked_device_id: String,
+    locale: Option<String>,
+    app_version: i32,
+    create_date: String,
+}
+
+impl From<&LoginRow> for NaiveRow {
+    fn from(row: &LoginRow) -> NaiveRow {
+        let hex =
+            |d| String::from_utf8(sluice::stage::mask::to_hex(d).to_vec()).expect("hex is ascii");
+        NaiveRow {
+            user_id: row.event.user_id().to_owned(),
+            device_type: row.event.device_type().to_owned(),
+            masked_ip: hex(&row.masked_ip),
+            masked_device_id: hex(&row.masked_device_id),
+            locale: row.event.locale().map(str::to_owned),
+            app_version: row.app_version,
+            create_date: row.create_date.format("%Y-%m-%d").to_string(),
+        }
+    }
+}
+
+/// Facts about the server and the pipeline run that the report states next to the numbers.
+fn write_run_facts(db: &Db, counts: &PipelineCounts) {
+    let dir = output_dir();
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("cannot create {}: {e}", dir.display());
+        return;
+    }
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let server_version = db.setting("server_version");
+    let text = format!(
+        "{{\n  \"server_version\": {},\n  \"synchronous_commit\": {},\n  \"fsync\": {},\n  \"shared_buffers\": {},\n  \"pipeline\": {{\"messages\": {}, \"received\": {}, \"loaded\": {}, \"rejected\": {}, \"duplicates\": {}, \"rows_in_table\": {}, \"dead_letters_in_table\": {}}}\n}}\n",
+        quote(&server_version),
+        quote(&db.setting("synchronous_commit")),
+        quote(&db.setting("fsync")),
+        quote(&db.setting("shared_buffers")),
+        counts.messages,
+        counts.summary.received,
+        counts.summary.loaded,
+        counts.summary.rejected,
+        counts.summary.duplicates,
+        counts.rows_in_table,
+        counts.dead_letters_in_table,
+    );
+    let path = dir.join("postgres-run.json");
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    // Opened by the first benchmark that runs, so a filter that selects none needs no database.
+    let db: OnceCell<Db> = OnceCell::new();
+    let bodies = common::bodies(
+        count_from_env("SLUICE_BENCH_PIPELINE_MESSAGES", 200_000),
+        31,
+    );
+    let mut counts = PipelineCounts::default();
+    sink(&mut c, &db);
+    pipeline(&mut c, &db, &bodies, &mut counts);
+    ceiling(&mut c, &db, &bodies);
+    c.final_summary();
+    if let Some(db) = db.get()
+        && counts.messages > 0
+    {
+        write_run_facts(db, &counts);
+    }
+}
