@@ -26,8 +26,9 @@ use tokio::sync::mpsc;
 const CHUNK: usize = 256;
 /// Distinct chunks the stage benchmarks rotate through, so they do not see one chunk only.
 const POOL_CHUNKS: usize = 32;
-/// Chunks per channel, the pipeline's default `pipeline.channel_capacity`.
-const CHANNEL_CAPACITY: usize = 64;
+/// Messages per channel, the pipeline's default `pipeline.channel_capacity`; the daemon turns it
+/// into whole chunks, at least two.
+const CHANNEL_MESSAGES: usize = 2048;
 /// Messages carried per channel-hop iteration.
 const HOP_MESSAGES: usize = 100_000;
 
@@ -136,7 +137,8 @@ fn channel_hop(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let sending = chunks.take().expect("the chunks came back");
-                    let (elapsed, received) = runtime.block_on(hop(sending));
+                    let slots = (CHANNEL_MESSAGES / size).max(2);
+                    let (elapsed, received) = runtime.block_on(hop(sending, slots));
                     total += elapsed;
                     chunks = Some(received);
                 }
@@ -147,9 +149,9 @@ fn channel_hop(c: &mut Criterion) {
     group.finish();
 }
 
-async fn hop(chunks: Vec<Chunk<Envelope>>) -> (Duration, Vec<Chunk<Envelope>>) {
+async fn hop(chunks: Vec<Chunk<Envelope>>, slots: usize) -> (Duration, Vec<Chunk<Envelope>>) {
     let n = chunks.len();
-    let (tx, mut rx) = mpsc::channel::<Chunk<Envelope>>(CHANNEL_CAPACITY);
+    let (tx, mut rx) = mpsc::channel::<Chunk<Envelope>>(slots);
     let started = Instant::now();
     let consumer = tokio::spawn(async move {
         let mut received = Vec::with_capacity(n);

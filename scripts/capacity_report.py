@@ -393,7 +393,8 @@ def build(args: argparse.Namespace) -> str:
     w("## Channel hop between stages")
     w("")
     w(
-        "A bounded tokio channel (capacity 64 chunks, the default `pipeline.channel_capacity`) "
+        "A bounded tokio channel sized as the daemon sizes it (the default `pipeline.channel_capacity` "
+        "of 2,048 messages in whole chunks, at least two) "
         "between two tasks on the daemon's multi-threaded runtime, carrying "
         f"{n(hops[0].elements)} messages per iteration:"
     )

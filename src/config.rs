@@ -125,8 +125,10 @@ impl Default for FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Capacity of every channel between stages, in chunks (an SQS chunk is one receive of up to 10
-    /// messages). Bounded so that a slow sink stops the source instead of growing memory. Default 64.
+    /// Messages each channel between stages may hold, counted in whole chunks of the source (an SQS
+    /// chunk is one receive of up to 10 messages, a file chunk `source.file.chunk_messages`), at least
+    /// two chunks. Bounded so that a slow sink stops the source instead of growing memory.
+    /// Default 2048.
     pub channel_capacity: usize,
     /// How long a graceful shutdown may take to drain before uncommitted messages are released to the
     /// source and the daemon exits non-zero. Default 30.
@@ -136,7 +138,7 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            channel_capacity: 64,
+            channel_capacity: 2048,
             shutdown_timeout_seconds: 30,
         }
     }
@@ -171,6 +173,9 @@ pub struct PostgresConfig {
     pub dedupe: Option<bool>,
     /// Create missing tables at start (never alters existing ones). Default true.
     pub create_tables: bool,
+    /// Connections committing batches side by side, so one batch's COMMIT overlaps the next one's
+    /// COPY. Default 2.
+    pub connections: usize,
     /// Seconds to wait for a connection. Default 10.
     pub connect_timeout_seconds: u64,
 }
@@ -197,6 +202,7 @@ impl Default for PostgresConfig {
             ledger_retention_hours: 336,
             dedupe: None,
             create_tables: true,
+            connections: 2,
             connect_timeout_seconds: 10,
         }
     }
@@ -538,6 +544,7 @@ impl PostgresConfig {
         v.table("sink.postgres.table", &self.table);
         v.table("sink.postgres.ledger_table", &self.ledger_table);
         v.range("sink.postgres.batch_rows", self.batch_rows, 1, 1_000_000);
+        v.range("sink.postgres.connections", self.connections, 1, 64);
         v.range("sink.postgres.linger_ms", self.linger_ms, 0, 3_600_000);
         v.range(
             "sink.postgres.ledger_retention_hours",
@@ -642,7 +649,8 @@ mod tests {
         assert_eq!(c.source.sqs.pollers, 4);
         assert_eq!(c.source.sqs.wait_time_seconds, 20);
         assert_eq!(c.source.sqs.max_messages, 10);
-        assert_eq!(c.pipeline.channel_capacity, 64);
+        assert_eq!(c.pipeline.channel_capacity, 2048);
+        assert_eq!(c.sink.postgres.connections, 2);
         assert_eq!(c.sink.postgres.table, "user_logins");
         assert_eq!(c.sink.postgres.batch_rows, 1000);
         assert_eq!(c.dead_letter.table, "user_logins_rejected");

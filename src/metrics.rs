@@ -131,7 +131,7 @@ async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
 
 async fn ready(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
     let stats = &endpoint.stats;
-    if stats.postgres_connected.get() != 1 {
+    if stats.postgres_connections.get() < 1 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no PostgreSQL connection\n".to_owned(),

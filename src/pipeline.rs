@@ -24,18 +24,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws;
 use crate::config::{Config, ConfigError, SourceKind};
-use crate::envelope::{AckToken, Chunk, Envelope};
+use crate::envelope::{Chunk, Envelope};
 use crate::metrics::{self, ChannelProbe};
 use crate::pg;
 use crate::shutdown;
 use crate::sink::batch::{Batch, run_batcher};
 use crate::sink::dead_letter::DeadLetterQueue;
 use crate::sink::ledger::{self, Ledger};
-use crate::sink::postgres::{PgCopySink, SinkError, SinkSettings};
+use crate::sink::postgres::{PgCopySinkBuilder, SinkError, SinkSettings};
 use crate::sink::schema::{self, SchemaError, Tables};
 use crate::source::file::FileSource;
 use crate::source::sqs::SqsSource;
-use crate::source::{BuiltSource, SourceError, acknowledge_committed};
+use crate::source::{Acknowledger, BuiltSource, SourceError};
 use crate::stage::mask::Masker;
 use crate::stage::parse::{LoginEvent, run_parse_stage};
 use crate::stage::transform::{LoginRow, Transformer, run_transform_stage};
@@ -80,7 +80,9 @@ pub struct Pipeline {
     config: Config,
     stats: Arc<Stats>,
     transformer: Transformer,
-    sink: PgCopySink,
+    sink: PgCopySinkBuilder,
+    /// The connection that checked the schema, handed to the first committer.
+    first_connection: Option<tokio_postgres::Client>,
 }
 
 impl Pipeline {
@@ -89,12 +91,13 @@ impl Pipeline {
     pub async fn prepare(config: &Config) -> Result<Pipeline, PipelineError> {
         let stats = Arc::new(Stats::default());
         let transformer = transformer(config)?;
-        let sink = prepare_sink(config, stats.clone()).await?;
+        let (sink, first_connection) = prepare_sink(config, stats.clone()).await?;
         Ok(Pipeline {
             config: config.clone(),
             stats,
             transformer,
             sink,
+            first_connection: Some(first_connection),
         })
     }
 
@@ -115,7 +118,7 @@ impl Pipeline {
         if let Some(idle) = options.exit_when_idle {
             shutdown::exit_when_idle(token.clone(), self.stats.clone(), idle);
         }
-        let channels = Channels::new(self.config.pipeline.channel_capacity);
+        let channels = Channels::new(self.config.pipeline.channel_capacity, source.chunk_messages);
         let endpoint = self.start_endpoint(&channels).await?;
         let pruner = spawn_ledger_pruner(&self.config);
         let acknowledger = source.acknowledger.clone();
@@ -167,6 +170,7 @@ impl Pipeline {
             stats,
             transformer,
             sink,
+            mut first_connection,
         } = self;
         let Channels {
             raw,
@@ -200,16 +204,43 @@ impl Pipeline {
             run_batcher(rows.1, batches.0, batch_rows, linger).await;
             ("batcher", Ok(()))
         });
-        tasks.spawn(async move {
-            let result = sink.run(batches.1, acks.0).await;
-            ("sink", result.map_err(Into::into))
-        });
+        let queue = Arc::new(tokio::sync::Mutex::new(batches.1));
+        for _ in 0..postgres.connections {
+            let committer = sink.committer(first_connection.take());
+            let (queue, acks) = (queue.clone(), acks.0.clone());
+            tasks.spawn(async move {
+                let result = committer.run(queue, acks).await;
+                ("sink", result.map_err(Into::into))
+            });
+        }
+        drop(acks.0);
         let acknowledger = source.acknowledger;
         tasks.spawn(async move {
             acknowledge_committed(acknowledger, acks.1, stats).await;
             ("acknowledger", Ok(()))
         });
         tasks
+    }
+}
+
+/// The acknowledging task: records each committed batch's lag and hands its tokens to the source.
+async fn acknowledge_committed(
+    acknowledger: Arc<dyn Acknowledger>,
+    mut committed: mpsc::Receiver<Batch>,
+    stats: Arc<Stats>,
+) {
+    while let Some(batch) = committed.recv().await {
+        let sent = batch
+            .rows
+            .iter()
+            .map(|r| &r.event.meta)
+            .chain(batch.rejects.iter().map(|r| &r.meta))
+            .filter_map(|m| m.sent_at_ms);
+        stats.observe_lag(sent);
+        let tokens = batch.into_ack_tokens();
+        let n = tokens.len();
+        acknowledger.acknowledge(tokens).await;
+        stats.record_acknowledged(n);
     }
 }
 
@@ -229,17 +260,20 @@ struct Channels {
     ),
     /// One batch in waiting: encoded while the previous one commits.
     batches: (mpsc::Sender<Batch>, mpsc::Receiver<Batch>),
-    acks: (mpsc::Sender<Vec<AckToken>>, mpsc::Receiver<Vec<AckToken>>),
+    /// Committed batches on their way to acknowledgement.
+    acks: (mpsc::Sender<Batch>, mpsc::Receiver<Batch>),
 }
 
 impl Channels {
-    fn new(capacity: usize) -> Channels {
+    /// `capacity` messages per channel, as whole chunks of `chunk_messages`, at least two.
+    fn new(capacity: usize, chunk_messages: usize) -> Channels {
+        let chunks = (capacity / chunk_messages.max(1)).max(2);
         Channels {
-            raw: mpsc::channel(capacity),
-            parsed: mpsc::channel(capacity),
-            rows: mpsc::channel(capacity),
+            raw: mpsc::channel(chunks),
+            parsed: mpsc::channel(chunks),
+            rows: mpsc::channel(chunks),
             batches: mpsc::channel(1),
-            acks: mpsc::channel(capacity),
+            acks: mpsc::channel(4),
         }
     }
 
@@ -315,7 +349,10 @@ pub fn tables(config: &Config) -> Tables {
     }
 }
 
-async fn prepare_sink(config: &Config, stats: Arc<Stats>) -> Result<PgCopySink, PipelineError> {
+async fn prepare_sink(
+    config: &Config,
+    stats: Arc<Stats>,
+) -> Result<(PgCopySinkBuilder, tokio_postgres::Client), PipelineError> {
     let postgres = &config.sink.postgres;
     let timeout = Duration::from_secs(postgres.connect_timeout_seconds);
     let mut client = pg::connect(config.database_url(), "sluice", timeout)
@@ -349,7 +386,7 @@ async fn prepare_sink(config: &Config, stats: Arc<Stats>) -> Result<PgCopySink, 
         dedupe,
         dead_letter_queue,
     };
-    Ok(PgCopySink::new(settings, Some(client), stats))
+    Ok((PgCopySinkBuilder::new(settings, stats), client))
 }
 
 fn spawn_ledger_pruner(config: &Config) -> CancellationToken {

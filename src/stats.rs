@@ -38,10 +38,10 @@ pub struct Stats {
     pub batch_messages: Histogram,
     /// Seconds from BEGIN to COMMIT of a batch, retries excluded.
     pub commit_seconds: Histogram,
-    /// Seconds from the source accepting a message to its commit.
+    /// Seconds from the source accepting a message to its acknowledgement after commit.
     pub end_to_end_seconds: Histogram,
-    /// 1 while the sink holds a working connection.
-    pub postgres_connected: Gauge,
+    /// Sink connections open and prepared.
+    pub postgres_connections: Gauge,
     /// Milliseconds after `started` at which the source last delivered a message.
     last_receive_ms: AtomicU64,
     /// Milliseconds after `started` of the last commit or acknowledgement.
@@ -66,7 +66,7 @@ impl Default for Stats {
             batch_messages: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.5, 12)),
             end_to_end_seconds: Histogram::new(exponential_buckets(0.01, 3.0, 12)),
-            postgres_connected: Gauge::default(),
+            postgres_connections: Gauge::default(),
             last_receive_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
         }
@@ -157,6 +157,17 @@ impl Stats {
         self.in_flight() > 0 && since > limit
     }
 
+    /// Records how long ago the source accepted each message (milliseconds since the Unix epoch).
+    pub fn observe_lag(&self, sent_at_ms: impl Iterator<Item = i64>) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for sent_at in sent_at_ms {
+            self.end_to_end_seconds
+                .observe((now_ms - sent_at).max(0) as f64 / 1000.0);
+        }
+    }
+
     pub fn summary(&self) -> Summary {
         Summary {
             received: self.received.get(),
@@ -242,13 +253,13 @@ impl Stats {
         );
         r.register(
             "end_to_end_seconds",
-            "Time from the source accepting a message to its commit",
+            "Time from the source accepting a message to its acknowledgement after commit",
             self.end_to_end_seconds.clone(),
         );
         r.register(
-            "postgres_connected",
-            "1 while the sink holds a working PostgreSQL connection",
-            self.postgres_connected.clone(),
+            "postgres_connections",
+            "Sink connections to PostgreSQL that are open and ready",
+            self.postgres_connections.clone(),
         );
     }
 }

@@ -438,10 +438,10 @@ async fn the_operations_endpoint_reports_counts_and_readiness() {
         "sluice_rows_loaded_total 2",
         "sluice_dead_letters_total 1",
         "sluice_duplicates_total 0",
-        "sluice_postgres_connected 1",
+        "sluice_postgres_connections 2",
         "sluice_commit_seconds_count",
         "sluice_end_to_end_seconds_count 3",
-        "sluice_channel_capacity{channel=\"source_to_parse\"} 64",
+        "sluice_channel_capacity{channel=\"source_to_parse\"} 204",
     ] {
         assert!(body.contains(line), "missing {line:?} in:\n{body}");
     }

@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(sizes, [4, 4, 1]);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_partial_batch_leaves_after_linger() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(16);

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::time::SystemTime;
 
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
-use tokio_postgres::Transaction;
+use tokio_postgres::{Statement, Transaction};
 
 use crate::aws;
 use crate::envelope::Reject;
@@ -48,9 +48,16 @@ impl DeadLetterWriter {
         DeadLetterWriter { insert, columns }
     }
 
+    /// The INSERT statement, for preparing once per connection.
+    pub fn sql(&self) -> &str {
+        &self.insert
+    }
+
+    /// Inserts with `statement`, the prepared form of [`DeadLetterWriter::sql`].
     pub async fn insert(
         &self,
         tx: &Transaction<'_>,
+        statement: &Statement,
         rejects: &[&Reject],
     ) -> Result<u64, tokio_postgres::Error> {
         if rejects.is_empty() {
@@ -78,7 +85,7 @@ impl DeadLetterWriter {
         if self.columns.sent_at {
             params.push(&sent);
         }
-        tx.execute(&self.insert, &params).await
+        tx.execute(statement, &params).await
     }
 }
 

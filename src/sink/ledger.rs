@@ -5,10 +5,10 @@
 //! acknowledged without writing anything again. Keys are kept for the source's retention (after
 //! that the source cannot redeliver) and pruned in small slices so pruning never holds long locks.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Duration;
 
-use tokio_postgres::Transaction;
+use tokio_postgres::{Statement, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::table_name::TableName;
@@ -32,15 +32,21 @@ impl Ledger {
 
     /// Records the keys and tells, per key in order, whether it is new. A key repeated within the
     /// same list is new only the first time.
+    /// The recording statement, for preparing once per connection.
+    pub fn sql(&self) -> &str {
+        &self.insert
+    }
+
+    /// Records with `statement`, the prepared form of [`Ledger::sql`].
     pub async fn record(
         &self,
         tx: &Transaction<'_>,
+        statement: &Statement,
         keys: &[&str],
     ) -> Result<Vec<bool>, tokio_postgres::Error> {
-        let rows = tx.query(&self.insert, &[&keys]).await?;
-        let mut inserted: HashMap<String, ()> =
-            rows.iter().map(|r| (r.get::<_, String>(0), ())).collect();
-        Ok(keys.iter().map(|k| inserted.remove(*k).is_some()).collect())
+        let rows = tx.query(statement, &[&keys]).await?;
+        let mut inserted: HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        Ok(keys.iter().map(|k| inserted.remove(*k)).collect())
     }
 
     /// Deletes keys older than `retention`, slice by slice; returns how many went.

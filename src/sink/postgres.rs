@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use futures::SinkExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::envelope::{AckToken, Reject, Stage};
+use crate::envelope::{Reject, Stage};
 use crate::pg;
 use crate::retry;
 use crate::sink::batch::Batch;
@@ -47,15 +47,28 @@ pub struct SinkSettings {
     pub dead_letter_queue: Option<DeadLetterQueue>,
 }
 
+/// One committer: a connection and the batches it commits, one transaction at a time. The pipeline
+/// runs `sink.postgres.connections` of them side by side on one queue of batches, so one batch's
+/// COMMIT (waiting for the WAL to reach disk) overlaps the next batch's COPY.
 pub struct PgCopySink {
     url: String,
     connect_timeout: Duration,
-    client: Option<Client>,
-    parts: CommitParts,
+    session: Option<Session>,
+    /// A connection handed over at start, prepared on first use.
+    spare: Option<Client>,
+    parts: Arc<CommitParts>,
     stats: Arc<Stats>,
 }
 
-/// The statements and helpers one commit uses; separate from the connection so both can be borrowed.
+/// A connection with the sink's statements prepared on it; dropped and rebuilt on reconnect.
+struct Session {
+    client: Client,
+    copy: Statement,
+    dead_letters: Statement,
+    ledger: Option<Statement>,
+}
+
+/// The statements and helpers every committer shares.
 struct CommitParts {
     copy: String,
     ledger: Option<Ledger>,
@@ -89,16 +102,21 @@ impl From<tokio_postgres::Error> for CommitError {
     }
 }
 
-impl PgCopySink {
-    /// `client` may be a connection already opened (and used to check the schema) at start.
-    pub fn new(settings: SinkSettings, client: Option<Client>, stats: Arc<Stats>) -> PgCopySink {
+/// Builds the committers of one pipeline.
+pub struct PgCopySinkBuilder {
+    url: String,
+    connect_timeout: Duration,
+    parts: Arc<CommitParts>,
+    stats: Arc<Stats>,
+}
+
+impl PgCopySinkBuilder {
+    pub fn new(settings: SinkSettings, stats: Arc<Stats>) -> PgCopySinkBuilder {
         let tables = &settings.tables;
-        stats.postgres_connected.set(i64::from(client.is_some()));
-        PgCopySink {
+        PgCopySinkBuilder {
             url: settings.url,
             connect_timeout: settings.connect_timeout,
-            client,
-            parts: CommitParts {
+            parts: Arc::new(CommitParts {
                 copy: format!(
                     "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)",
                     tables.target
@@ -109,64 +127,110 @@ impl PgCopySink {
                     settings.dead_letter_columns,
                 ),
                 dead_letter_queue: settings.dead_letter_queue,
-            },
+            }),
             stats,
         }
     }
 
-    /// The sink task: commits batches until its input closes, passing each batch's tokens on.
+    /// A committer; `client` may be a connection already opened (to check the schema) at start.
+    pub fn committer(&self, client: Option<Client>) -> PgCopySink {
+        PgCopySink {
+            url: self.url.clone(),
+            connect_timeout: self.connect_timeout,
+            session: None,
+            spare: client,
+            parts: self.parts.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+/// The queue of batches the committers of one pipeline take from.
+pub type SharedBatches = Arc<tokio::sync::Mutex<mpsc::Receiver<Batch>>>;
+
+impl PgCopySink {
+    /// The committer task: commits batches until the queue closes, and hands each committed batch
+    /// to the acknowledger.
     pub async fn run(
         mut self,
-        mut input: mpsc::Receiver<Batch>,
-        acks: mpsc::Sender<Vec<AckToken>>,
+        input: SharedBatches,
+        committed: mpsc::Sender<Batch>,
     ) -> Result<(), SinkError> {
-        while let Some(batch) = input.recv().await {
-            let tokens = self.commit(batch).await?;
-            if acks.send(tokens).await.is_err() {
-                return Err(SinkError::Fatal("the acknowledger stopped".into()));
+        // Connect before the first batch arrives, so a bad setup shows at start and readiness
+        // reflects every connection; a transient failure here is retried with the first batch.
+        match self.session().await {
+            Err(CommitError::Db(e)) if classify(&e) == ErrorClass::Fatal => {
+                return Err(SinkError::Fatal(format!(
+                    "cannot use PostgreSQL: {}",
+                    pg::describe(&e)
+                )));
+            }
+            Err(CommitError::Db(e)) => {
+                tracing::warn!(error = %pg::describe(&e), "cannot reach PostgreSQL yet; will retry");
+            }
+            Err(CommitError::Forward(_)) | Ok(_) => {}
+        }
+        loop {
+            let next = input.lock().await.recv().await;
+            let Some(batch) = next else {
+                return Ok(());
+            };
+            for done in self.commit(batch).await? {
+                if committed.send(done).await.is_err() {
+                    return Err(SinkError::Fatal("the acknowledger stopped".into()));
+                }
             }
         }
-        Ok(())
     }
 
-    /// Commits a batch (splitting it around rows the database refuses); returns every message's token.
-    pub async fn commit(&mut self, batch: Batch) -> Result<Vec<AckToken>, SinkError> {
-        let mut tokens = Vec::with_capacity(batch.len());
+    /// Commits a batch, splitting it around rows the database refuses; returns what was committed
+    /// (the batch itself, or the pieces it was split into).
+    pub async fn commit(&mut self, batch: Batch) -> Result<Vec<Batch>, SinkError> {
+        let mut done = Vec::with_capacity(1);
         let mut work = vec![batch];
         while let Some(batch) = work.pop() {
             match self.commit_with_retry(&batch).await? {
                 Attempt::Committed(c, took) => {
                     self.stats
                         .record_commit(c.loaded, c.rejected, c.duplicates, took);
-                    self.observe_lag(&batch);
-                    tokens.extend(batch.into_ack_tokens());
+                    done.push(batch);
                 }
                 Attempt::Refused(reason) => work.extend(split(batch, &reason)?),
             }
         }
-        Ok(tokens)
+        Ok(done)
     }
 
     async fn commit_with_retry(&mut self, batch: &Batch) -> Result<Attempt, SinkError> {
         let mut pacing = retry::backoff();
+        let parts = self.parts.clone();
         loop {
-            self.connect().await?;
-            let Some(client) = self.client.as_mut() else {
-                continue;
-            };
-            let started = std::time::Instant::now();
-            let error = match self.parts.try_commit(client, batch).await {
-                Ok(counts) => return Ok(Attempt::Committed(counts, started.elapsed())),
+            let error = match self.session().await {
+                Err(CommitError::Db(e)) if classify(&e) == ErrorClass::Fatal => {
+                    return Err(SinkError::Fatal(format!(
+                        "cannot use PostgreSQL: {}",
+                        pg::describe(&e)
+                    )));
+                }
+                Err(CommitError::Db(e)) => pg::describe(&e),
                 Err(CommitError::Forward(message)) => message,
-                Err(CommitError::Db(e)) => match classify(&e) {
-                    ErrorClass::Data => return Ok(Attempt::Refused(pg::describe(&e))),
-                    ErrorClass::Fatal => return Err(SinkError::Fatal(pg::describe(&e))),
-                    ErrorClass::Transient => pg::describe(&e),
-                },
+                Ok(session) => {
+                    let started = std::time::Instant::now();
+                    match parts.try_commit(session, batch).await {
+                        Ok(counts) => return Ok(Attempt::Committed(counts, started.elapsed())),
+                        Err(CommitError::Forward(message)) => message,
+                        Err(CommitError::Db(e)) => match classify(&e) {
+                            ErrorClass::Data => return Ok(Attempt::Refused(pg::describe(&e))),
+                            ErrorClass::Fatal => return Err(SinkError::Fatal(pg::describe(&e))),
+                            ErrorClass::Transient => pg::describe(&e),
+                        },
+                    }
+                }
             };
             self.stats.commit_retries.inc();
-            if self.client.as_ref().is_none_or(Client::is_closed) {
-                self.stats.postgres_connected.set(0);
+            if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+                self.session = None;
+                self.stats.postgres_connections.dec();
             }
             tracing::warn!(
                 error,
@@ -177,61 +241,62 @@ impl PgCopySink {
         }
     }
 
-    /// Time from the source accepting each message to now, just after its commit.
-    fn observe_lag(&self, batch: &Batch) {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let sent = batch
-            .rows
-            .iter()
-            .map(|r| &r.event.meta)
-            .chain(batch.rejects.iter().map(|r| &r.meta))
-            .filter_map(|m| m.sent_at_ms);
-        for sent_at in sent {
-            self.stats
-                .end_to_end_seconds
-                .observe((now_ms - sent_at).max(0) as f64 / 1000.0);
+    /// The open session, connecting and preparing the statements if there is none.
+    async fn session(&mut self) -> Result<&mut Session, CommitError> {
+        if self.session.is_none() {
+            let client = match self.spare.take() {
+                Some(client) if !client.is_closed() => client,
+                _ => pg::connect(&self.url, "sluice", self.connect_timeout).await?,
+            };
+            let parts = &self.parts;
+            let ledger = match &parts.ledger {
+                Some(ledger) => Some(client.prepare(ledger.sql()).await?),
+                None => None,
+            };
+            let session = Session {
+                copy: client.prepare(&parts.copy).await?,
+                dead_letters: client.prepare(parts.dead_letters.sql()).await?,
+                ledger,
+                client,
+            };
+            tracing::debug!("PostgreSQL session ready");
+            self.stats.postgres_connections.inc();
+            self.session = Some(session);
         }
+        self.session
+            .as_mut()
+            .ok_or_else(|| CommitError::Forward("no PostgreSQL session".into()))
     }
+}
 
-    /// Makes sure a connection is open, reconnecting (with backoff, until it works) if it was lost.
-    async fn connect(&mut self) -> Result<(), SinkError> {
-        if self.client.as_ref().is_some_and(Client::is_closed) {
-            self.client = None;
+impl Drop for PgCopySink {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            self.stats.postgres_connections.dec();
         }
-        let mut pacing = retry::backoff();
-        while self.client.is_none() {
-            match pg::connect(&self.url, "sluice", self.connect_timeout).await {
-                Ok(client) => {
-                    tracing::info!("connected to PostgreSQL");
-                    self.client = Some(client);
-                    self.stats.postgres_connected.set(1);
-                }
-                Err(e) if classify(&e) == ErrorClass::Fatal => {
-                    return Err(SinkError::Fatal(format!(
-                        "cannot connect to PostgreSQL: {}",
-                        pg::describe(&e)
-                    )));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %pg::describe(&e), "cannot reach PostgreSQL; retrying");
-                    retry::pause(&mut pacing).await;
-                }
-            }
-        }
-        Ok(())
     }
 }
 
 impl CommitParts {
     async fn try_commit(
         &self,
-        client: &mut Client,
+        session: &mut Session,
         batch: &Batch,
     ) -> Result<CommitCounts, CommitError> {
-        let tx = client.transaction().await?;
-        let fresh = self.fresh(&tx, batch).await?;
+        let tx = session.client.transaction().await?;
+        let fresh = match (&self.ledger, &session.ledger) {
+            (Some(ledger), Some(statement)) => {
+                let keys: Vec<_> = batch
+                    .rows
+                    .iter()
+                    .map(|r| r.event.meta.ledger_key())
+                    .chain(batch.rejects.iter().map(|r| r.meta.ledger_key()))
+                    .collect();
+                let keys: Vec<&str> = keys.iter().map(|k| k.as_ref()).collect();
+                ledger.record(&tx, statement, &keys).await?
+            }
+            _ => vec![true; batch.len()],
+        };
         let (fresh_rows, fresh_rejects) = fresh.split_at(batch.rows.len());
         let rejects: Vec<&Reject> = batch
             .rejects
@@ -239,18 +304,21 @@ impl CommitParts {
             .zip(fresh_rejects)
             .filter_map(|(r, new)| new.then_some(r))
             .collect();
-        let loaded = if fresh_rows.iter().all(|new| *new) {
-            copy(&tx, &self.copy, batch.copy_data.clone()).await?
+        let data = if fresh_rows.iter().all(|new| *new) {
+            batch.copy_data.clone()
         } else {
-            let rows = batch
+            let rows: Vec<_> = batch
                 .rows
                 .iter()
                 .zip(fresh_rows)
-                .filter_map(|(r, new)| new.then_some(r));
-            let data = encode_rows(rows.collect::<Vec<_>>().into_iter());
-            copy(&tx, &self.copy, data).await?
+                .filter_map(|(r, new)| new.then_some(r))
+                .collect();
+            encode_rows(rows.into_iter())
         };
-        self.dead_letters.insert(&tx, &rejects).await?;
+        let loaded = copy(&tx, &session.copy, data).await?;
+        self.dead_letters
+            .insert(&tx, &session.dead_letters, &rejects)
+            .await?;
         // Last before commit, so a batch the database refuses is not forwarded twice.
         if let Some(queue) = &self.dead_letter_queue
             && !rejects.is_empty()
@@ -267,30 +335,11 @@ impl CommitParts {
             duplicates: fresh.iter().filter(|new| !**new).count(),
         })
     }
-
-    /// Per message (rows first, then rejects), whether it is new to the ledger.
-    async fn fresh(
-        &self,
-        tx: &Transaction<'_>,
-        batch: &Batch,
-    ) -> Result<Vec<bool>, tokio_postgres::Error> {
-        let Some(ledger) = &self.ledger else {
-            return Ok(vec![true; batch.len()]);
-        };
-        let keys: Vec<_> = batch
-            .rows
-            .iter()
-            .map(|r| r.event.meta.ledger_key())
-            .chain(batch.rejects.iter().map(|r| r.meta.ledger_key()))
-            .collect();
-        let keys: Vec<&str> = keys.iter().map(|k| k.as_ref()).collect();
-        ledger.record(tx, &keys).await
-    }
 }
 
 async fn copy(
     tx: &Transaction<'_>,
-    statement: &str,
+    statement: &Statement,
     data: bytes::Bytes,
 ) -> Result<u64, tokio_postgres::Error> {
     if data.len() <= 21 {

@@ -34,6 +34,7 @@ impl FileSource {
                 stats,
             }),
             acknowledger: Arc::new(NoAcknowledger),
+            chunk_messages: chunk_messages.max(1),
         }
     }
 }

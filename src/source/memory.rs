@@ -26,6 +26,7 @@ impl MemorySource {
                 stats,
             }),
             acknowledger: Arc::new(NoAcknowledger),
+            chunk_messages: chunk_messages.max(1),
         }
     }
 }

@@ -62,17 +62,6 @@ impl Acknowledger for NoAcknowledger {
 pub struct BuiltSource {
     pub source: Box<dyn Source>,
     pub acknowledger: Arc<dyn Acknowledger>,
-}
-
-/// The acknowledging task: hands each committed batch's tokens to the source, in commit order.
-pub async fn acknowledge_committed(
-    acknowledger: Arc<dyn Acknowledger>,
-    mut committed: mpsc::Receiver<Vec<AckToken>>,
-    stats: Arc<crate::stats::Stats>,
-) {
-    while let Some(tokens) = committed.recv().await {
-        let n = tokens.len();
-        acknowledger.acknowledge(tokens).await;
-        stats.record_acknowledged(n);
-    }
+    /// The most messages one chunk from this source holds, to size the channels in messages.
+    pub chunk_messages: usize,
 }

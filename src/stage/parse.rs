@@ -249,11 +249,18 @@ fn wrong_type(field: &'static str, value: &JsonValue<'_>) -> ParseError {
     }
 }
 
-/// `1`, `0.96`, `2.3.0`: one or more non-empty runs of ASCII digits joined by dots.
+/// `1`, `0.96`, `2.3.0`: one or more non-empty runs of ASCII digits joined by dots. One pass over the
+/// bytes: this runs for every message.
 fn is_version(s: &str) -> bool {
-    !s.is_empty()
-        && s.split('.')
-            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    let mut after_digit = false;
+    for b in s.bytes() {
+        match b {
+            b'0'..=b'9' => after_digit = true,
+            b'.' if after_digit => after_digit = false,
+            _ => return false,
+        }
+    }
+    after_digit
 }
 
 /// The fields sluice reads; everything else in the body is skipped without being built.
@@ -552,6 +559,16 @@ mod tests {
                 assert!(msg.contains("duplicate field `user_id`"), "{msg}")
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn versions_are_digit_runs_joined_by_dots() {
+        for ok in ["1", "0.96", "2.00", "2.3.0", "10.20.30.40"] {
+            assert!(is_version(ok), "{ok}");
+        }
+        for bad in ["", ".", "1.", ".1", "1..2", "1.x", "v1", "1 .2", "１"] {
+            assert!(!is_version(bad), "{bad}");
         }
     }
 

@@ -79,6 +79,7 @@ impl SqsSource {
                 stats,
             }),
             acknowledger: Arc::new(acknowledger),
+            chunk_messages: cfg.max_messages as usize,
         })
     }
 }
