@@ -110,8 +110,11 @@ fn read_lines(
     each: &mut impl FnMut(FileMessage) -> ControlFlow<()>,
 ) -> io::Result<u64> {
     let (mut line_no, mut count) = (0u64, 0u64);
+    // One reused buffer; each message then gets an allocation of exactly its size, since it lives
+    // on in the pipeline until its batch is committed.
+    let mut line = Vec::with_capacity(4096);
     loop {
-        let mut line = Vec::with_capacity(256);
+        line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
             return Ok(count);
         }
@@ -123,7 +126,7 @@ fn read_lines(
             continue;
         }
         count += 1;
-        let body = String::from_utf8(line).map_err(|e| e.into_bytes());
+        let body = String::from_utf8(line.to_vec()).map_err(|e| e.into_bytes());
         if each(FileMessage {
             position: line_no,
             body,

@@ -273,7 +273,7 @@ impl Channels {
             parsed: mpsc::channel(chunks),
             rows: mpsc::channel(chunks),
             batches: mpsc::channel(1),
-            acks: mpsc::channel(4),
+            acks: mpsc::channel(1),
         }
     }
 

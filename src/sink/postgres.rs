@@ -193,6 +193,9 @@ impl PgCopySink {
                 Attempt::Committed(c, took) => {
                     self.stats
                         .record_commit(c.loaded, c.rejected, c.duplicates, took);
+                    // The encoded rows are loaded; only the messages' metadata is still needed.
+                    let mut batch = batch;
+                    batch.copy_data = bytes::Bytes::new();
                     done.push(batch);
                 }
                 Attempt::Refused(reason) => work.extend(split(batch, &reason)?),

@@ -21,10 +21,13 @@ pub const USER_ID_MAX: usize = 128;
 pub const DEVICE_TYPE_MAX: usize = 32;
 pub const LOCALE_MAX: usize = 32;
 
-/// A validated login event. Its text fields point into the original body, which it owns.
+/// A validated login event. Its text fields point into the original body, which it owns, or, for the
+/// rare value written with JSON escapes, into `decoded`.
 #[derive(Debug, Clone)]
 pub struct LoginEvent {
     body: String,
+    /// Decoded values of escaped fields, one after another; empty (no allocation) for most events.
+    decoded: String,
     pub meta: Meta,
     user_id: Text,
     device_type: Text,
@@ -38,25 +41,25 @@ pub struct LoginEvent {
 
 impl LoginEvent {
     pub fn user_id(&self) -> &str {
-        self.user_id.get(&self.body)
+        self.user_id.get(&self.body, &self.decoded)
     }
     pub fn device_type(&self) -> &str {
-        self.device_type.get(&self.body)
+        self.device_type.get(&self.body, &self.decoded)
     }
     pub fn device_id(&self) -> &str {
-        self.device_id.get(&self.body)
+        self.device_id.get(&self.body, &self.decoded)
     }
     pub fn locale(&self) -> Option<&str> {
-        self.locale.as_ref().map(|t| t.get(&self.body))
+        self.locale.map(|t| t.get(&self.body, &self.decoded))
     }
     /// Syntactically valid: dot-separated decimal parts. Whether it fits an integer is the transform's
     /// concern, since that depends on the configured encoding.
     pub fn app_version(&self) -> &str {
-        self.app_version.get(&self.body)
+        self.app_version.get(&self.body, &self.decoded)
     }
     /// The body's own `create_date` string, if it had one (unvalidated: the transform decides).
     pub fn create_date(&self) -> Option<&str> {
-        self.create_date.as_ref().map(|t| t.get(&self.body))
+        self.create_date.map(|t| t.get(&self.body, &self.decoded))
     }
     pub fn body(&self) -> &str {
         &self.body
@@ -67,33 +70,48 @@ impl LoginEvent {
     }
 }
 
-/// A string field: a range of the body when it had no escapes, an owned copy when it did.
-#[derive(Debug, Clone)]
-enum Text {
-    Span(u32, u32),
-    Owned(Box<str>),
+/// A string field as a byte range: of the body when the value had no escapes (nearly always), of the
+/// event's decoded text when it had. Eight bytes, so events stay small as they move between stages.
+#[derive(Debug, Clone, Copy)]
+struct Text {
+    /// Start offset; the top bit set means "in the decoded text".
+    start: u32,
+    end: u32,
 }
 
+const IN_DECODED: u32 = 1 << 31;
+
 impl Text {
-    fn get<'a>(&'a self, body: &'a str) -> &'a str {
-        match self {
-            // The range was taken from this very body, on a char boundary, when it was parsed.
-            Text::Span(start, end) => body.get(*start as usize..*end as usize).unwrap_or_default(),
-            Text::Owned(s) => s,
-        }
+    fn get<'a>(self, body: &'a str, decoded: &'a str) -> &'a str {
+        let (source, start) = if self.start & IN_DECODED == 0 {
+            (body, self.start)
+        } else {
+            (decoded, self.start & !IN_DECODED)
+        };
+        // The range was taken on char boundaries of this very text when it was parsed.
+        source
+            .get(start as usize..self.end as usize)
+            .unwrap_or_default()
     }
 
-    fn from_cow(value: Cow<'_, str>, body: &str) -> Text {
-        match value {
-            Cow::Borrowed(s) => {
-                // serde_json hands out slices of the input; anything else is copied.
-                let start = (s.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
-                match (u32::try_from(start), u32::try_from(start + s.len())) {
-                    (Ok(from), Ok(to)) if start + s.len() <= body.len() => Text::Span(from, to),
-                    _ => Text::Owned(s.into()),
-                }
+    /// Where `value` lives: serde_json hands out slices of the body for plain strings; decoded ones
+    /// are appended to `decoded`. Bodies are far below 2 GiB, so offsets fit in 31 bits.
+    fn locate(value: Cow<'_, str>, body: &str, decoded: &mut String) -> Text {
+        if let Cow::Borrowed(s) = &value {
+            let start = (s.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+            let end = start.wrapping_add(s.len());
+            if end <= body.len() && end < IN_DECODED as usize {
+                return Text {
+                    start: start as u32,
+                    end: end as u32,
+                };
             }
-            Cow::Owned(s) => Text::Owned(s.into_boxed_str()),
+        }
+        let start = decoded.len();
+        decoded.push_str(&value);
+        Text {
+            start: start as u32 | IN_DECODED,
+            end: decoded.len() as u32,
         }
     }
 }
@@ -139,6 +157,7 @@ pub fn parse_login(envelope: Envelope) -> Result<LoginEvent, Box<(Envelope, Pars
     match validate(&envelope.body) {
         Ok(fields) => Ok(LoginEvent {
             body: envelope.body,
+            decoded: fields.decoded,
             meta: envelope.meta,
             user_id: fields.user_id,
             device_type: fields.device_type,
@@ -153,6 +172,7 @@ pub fn parse_login(envelope: Envelope) -> Result<LoginEvent, Box<(Envelope, Pars
 }
 
 struct Fields {
+    decoded: String,
     user_id: Text,
     device_type: Text,
     device_id: Text,
@@ -190,16 +210,24 @@ fn validate(body: &str) -> Result<Fields, ParseError> {
     if !is_version(&app_version) {
         return Err(ParseError::InvalidVersion(app_version.into_owned()));
     }
+    let mut decoded = String::new();
+    let mut at = |value| Text::locate(value, body, &mut decoded);
     let create_date = match raw.create_date {
-        JsonValue::Str(s) => Some(Text::from_cow(s, body)),
+        JsonValue::Str(s) => Some(at(s)),
         _ => None,
     };
+    let user_id = at(user_id);
+    let device_type = at(device_type);
+    let device_id = at(device_id);
+    let locale = locale.map(&mut at);
+    let app_version = at(app_version);
     Ok(Fields {
-        user_id: Text::from_cow(user_id, body),
-        device_type: Text::from_cow(device_type, body),
-        device_id: Text::from_cow(device_id, body),
-        locale: locale.map(|s| Text::from_cow(s, body)),
-        app_version: Text::from_cow(app_version, body),
+        decoded,
+        user_id,
+        device_type,
+        device_id,
+        locale,
+        app_version,
         create_date,
         ip,
     })
@@ -457,6 +485,21 @@ mod tests {
     fn escaped_strings_are_decoded() {
         let e = parse(r#"{"user_id":"a\"b\u00e9","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1"}"#).expect("valid");
         assert_eq!(e.user_id(), "a\"bé");
+    }
+
+    #[test]
+    fn escaped_and_plain_fields_mix() {
+        let e = parse(r#"{"user_id":"\u0075-1","device_type":"ios","ip":"1.2.3.4","device_id":"d\/2","app_version":"1.0","locale":"R\u0055"}"#).expect("valid");
+        assert_eq!(
+            (
+                e.user_id(),
+                e.device_type(),
+                e.device_id(),
+                e.app_version(),
+                e.locale()
+            ),
+            ("u-1", "ios", "d/2", "1.0", Some("RU"))
+        );
     }
 
     #[test]
