@@ -427,6 +427,14 @@ impl Config {
             1,
             1_000_000,
         );
+        // A drain needs time for a receive in progress to return (up to a second) and a batch to
+        // commit.
+        v.range(
+            "pipeline.shutdown_timeout_seconds",
+            self.pipeline.shutdown_timeout_seconds,
+            3,
+            3_600,
+        );
         self.sink.postgres.validate(&mut v);
         v.table("dead_letter.table", &self.dead_letter.table);
         if let Some(url) = &self.dead_letter.sqs_queue_url {

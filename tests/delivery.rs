@@ -422,7 +422,7 @@ async fn a_drain_that_cannot_finish_releases_held_messages() {
     let (config, daemon, locker) = stuck_daemon(
         &schema,
         &queue,
-        "[pipeline]\nshutdown_timeout_seconds = 2\n",
+        "[pipeline]\nshutdown_timeout_seconds = 3\n",
     )
     .await;
     signal(&daemon, "TERM");

@@ -33,7 +33,7 @@ use crate::stats::Stats;
 use in_flight::InFlight;
 
 /// How long a receive in progress may finish after shutdown begins.
-const RECEIVE_GRACE: Duration = Duration::from_secs(2);
+const RECEIVE_GRACE: Duration = Duration::from_secs(1);
 
 pub struct SqsSource {
     client: aws_sdk_sqs::Client,
