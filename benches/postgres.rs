@@ -13,7 +13,9 @@
 //! The database is `SLUICE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! Each run works in its own schema `bench_<pid>` and drops it at the end; tables are truncated
 //! between iterations, outside the timed part. Knobs: `SLUICE_BENCH_PIPELINE_MESSAGES` (default
-//! 200,000 messages per pipeline iteration, also the COPY ceiling's row source) and
+//! 600,000 messages per pipeline iteration, also the COPY ceiling's row source: enough that filling
+//! the pipeline at the start and committing its last batch at the end weigh little against the
+//! steady rate an operator plans with) and
 //! `SLUICE_BENCH_NAIVE_ROWS` (default 2,000 rows per naive-loader iteration).
 //!
 //! Besides criterion's results, the run writes `target/bench/postgres-run.json`: the server's
@@ -504,7 +506,7 @@ fn main() {
     // Opened by the first benchmark that runs, so a filter that selects none needs no database.
     let db: OnceCell<Db> = OnceCell::new();
     let bodies = common::bodies(
-        count_from_env("SLUICE_BENCH_PIPELINE_MESSAGES", 200_000),
+        count_from_env("SLUICE_BENCH_PIPELINE_MESSAGES", 600_000),
         31,
     );
     let mut counts = PipelineCounts::default();

@@ -473,7 +473,8 @@ def build(args: argparse.Namespace) -> str:
     w("")
     w(
         f"The pipeline runs with `batch_rows = 10000`, `linger_ms = 50`, the dedupe ledger off (as "
-        f"for files) and default channel capacities; its time covers the whole run from the first "
+        f"for files), the default two sink connections and default channel capacities; its time "
+        f"covers the whole run from the first "
         f"message to the last acknowledgement, but not `Pipeline::prepare` (connecting and checking "
         f"the tables), which a daemon does once at start. Of the {n(counts['messages'])} messages, "
         f"{n(counts['loaded'])} became rows and {n(counts['rejected'])} dead-letter records, all in "

@@ -31,7 +31,7 @@ use crate::shutdown;
 use crate::sink::batch::{Batch, run_batcher};
 use crate::sink::dead_letter::DeadLetterQueue;
 use crate::sink::ledger::{self, Ledger};
-use crate::sink::postgres::{PgCopySinkBuilder, SinkError, SinkSettings};
+use crate::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkError, SinkSettings};
 use crate::sink::schema::{self, SchemaError, Tables};
 use crate::source::file::FileSource;
 use crate::source::sqs::SqsSource;
@@ -80,9 +80,9 @@ pub struct Pipeline {
     config: Config,
     stats: Arc<Stats>,
     transformer: Transformer,
-    sink: PgCopySinkBuilder,
-    /// The connection that checked the schema, handed to the first committer.
-    first_connection: Option<tokio_postgres::Client>,
+    /// One committer per `sink.postgres.connections`, each already connected with its statements
+    /// prepared.
+    committers: Vec<PgCopySink>,
 }
 
 impl Pipeline {
@@ -91,13 +91,12 @@ impl Pipeline {
     pub async fn prepare(config: &Config) -> Result<Pipeline, PipelineError> {
         let stats = Arc::new(Stats::default());
         let transformer = transformer(config)?;
-        let (sink, first_connection) = prepare_sink(config, stats.clone()).await?;
+        let committers = prepare_sink(config, stats.clone()).await?;
         Ok(Pipeline {
             config: config.clone(),
             stats,
             transformer,
-            sink,
-            first_connection: Some(first_connection),
+            committers,
         })
     }
 
@@ -169,8 +168,7 @@ impl Pipeline {
             config,
             stats,
             transformer,
-            sink,
-            mut first_connection,
+            committers,
         } = self;
         let Channels {
             raw,
@@ -205,8 +203,7 @@ impl Pipeline {
             ("batcher", Ok(()))
         });
         let queue = Arc::new(tokio::sync::Mutex::new(batches.1));
-        for _ in 0..postgres.connections {
-            let committer = sink.committer(first_connection.take());
+        for committer in committers {
             let (queue, acks) = (queue.clone(), acks.0.clone());
             tasks.spawn(async move {
                 let result = committer.run(queue, acks).await;
@@ -352,7 +349,7 @@ pub fn tables(config: &Config) -> Tables {
 async fn prepare_sink(
     config: &Config,
     stats: Arc<Stats>,
-) -> Result<(PgCopySinkBuilder, tokio_postgres::Client), PipelineError> {
+) -> Result<Vec<PgCopySink>, PipelineError> {
     let postgres = &config.sink.postgres;
     let timeout = Duration::from_secs(postgres.connect_timeout_seconds);
     let mut client = pg::connect(config.database_url(), "sluice", timeout)
@@ -386,7 +383,15 @@ async fn prepare_sink(
         dedupe,
         dead_letter_queue,
     };
-    Ok((PgCopySinkBuilder::new(settings, stats), client))
+    let builder = PgCopySinkBuilder::new(settings, stats);
+    let mut committers = Vec::with_capacity(postgres.connections);
+    let mut first = Some(client);
+    for _ in 0..postgres.connections {
+        let mut committer = builder.committer(first.take());
+        committer.open().await.map_err(PipelineError::Sink)?;
+        committers.push(committer);
+    }
+    Ok(committers)
 }
 
 fn spawn_ledger_pruner(config: &Config) -> CancellationToken {

@@ -19,7 +19,8 @@ use crate::stage::transform::LoginRow;
 pub struct Batch {
     pub rows: Vec<LoginRow>,
     pub rejects: Vec<Reject>,
-    /// The encoded `rows`; re-encoded by the sink only if some rows turn out to be duplicates.
+    /// The encoded `rows`, made while the previous batch commits. The sink takes it (leaving it empty)
+    /// for the COPY, and encodes again for a retry or when some rows turn out to be duplicates.
     pub copy_data: Bytes,
 }
 

@@ -156,20 +156,6 @@ impl PgCopySink {
         input: SharedBatches,
         committed: mpsc::Sender<Batch>,
     ) -> Result<(), SinkError> {
-        // Connect before the first batch arrives, so a bad setup shows at start and readiness
-        // reflects every connection; a transient failure here is retried with the first batch.
-        match self.session().await {
-            Err(CommitError::Db(e)) if classify(&e) == ErrorClass::Fatal => {
-                return Err(SinkError::Fatal(format!(
-                    "cannot use PostgreSQL: {}",
-                    pg::describe(&e)
-                )));
-            }
-            Err(CommitError::Db(e)) => {
-                tracing::warn!(error = %pg::describe(&e), "cannot reach PostgreSQL yet; will retry");
-            }
-            Err(CommitError::Forward(_)) | Ok(_) => {}
-        }
         loop {
             let next = input.lock().await.recv().await;
             let Some(batch) = next else {
@@ -183,19 +169,28 @@ impl PgCopySink {
         }
     }
 
+    /// Connects and prepares the statements now, so that a setup that cannot work fails at start.
+    pub async fn open(&mut self) -> Result<(), SinkError> {
+        match self.session().await {
+            Ok(_) => Ok(()),
+            Err(CommitError::Db(e)) => Err(SinkError::Fatal(format!(
+                "cannot use PostgreSQL: {}",
+                pg::describe(&e)
+            ))),
+            Err(CommitError::Forward(message)) => Err(SinkError::Fatal(message)),
+        }
+    }
+
     /// Commits a batch, splitting it around rows the database refuses; returns what was committed
     /// (the batch itself, or the pieces it was split into).
     pub async fn commit(&mut self, batch: Batch) -> Result<Vec<Batch>, SinkError> {
         let mut done = Vec::with_capacity(1);
         let mut work = vec![batch];
-        while let Some(batch) = work.pop() {
-            match self.commit_with_retry(&batch).await? {
+        while let Some(mut batch) = work.pop() {
+            match self.commit_with_retry(&mut batch).await? {
                 Attempt::Committed(c, took) => {
                     self.stats
                         .record_commit(c.loaded, c.rejected, c.duplicates, took);
-                    // The encoded rows are loaded; only the messages' metadata is still needed.
-                    let mut batch = batch;
-                    batch.copy_data = bytes::Bytes::new();
                     done.push(batch);
                 }
                 Attempt::Refused(reason) => work.extend(split(batch, &reason)?),
@@ -204,7 +199,9 @@ impl PgCopySink {
         Ok(done)
     }
 
-    async fn commit_with_retry(&mut self, batch: &Batch) -> Result<Attempt, SinkError> {
+    /// The batch's encoded rows go to the first attempt and are freed as they are sent, so a batch
+    /// waiting for its COMMIT holds only its messages; a retry encodes them again.
+    async fn commit_with_retry(&mut self, batch: &mut Batch) -> Result<Attempt, SinkError> {
         let mut pacing = retry::backoff();
         let parts = self.parts.clone();
         loop {
@@ -219,7 +216,11 @@ impl PgCopySink {
                 Err(CommitError::Forward(message)) => message,
                 Ok(session) => {
                     let started = std::time::Instant::now();
-                    match parts.try_commit(session, batch).await {
+                    let encoded = match std::mem::take(&mut batch.copy_data) {
+                        data if data.is_empty() => encode_rows(batch.rows.iter()),
+                        data => data,
+                    };
+                    match parts.try_commit(session, batch, encoded).await {
                         Ok(counts) => return Ok(Attempt::Committed(counts, started.elapsed())),
                         Err(CommitError::Forward(message)) => message,
                         Err(CommitError::Db(e)) => match classify(&e) {
@@ -281,10 +282,12 @@ impl Drop for PgCopySink {
 }
 
 impl CommitParts {
+    /// `encoded` is the batch's rows in COPY form.
     async fn try_commit(
         &self,
         session: &mut Session,
         batch: &Batch,
+        encoded: bytes::Bytes,
     ) -> Result<CommitCounts, CommitError> {
         let tx = session.client.transaction().await?;
         let fresh = match (&self.ledger, &session.ledger) {
@@ -308,7 +311,7 @@ impl CommitParts {
             .filter_map(|(r, new)| new.then_some(r))
             .collect();
         let data = if fresh_rows.iter().all(|new| *new) {
-            batch.copy_data.clone()
+            encoded
         } else {
             let rows: Vec<_> = batch
                 .rows
