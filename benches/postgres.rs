@@ -119,9 +119,20 @@ impl Db {
             schema::migrate(&mut admin, &tables, true)
                 .await
                 .expect("create the bench tables");
-            schema::verify(&admin, &tables, true)
+            let columns = schema::verify(&admin, &tables, true)
                 .await
-                .expect("check the bench tables")
+                .expect("check the bench tables");
+            // Autovacuum waking up on a freshly loaded table would steal CPU from whichever
+            // benchmark happens to run then; the production tables keep it, the bench's do not.
+            for table in [&tables.target, &tables.dead_letter, &tables.ledger] {
+                admin
+                    .batch_execute(&format!(
+                        "ALTER TABLE {table} SET (autovacuum_enabled = off)"
+                    ))
+                    .await
+                    .expect("turn autovacuum off for a bench table");
+            }
+            columns
         });
         Db {
             runtime,
@@ -139,12 +150,22 @@ impl Db {
             .unwrap_or_else(|e| panic!("{sql}: {}", sluice::pg::describe(&e)));
     }
 
+    /// Empties the tables and starts every timed iteration from the same state: a CHECKPOINT
+    /// (outside the timing) so that no iteration pays for a checkpoint that an earlier one's WAL
+    /// triggered. Needs the right to checkpoint (superuser or `pg_checkpoint`); without it the
+    /// iterations are just noisier.
     fn truncate_all(&self) {
         let t = &self.tables;
         self.execute(&format!(
             "TRUNCATE {}, {}, {}",
             t.target, t.dead_letter, t.ledger
         ));
+        if let Err(e) = self
+            .runtime
+            .block_on(self.admin.batch_execute("CHECKPOINT"))
+        {
+            eprintln!("CHECKPOINT not allowed ({e}); iterations may pay for checkpoints");
+        }
     }
 
     fn count(&self, table: &TableName) -> i64 {
@@ -327,20 +348,7 @@ fn pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String], counts: &mu
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                db.truncate_all();
-                let envelopes: Vec<Envelope> = template.clone();
-                let (elapsed, summary) = db.runtime.block_on(async {
-                    let pipeline = Pipeline::prepare(&config)
-                        .await
-                        .expect("prepare the pipeline");
-                    let source = MemorySource::build(envelopes, 256, pipeline.stats());
-                    let started = Instant::now();
-                    let summary = pipeline
-                        .run(source, RunOptions::default())
-                        .await
-                        .expect("the pipeline run");
-                    (started.elapsed(), summary)
-                });
+                let (elapsed, summary) = pipeline_once(db, &config, &template);
                 assert_eq!(summary.received as usize, n);
                 assert_eq!((summary.loaded + summary.rejected) as usize, n);
                 counts.summary = summary;
@@ -353,6 +361,84 @@ fn pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String], counts: &mu
         })
     });
     group.finish();
+}
+
+/// One pipeline run over `template` into emptied tables; the time excludes preparing.
+fn pipeline_once(db: &Db, config: &Config, template: &[Envelope]) -> (Duration, Summary) {
+    db.truncate_all();
+    let envelopes: Vec<Envelope> = template.to_vec();
+    db.runtime.block_on(async {
+        let pipeline = Pipeline::prepare(config)
+            .await
+            .expect("prepare the pipeline");
+        let source = MemorySource::build(envelopes, 256, pipeline.stats());
+        let started = Instant::now();
+        let summary = pipeline
+            .run(source, RunOptions::default())
+            .await
+            .expect("the pipeline run");
+        (started.elapsed(), summary)
+    })
+}
+
+/// One ceiling run: the pre-encoded batches, each COPYed and committed on one connection.
+fn ceiling_once(
+    db: &Db,
+    client: &mut tokio_postgres::Client,
+    copy: &str,
+    payloads: &[Bytes],
+) -> Duration {
+    db.truncate_all();
+    let started = Instant::now();
+    db.runtime.block_on(async {
+        for payload in payloads {
+            let tx = client.transaction().await.expect("begin");
+            let sink = tx.copy_in::<_, Bytes>(copy).await.expect("COPY");
+            futures::pin_mut!(sink);
+            sink.send(payload.clone()).await.expect("COPY data");
+            sink.finish().await.expect("COPY end");
+            tx.commit().await.expect("commit");
+        }
+    });
+    started.elapsed()
+}
+
+/// The pipeline and the ceiling, alternately, `rounds` times: on a shared machine whose speed
+/// drifts (other tenants, the host), each pair sees the same conditions, so the ratio of a pair is
+/// steadier than the ratio of two medians taken minutes apart.
+fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
+    let template = common::envelopes(bodies);
+    let payloads = encoded_batches(bodies);
+    let config = pipeline_config(db);
+    let mut client = db.connect();
+    let copy = copy_statement(db);
+    (0..rounds)
+        .map(|round| {
+            let (pipeline, _) = pipeline_once(db, &config, &template);
+            let ceiling = ceiling_once(db, &mut client, &copy, &payloads);
+            eprintln!(
+                "paired round {}: pipeline {:.3} s, ceiling {:.3} s",
+                round + 1,
+                pipeline.as_secs_f64(),
+                ceiling.as_secs_f64()
+            );
+            (pipeline.as_secs_f64(), ceiling.as_secs_f64())
+        })
+        .collect()
+}
+
+fn encoded_batches(bodies: &[String]) -> Vec<Bytes> {
+    common::rows(bodies)
+        .chunks(BATCH_ROWS)
+        .map(|batch| encode_rows(batch.iter()))
+        .collect()
+}
+
+fn copy_statement(db: &Db) -> String {
+    format!(
+        "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)",
+        db.tables.target
+    )
 }
 
 /// PostgreSQL's own ceiling on the pipeline's rows: one connection, binary COPY of pre-encoded
@@ -375,26 +461,11 @@ fn ceiling(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
     group.bench_function(BenchmarkId::new("binary_copy", total_rows), |b| {
         let db = db.get_or_init(Db::open);
         let mut client = db.connect();
-        let copy = format!(
-            "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)",
-            db.tables.target
-        );
+        let copy = copy_statement(db);
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                db.truncate_all();
-                let started = Instant::now();
-                db.runtime.block_on(async {
-                    for payload in &payloads {
-                        let tx = client.transaction().await.expect("begin");
-                        let sink = tx.copy_in::<_, Bytes>(&copy).await.expect("COPY");
-                        futures::pin_mut!(sink);
-                        sink.send(payload.clone()).await.expect("COPY data");
-                        sink.finish().await.expect("COPY end");
-                        tx.commit().await.expect("commit");
-                    }
-                });
-                total += started.elapsed();
+                total += ceiling_once(db, &mut client, &copy, &payloads);
             }
             assert_eq!(db.count(&db.tables.target) as usize, total_rows);
             total
@@ -473,7 +544,7 @@ impl From<&LoginRow> for NaiveRow {
 }
 
 /// Facts about the server and the pipeline run that the report states next to the numbers.
-fn write_run_facts(db: &Db, counts: &PipelineCounts) {
+fn write_run_facts(db: &Db, counts: &PipelineCounts, pairs: &[(f64, f64)]) {
     let dir = output_dir();
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("cannot create {}: {e}", dir.display());
@@ -482,7 +553,12 @@ fn write_run_facts(db: &Db, counts: &PipelineCounts) {
     let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
     let server_version = db.setting("server_version");
     let text = format!(
-        "{{\n  \"server_version\": {},\n  \"synchronous_commit\": {},\n  \"fsync\": {},\n  \"shared_buffers\": {},\n  \"pipeline\": {{\"messages\": {}, \"received\": {}, \"loaded\": {}, \"rejected\": {}, \"duplicates\": {}, \"rows_in_table\": {}, \"dead_letters_in_table\": {}}}\n}}\n",
+        "{{\n  \"paired_seconds\": [{}],\n  \"server_version\": {},\n  \"synchronous_commit\": {},\n  \"fsync\": {},\n  \"shared_buffers\": {},\n  \"pipeline\": {{\"messages\": {}, \"received\": {}, \"loaded\": {}, \"rejected\": {}, \"duplicates\": {}, \"rows_in_table\": {}, \"dead_letters_in_table\": {}}}\n}}\n",
+        pairs
+            .iter()
+            .map(|(p, c)| format!("{{\"pipeline\": {p:.6}, \"ceiling\": {c:.6}}}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         quote(&server_version),
         quote(&db.setting("synchronous_commit")),
         quote(&db.setting("fsync")),
@@ -517,6 +593,8 @@ fn main() {
     if let Some(db) = db.get()
         && counts.messages > 0
     {
-        write_run_facts(db, &counts);
+        let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 5);
+        let pairs = paired(db, &bodies, rounds);
+        write_run_facts(db, &counts, &pairs);
     }
 }

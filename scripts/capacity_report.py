@@ -15,6 +15,7 @@ passes the moment it started. Python 3 standard library only.
 from __future__ import annotations
 
 import argparse
+import statistics
 import datetime as dt
 import json
 import math
@@ -259,8 +260,18 @@ def build(args: argparse.Namespace) -> str:
         )
     loaded_share = counts["loaded"] / counts["messages"]
     pipeline_rows_rate = pipeline.rate * loaded_share
-    vs_copy = pipeline.rate / copy.rate
-    vs_copy_rows = pipeline_rows_rate / copy.rate
+    # The target is judged on paired rounds (pipeline and ceiling run back to back, alternately):
+    # each pair saw the same machine, so its ratio does not carry the drift between two criterion
+    # groups measured minutes apart. Criterion's medians are shown beside it.
+    pairs = pg_run.get("paired_seconds") or []
+    if not pairs:
+        raise ReportError("postgres-run.json has no paired rounds; run `cargo bench --bench postgres`")
+    pair_ratios = sorted(
+        (counts["messages"] / p["pipeline"]) / (copy.elements / p["ceiling"]) for p in pairs
+    )
+    vs_copy = statistics.median(pair_ratios)
+    vs_copy_medians = pipeline.rate / copy.rate
+    vs_copy_rows = vs_copy * loaded_share
     vs_naive = pipeline.rate / naive.rate
     big, small = memory[args.memory_large], memory[args.memory_small]
     growth = big["max_rss_mib"] / small["max_rss_mib"] - 1
@@ -348,7 +359,7 @@ def build(args: argparse.Namespace) -> str:
                 ["parse/validate, one core", f"≥ {n(TARGET_PARSE)} msg/s", f"{n(parse.rate)} msg/s", mark(parse.rate >= TARGET_PARSE)],
                 ["mask/transform (HMAC-SHA256), one core", f"≥ {n(TARGET_TRANSFORM)} msg/s", f"{n(hmac.rate)} msg/s", mark(hmac.rate >= TARGET_TRANSFORM)],
                 ["COPY encoding, one core (slowest batch size)", f"≥ {n(TARGET_ENCODE)} rows/s", f"{n(encode_slowest.rate)} rows/s", mark(encode_slowest.rate >= TARGET_ENCODE)],
-                ["pipeline vs PostgreSQL's COPY ceiling", f"≥ {TARGET_VS_COPY:.0%}", f"{vs_copy:.1%}", mark(vs_copy >= TARGET_VS_COPY)],
+                ["pipeline vs PostgreSQL's COPY ceiling (median of paired rounds)", f"≥ {TARGET_VS_COPY:.0%}", f"{vs_copy:.1%}", mark(vs_copy >= TARGET_VS_COPY)],
                 ["pipeline vs naive per-row loader", f"≥ {TARGET_VS_NAIVE:.0f}×", f"{vs_naive:,.0f}×", mark(vs_naive >= TARGET_VS_NAIVE)],
                 [f"peak RSS, {n(args.memory_large)} messages", f"≤ {TARGET_RSS_MIB:.0f} MiB", f"{big['max_rss_mib']:.1f} MiB", mark(rss_ok)],
                 [
@@ -364,8 +375,11 @@ def build(args: argparse.Namespace) -> str:
     w("")
     w(
         f"The pipeline ratio compares messages per second (rows and dead letters alike) with the "
-        f"ceiling's rows per second; counting only loaded rows ({n(pipeline_rows_rate)} rows/s) "
-        f"the pipeline keeps {vs_copy_rows:.1%} of the ceiling."
+        f"ceiling's rows per second, in {len(pair_ratios)} rounds that run the pipeline and the "
+        f"ceiling back to back on the same {n(counts['messages'])} messages (ratios "
+        f"{', '.join(f'{x:.1%}' for x in pair_ratios)}); counting only loaded rows the pipeline "
+        f"keeps {vs_copy_rows:.1%} of the ceiling. The two criterion medians below, measured minutes "
+        f"apart, give {vs_copy_medians:.1%}."
     )
     w("")
 
@@ -457,7 +471,7 @@ def build(args: argparse.Namespace) -> str:
                     f"{n(copy.elements)} rows",
                     f"{n(copy.rate)} rows/s",
                     ci(copy),
-                    f"{vs_copy:.1%}",
+                    f"{vs_copy_medians:.1%}",
                 ],
                 [
                     "naive loader: one prepared INSERT per row, each autocommitted",

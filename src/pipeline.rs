@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aws;
 use crate::config::{Config, ConfigError, SourceKind};
-use crate::envelope::{Chunk, Envelope};
+use crate::envelope::{AckToken, Chunk, Envelope};
 use crate::metrics::{self, ChannelProbe};
 use crate::pg;
-use crate::shutdown;
+use crate::shutdown::{self, Shutdown};
 use crate::sink::batch::{Batch, run_batcher};
 use crate::sink::dead_letter::DeadLetterQueue;
 use crate::sink::ledger::{self, Ledger};
@@ -110,7 +110,7 @@ impl Pipeline {
         source: BuiltSource,
         options: RunOptions,
     ) -> Result<Summary, PipelineError> {
-        let token = CancellationToken::new();
+        let token = Shutdown::new();
         if options.handle_signals {
             shutdown::listen_for_signals(token.clone()).map_err(PipelineError::Signals)?;
         }
@@ -162,7 +162,7 @@ impl Pipeline {
         self,
         source: BuiltSource,
         channels: Channels,
-        token: CancellationToken,
+        token: Shutdown,
     ) -> JoinSet<(&'static str, Result<(), PipelineError>)> {
         let Pipeline {
             config,
@@ -220,21 +220,13 @@ impl Pipeline {
     }
 }
 
-/// The acknowledging task: records each committed batch's lag and hands its tokens to the source.
+/// The acknowledging task: hands each committed batch's tokens to the source, in commit order.
 async fn acknowledge_committed(
     acknowledger: Arc<dyn Acknowledger>,
-    mut committed: mpsc::Receiver<Batch>,
+    mut committed: mpsc::Receiver<Vec<AckToken>>,
     stats: Arc<Stats>,
 ) {
-    while let Some(batch) = committed.recv().await {
-        let sent = batch
-            .rows
-            .iter()
-            .map(|r| &r.event.meta)
-            .chain(batch.rejects.iter().map(|r| &r.meta))
-            .filter_map(|m| m.sent_at_ms);
-        stats.observe_lag(sent);
-        let tokens = batch.into_ack_tokens();
+    while let Some(tokens) = committed.recv().await {
         let n = tokens.len();
         acknowledger.acknowledge(tokens).await;
         stats.record_acknowledged(n);
@@ -257,8 +249,8 @@ struct Channels {
     ),
     /// One batch in waiting: encoded while the previous one commits.
     batches: (mpsc::Sender<Batch>, mpsc::Receiver<Batch>),
-    /// Committed batches on their way to acknowledgement.
-    acks: (mpsc::Sender<Batch>, mpsc::Receiver<Batch>),
+    /// Acknowledgement tokens of committed batches.
+    acks: (mpsc::Sender<Vec<AckToken>>, mpsc::Receiver<Vec<AckToken>>),
 }
 
 impl Channels {
@@ -289,12 +281,12 @@ impl Channels {
 /// `timeout` after cancellation.
 async fn supervise(
     mut tasks: JoinSet<(&'static str, Result<(), PipelineError>)>,
-    token: &CancellationToken,
+    token: &Shutdown,
     timeout: Duration,
 ) -> Result<(), PipelineError> {
     let mut first_error = None;
     let deadline = async {
-        token.cancelled().await;
+        token.requested().await;
         tokio::time::sleep(timeout).await;
     };
     tokio::pin!(deadline);
@@ -310,7 +302,7 @@ async fn supervise(
                     }
                     Some(Err(e)) => PipelineError::Task("pipeline", e.to_string()),
                 };
-                token.cancel();
+                token.stop();
                 first_error.get_or_insert(failure);
             }
             _ = &mut deadline => {

@@ -1,23 +1,71 @@
 //! Graceful shutdown, as an explicit mechanism.
 //!
-//! One [`CancellationToken`] means "stop receiving". The first SIGINT or SIGTERM (or the idle detector)
-//! cancels it; the source stops, which closes its channel, and each stage in turn drains what it holds
+//! One [`Shutdown`] means "stop receiving". The first SIGINT or SIGTERM (or the idle detector)
+//! requests it; the source stops, which closes its channel, and each stage in turn drains what it holds
 //! and closes its own output, down to the acknowledger. Nothing is cut off mid-batch, so a drained
 //! shutdown loses nothing and leaves nothing unacknowledged. A second signal exits at once: what was
 //! committed is safe, and what was not is simply not acknowledged, so the source delivers it again.
 
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::signal::unix::{SignalKind, signal};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::stats::Stats;
 
+/// The request to stop receiving, and how urgently.
+///
+/// A signal or a failure stops at once: a long poll in progress gets a short grace, then is
+/// abandoned. The idle detector stops patiently: receives in progress are allowed to return, since
+/// one abandoned while the queue server still holds it can take messages that arrive meanwhile and
+/// strand them until their visibility timeout.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    finish_receives: Arc<AtomicBool>,
+}
+
+impl Shutdown {
+    pub fn new() -> Shutdown {
+        Shutdown::default()
+    }
+
+    /// Stop receiving now.
+    pub fn stop(&self) {
+        self.token.cancel();
+    }
+
+    /// Stop receiving once the receives in progress have returned.
+    pub fn stop_after_receives(&self) {
+        if !self.token.is_cancelled() {
+            self.finish_receives.store(true, Ordering::Relaxed);
+        }
+        self.token.cancel();
+    }
+
+    /// Resolves when a stop has been requested.
+    pub async fn requested(&self) {
+        self.token.cancelled().await;
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Whether receives in progress may finish rather than be abandoned.
+    pub fn finishes_receives(&self) -> bool {
+        self.finish_receives.load(Ordering::Relaxed)
+    }
+}
+
 /// Exit status after a second signal: the conventional 128 + SIGINT.
 pub const FORCED_EXIT_CODE: i32 = 130;
 
-/// Listens for SIGINT/SIGTERM: the first cancels `token`, the second exits the process.
-pub fn listen_for_signals(token: CancellationToken) -> std::io::Result<()> {
+/// Listens for SIGINT/SIGTERM: the first requests `shutdown`, the second exits the process.
+pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     tokio::spawn(async move {
@@ -33,7 +81,7 @@ pub fn listen_for_signals(token: CancellationToken) -> std::io::Result<()> {
                     signal = name,
                     "shutting down: draining the pipeline (signal again to exit at once)"
                 );
-                token.cancel();
+                shutdown.stop();
             } else {
                 tracing::warn!(
                     signal = name,
@@ -46,22 +94,22 @@ pub fn listen_for_signals(token: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Cancels `token` once the source has delivered nothing for `idle` and every message received has
-/// been committed and acknowledged.
-pub fn exit_when_idle(token: CancellationToken, stats: std::sync::Arc<Stats>, idle: Duration) {
+/// Requests `shutdown` once the source has delivered nothing for `idle` and every message received
+/// has been committed and acknowledged.
+pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = token.cancelled() => return,
+                _ = shutdown.requested() => return,
             }
             if stats.idle_for() >= idle && stats.in_flight() == 0 {
                 tracing::info!(
                     idle_seconds = idle.as_secs_f64(),
                     "source idle and everything acknowledged; stopping"
                 );
-                token.cancel();
+                shutdown.stop_after_receives();
                 return;
             }
         }

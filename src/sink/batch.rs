@@ -42,6 +42,15 @@ impl Batch {
         self.len() == 0
     }
 
+    /// When the source accepted each message that says so (milliseconds since the Unix epoch).
+    pub fn sent_at_ms(&self) -> impl Iterator<Item = i64> + '_ {
+        self.rows
+            .iter()
+            .map(|r| &r.event.meta)
+            .chain(self.rejects.iter().map(|r| &r.meta))
+            .filter_map(|m| m.sent_at_ms)
+    }
+
     /// Every message's acknowledgement token.
     pub fn into_ack_tokens(self) -> Vec<AckToken> {
         let mut tokens = Vec::with_capacity(self.len());

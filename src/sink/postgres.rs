@@ -19,7 +19,7 @@ use futures::SinkExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::envelope::{Reject, Stage};
+use crate::envelope::{AckToken, Reject, Stage};
 use crate::pg;
 use crate::retry;
 use crate::sink::batch::Batch;
@@ -149,12 +149,12 @@ impl PgCopySinkBuilder {
 pub type SharedBatches = Arc<tokio::sync::Mutex<mpsc::Receiver<Batch>>>;
 
 impl PgCopySink {
-    /// The committer task: commits batches until the queue closes, and hands each committed batch
-    /// to the acknowledger.
+    /// The committer task: commits batches until the queue closes, and hands each committed batch's
+    /// acknowledgement tokens to the acknowledger.
     pub async fn run(
         mut self,
         input: SharedBatches,
-        committed: mpsc::Sender<Batch>,
+        committed: mpsc::Sender<Vec<AckToken>>,
     ) -> Result<(), SinkError> {
         loop {
             let next = input.lock().await.recv().await;
@@ -162,7 +162,10 @@ impl PgCopySink {
                 return Ok(());
             };
             for done in self.commit(batch).await? {
-                if committed.send(done).await.is_err() {
+                // Only the tokens travel on: the rows are dropped here, so a committed batch does
+                // not hold memory while it waits for its acknowledgement.
+                self.stats.observe_lag(done.sent_at_ms());
+                if committed.send(done.into_ack_tokens()).await.is_err() {
                     return Err(SinkError::Fatal("the acknowledger stopped".into()));
                 }
             }

@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta, Reject, Stage};
 use crate::message_file::{self, FileMessage};
@@ -44,7 +44,7 @@ impl Source for FileSource {
     async fn run(
         self: Box<Self>,
         out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
     ) -> Result<(), SourceError> {
         let this = *self;
         let name = this.path.display().to_string();
@@ -62,13 +62,13 @@ impl FileSource {
     fn read(
         &self,
         out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
     ) -> Result<(), message_file::MessageFileError> {
         let mut chunk = Chunk::new(Vec::with_capacity(self.chunk_messages));
         let mut received_at = SystemTime::now();
         let send = |chunk: Chunk<Envelope>| -> ControlFlow<()> {
             self.stats.record_received(chunk.len());
-            if shutdown.is_cancelled() || out.blocking_send(chunk).is_err() {
+            if shutdown.is_requested() || out.blocking_send(chunk).is_err() {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::envelope::{Chunk, Envelope};
 use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
@@ -36,7 +36,7 @@ impl Source for MemorySource {
     async fn run(
         self: Box<Self>,
         out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
     ) -> Result<(), SourceError> {
         let mut messages = self.messages.into_iter().peekable();
         while messages.peek().is_some() {
@@ -44,7 +44,7 @@ impl Source for MemorySource {
             let n = chunk.len();
             tokio::select! {
                 sent = out.send(chunk) => if sent.is_err() { break },
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.requested() => break,
             }
             self.stats.record_received(n);
         }

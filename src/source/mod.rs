@@ -10,9 +10,9 @@ pub mod sqs;
 
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::envelope::{AckToken, Chunk, Envelope};
 
@@ -33,7 +33,7 @@ pub trait Source: Send {
     async fn run(
         self: Box<Self>,
         out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
     ) -> Result<(), SourceError>;
 }
 

@@ -5,10 +5,13 @@
 //! `max_in_flight` messages are held however slow the sink is. Messages are deleted only by the
 //! [`SqsAcknowledger`], after commit.
 //!
-//! On shutdown a poller stops starting receives; a receive already waiting gets a short grace to
-//! return what it has, then is abandoned. Under traffic receives return at once, so nothing is cut off;
-//! when the queue is idle the abandoned long poll holds nothing. If one did carry messages they stay
-//! invisible until their visibility timeout and are then delivered again, never lost.
+//! On shutdown a poller stops starting receives. After a signal, a receive already waiting gets a
+//! short grace to return what it has, then is abandoned: under traffic receives return at once, so
+//! nothing is cut off. But the queue server may still hold an abandoned long poll and hand it messages
+//! that arrive meanwhile; those stay invisible until their visibility timeout and are then delivered
+//! again, delayed but never lost. When the run stops because the queue went idle there is no hurry,
+//! so receives in progress are allowed to return (within `wait_time_seconds`) and nothing is
+//! stranded.
 
 mod acknowledger;
 pub mod in_flight;
@@ -18,10 +21,10 @@ pub use acknowledger::SqsAcknowledger;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::aws::{self, AwsErrorClass};
 use crate::config::SqsConfig;
@@ -89,7 +92,7 @@ impl Source for SqsSource {
     async fn run(
         self: Box<Self>,
         out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
     ) -> Result<(), SourceError> {
         let this = Arc::new(*self);
         let mut pollers = tokio::task::JoinSet::new();
@@ -104,7 +107,7 @@ impl Source for SqsSource {
                 joined.unwrap_or_else(|e| Err(SourceError::Fatal(format!("poller panicked: {e}"))));
             if let Err(e) = outcome {
                 // One poller's fatal error (queue deleted, access revoked) stops them all.
-                shutdown.cancel();
+                shutdown.stop();
                 result = Err(e);
             }
         }
@@ -117,14 +120,14 @@ impl SqsSource {
         &self,
         id: usize,
         out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
     ) -> Result<(), SourceError> {
         let mut pacing = retry::backoff();
         let max = self.cfg.max_messages as u32;
         loop {
             tokio::select! {
                 _ = self.in_flight.reserve(max) => {}
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.requested() => return Ok(()),
             }
             let started = Instant::now();
             let Some(result) = self.receive_until_shutdown(&shutdown).await else {
@@ -154,7 +157,7 @@ impl SqsSource {
                     tracing::warn!(poller = id, error = %message, "SQS receive failed; retrying");
                     tokio::select! {
                         _ = retry::pause(&mut pacing) => {}
-                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = shutdown.requested() => return Ok(()),
                     }
                 }
             }
@@ -164,13 +167,19 @@ impl SqsSource {
     /// One receive; `None` if shutdown came first and the grace ran out.
     async fn receive_until_shutdown(
         &self,
-        shutdown: &CancellationToken,
+        shutdown: &Shutdown,
     ) -> Option<Result<Vec<Message>, (AwsErrorClass, String)>> {
         let receive = self.receive();
         tokio::pin!(receive);
         tokio::select! {
             result = &mut receive => Some(result),
-            _ = shutdown.cancelled() => tokio::time::timeout(RECEIVE_GRACE, receive).await.ok(),
+            _ = shutdown.requested() => {
+                if shutdown.finishes_receives() {
+                    Some(receive.await)
+                } else {
+                    tokio::time::timeout(RECEIVE_GRACE, receive).await.ok()
+                }
+            }
         }
     }
 
