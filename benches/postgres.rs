@@ -403,7 +403,7 @@ fn ceiling_once(
     started.elapsed()
 }
 
-/// The pipeline and the ceiling, alternately, `rounds` times: on a shared machine whose speed
+/// The pipeline and the ceiling, alternately, `rounds` times (`SLUICE_BENCH_PAIRED_ROUNDS`, default 9): on a shared machine whose speed
 /// drifts (other tenants, the host), each pair sees the same conditions, so the ratio of a pair is
 /// steadier than the ratio of two medians taken minutes apart.
 fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
@@ -414,8 +414,14 @@ fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
     let copy = copy_statement(db);
     (0..rounds)
         .map(|round| {
-            let (pipeline, _) = pipeline_once(db, &config, &template);
-            let ceiling = ceiling_once(db, &mut client, &copy, &payloads);
+            // Alternate which goes first, so neither always follows the other.
+            let (pipeline, ceiling) = if round % 2 == 0 {
+                let (pipeline, _) = pipeline_once(db, &config, &template);
+                (pipeline, ceiling_once(db, &mut client, &copy, &payloads))
+            } else {
+                let ceiling = ceiling_once(db, &mut client, &copy, &payloads);
+                (pipeline_once(db, &config, &template).0, ceiling)
+            };
             eprintln!(
                 "paired round {}: pipeline {:.3} s, ceiling {:.3} s",
                 round + 1,
@@ -430,7 +436,7 @@ fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
 fn encoded_batches(bodies: &[String]) -> Vec<Bytes> {
     common::rows(bodies)
         .chunks(BATCH_ROWS)
-        .map(|batch| encode_rows(batch.iter()))
+        .map(|batch| encode_rows(batch.len(), batch.iter()))
         .collect()
 }
 
@@ -448,7 +454,7 @@ fn ceiling(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
     let rows: Vec<LoginRow> = common::rows(bodies);
     let payloads: Vec<Bytes> = rows
         .chunks(BATCH_ROWS)
-        .map(|batch| encode_rows(batch.iter()))
+        .map(|batch| encode_rows(batch.len(), batch.iter()))
         .collect();
     let total_rows = rows.len();
     let naive_rows = count_from_env("SLUICE_BENCH_NAIVE_ROWS", 2_000).min(total_rows);
@@ -593,7 +599,7 @@ fn main() {
     if let Some(db) = db.get()
         && counts.messages > 0
     {
-        let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 5);
+        let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
         let pairs = paired(db, &bodies, rounds);
         write_run_facts(db, &counts, &pairs);
     }

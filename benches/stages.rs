@@ -106,7 +106,7 @@ fn encode(c: &mut Criterion) {
         let slice = &rows[..n];
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(BenchmarkId::new("encode_rows", n), |b| {
-            b.iter(|| encode_rows(black_box(slice).iter()))
+            b.iter(|| encode_rows(slice.len(), black_box(slice).iter()))
         });
     }
     group.finish();

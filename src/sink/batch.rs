@@ -16,26 +16,47 @@ use crate::sink::copy_encode::encode_rows;
 use crate::stage::transform::LoginRow;
 
 /// What one transaction commits: rows, dead-letter records, and the rows' COPY payload.
+///
+/// Rows stay in the vectors they arrived in (one per chunk): gathering ten thousand rows into one
+/// vector would copy every row once more, for nothing.
 pub struct Batch {
-    pub rows: Vec<LoginRow>,
+    chunks: Vec<Vec<LoginRow>>,
     pub rejects: Vec<Reject>,
-    /// The encoded `rows`, made while the previous batch commits. The sink takes it (leaving it empty)
+    /// The encoded rows, made while the previous batch commits. The sink takes it (leaving it empty)
     /// for the COPY, and encodes again for a retry or when some rows turn out to be duplicates.
     pub copy_data: Bytes,
 }
 
 impl Batch {
     pub fn new(rows: Vec<LoginRow>, rejects: Vec<Reject>) -> Batch {
-        let copy_data = encode_rows(rows.iter());
+        Batch::from_chunks(vec![rows], rejects)
+    }
+
+    pub fn from_chunks(chunks: Vec<Vec<LoginRow>>, rejects: Vec<Reject>) -> Batch {
+        let rows: usize = chunks.iter().map(Vec::len).sum();
+        let copy_data = encode_rows(rows, chunks.iter().flatten());
         Batch {
-            rows,
+            chunks,
             rejects,
             copy_data,
         }
     }
 
+    pub fn rows(&self) -> impl Iterator<Item = &LoginRow> + Clone {
+        self.chunks.iter().flatten()
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
+
+    /// The rows as one vector, and the rejects: for the rare paths that take a batch apart.
+    pub fn into_parts(self) -> (Vec<LoginRow>, Vec<Reject>) {
+        (self.chunks.into_iter().flatten().collect(), self.rejects)
+    }
+
     pub fn len(&self) -> usize {
-        self.rows.len() + self.rejects.len()
+        self.row_count() + self.rejects.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -44,8 +65,7 @@ impl Batch {
 
     /// When the source accepted each message that says so (milliseconds since the Unix epoch).
     pub fn sent_at_ms(&self) -> impl Iterator<Item = i64> + '_ {
-        self.rows
-            .iter()
+        self.rows()
             .map(|r| &r.event.meta)
             .chain(self.rejects.iter().map(|r| &r.meta))
             .filter_map(|m| m.sent_at_ms)
@@ -54,7 +74,7 @@ impl Batch {
     /// Every message's acknowledgement token.
     pub fn into_ack_tokens(self) -> Vec<AckToken> {
         let mut tokens = Vec::with_capacity(self.len());
-        tokens.extend(self.rows.into_iter().map(|r| r.event.meta.ack));
+        tokens.extend(self.chunks.into_iter().flatten().map(|r| r.event.meta.ack));
         tokens.extend(self.rejects.into_iter().map(|r| r.meta.ack));
         tokens
     }
@@ -62,7 +82,8 @@ impl Batch {
 
 /// Accumulates chunks up to a size limit.
 struct Gathering {
-    rows: Vec<LoginRow>,
+    chunks: Vec<Vec<LoginRow>>,
+    rows: usize,
     rejects: Vec<Reject>,
     limit: usize,
 }
@@ -70,14 +91,15 @@ struct Gathering {
 impl Gathering {
     fn new(limit: usize) -> Gathering {
         Gathering {
-            rows: Vec::with_capacity(limit),
+            chunks: Vec::new(),
+            rows: 0,
             rejects: Vec::new(),
             limit,
         }
     }
 
     fn len(&self) -> usize {
-        self.rows.len() + self.rejects.len()
+        self.rows + self.rejects.len()
     }
 
     fn is_full(&self) -> bool {
@@ -88,13 +110,13 @@ impl Gathering {
     fn add(&mut self, mut chunk: Chunk<LoginRow>) -> Option<Chunk<LoginRow>> {
         let room = self.limit - self.len();
         if chunk.len() <= room {
-            self.rows.append(&mut chunk.items);
+            self.keep_rows(chunk.items);
             self.rejects.append(&mut chunk.rejects);
             return None;
         }
         let take_rows = chunk.items.len().min(room);
         let rest_rows = chunk.items.split_off(take_rows);
-        self.rows.append(&mut chunk.items);
+        self.keep_rows(chunk.items);
         let take_rejects = room - take_rows;
         let rest_rejects = chunk.rejects.split_off(take_rejects);
         self.rejects.append(&mut chunk.rejects);
@@ -104,8 +126,15 @@ impl Gathering {
         })
     }
 
+    fn keep_rows(&mut self, rows: Vec<LoginRow>) {
+        if !rows.is_empty() {
+            self.rows += rows.len();
+            self.chunks.push(rows);
+        }
+    }
+
     fn into_batch(self) -> Batch {
-        Batch::new(self.rows, self.rejects)
+        Batch::from_chunks(self.chunks, self.rejects)
     }
 }
 

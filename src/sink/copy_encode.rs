@@ -63,9 +63,9 @@ impl CopyEncoder {
     }
 }
 
-/// Encodes a whole slice of rows.
-pub fn encode_rows<'a>(rows: impl ExactSizeIterator<Item = &'a LoginRow>) -> Bytes {
-    let mut encoder = CopyEncoder::with_capacity(rows.len());
+/// Encodes `count` rows (the count sizes the buffer once).
+pub fn encode_rows<'a>(count: usize, rows: impl IntoIterator<Item = &'a LoginRow>) -> Bytes {
+    let mut encoder = CopyEncoder::with_capacity(count);
     for row in rows {
         encoder.push(row);
     }
@@ -114,7 +114,7 @@ mod tests {
 
     #[test]
     fn empty_payload_is_header_and_trailer() {
-        let bytes = encode_rows(std::iter::empty());
+        let bytes = encode_rows(0, std::iter::empty());
         assert_eq!(&bytes[..11], SIGNATURE);
         assert_eq!(bytes.len(), 11 + 4 + 4 + 2);
         assert_eq!(&bytes[19..], &[0xff, 0xff]);

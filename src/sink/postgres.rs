@@ -220,7 +220,7 @@ impl PgCopySink {
                 Ok(session) => {
                     let started = std::time::Instant::now();
                     let encoded = match std::mem::take(&mut batch.copy_data) {
-                        data if data.is_empty() => encode_rows(batch.rows.iter()),
+                        data if data.is_empty() => encode_rows(batch.row_count(), batch.rows()),
                         data => data,
                     };
                     match parts.try_commit(session, batch, encoded).await {
@@ -296,8 +296,7 @@ impl CommitParts {
         let fresh = match (&self.ledger, &session.ledger) {
             (Some(ledger), Some(statement)) => {
                 let keys: Vec<_> = batch
-                    .rows
-                    .iter()
+                    .rows()
                     .map(|r| r.event.meta.ledger_key())
                     .chain(batch.rejects.iter().map(|r| r.meta.ledger_key()))
                     .collect();
@@ -306,7 +305,7 @@ impl CommitParts {
             }
             _ => vec![true; batch.len()],
         };
-        let (fresh_rows, fresh_rejects) = fresh.split_at(batch.rows.len());
+        let (fresh_rows, fresh_rejects) = fresh.split_at(batch.row_count());
         let rejects: Vec<&Reject> = batch
             .rejects
             .iter()
@@ -316,13 +315,12 @@ impl CommitParts {
         let data = if fresh_rows.iter().all(|new| *new) {
             encoded
         } else {
-            let rows: Vec<_> = batch
-                .rows
-                .iter()
+            let count = fresh_rows.iter().filter(|new| **new).count();
+            let rows = batch
+                .rows()
                 .zip(fresh_rows)
-                .filter_map(|(r, new)| new.then_some(r))
-                .collect();
-            encode_rows(rows.into_iter())
+                .filter_map(|(r, new)| new.then_some(r));
+            encode_rows(count, rows)
         };
         let loaded = copy(&tx, &session.copy, data).await?;
         self.dead_letters
@@ -364,9 +362,7 @@ async fn copy(
 /// Splits a batch the database refused: halves while it holds several rows, and a lone row becomes a
 /// dead-letter record with the database's reason. Returned in reverse order of processing.
 fn split(batch: Batch, reason: &str) -> Result<Vec<Batch>, SinkError> {
-    let Batch {
-        mut rows, rejects, ..
-    } = batch;
+    let (mut rows, rejects) = batch.into_parts();
     match rows.len() {
         0 => Err(SinkError::Fatal(format!(
             "PostgreSQL refused dead-letter records: {reason}"
