@@ -36,6 +36,18 @@ pub struct Meta {
 }
 
 impl Meta {
+    /// A message known by its position in a file or list, with nothing to acknowledge.
+    pub fn at_position(position: u64, received_at: SystemTime) -> Meta {
+        Meta {
+            message_id: MessageId::Position(position),
+            dedupe_key: None,
+            sent_at_ms: None,
+            received_at,
+            receive_count: 1,
+            ack: AckToken::None,
+        }
+    }
+
     /// The key the dedupe ledger records for this message.
     pub fn ledger_key(&self) -> Cow<'_, str> {
         match (&self.dedupe_key, &self.message_id) {

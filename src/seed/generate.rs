@@ -153,7 +153,7 @@ impl Iterator for LoginGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{AckToken, Envelope, MessageId, Meta};
+    use crate::envelope::{Envelope, Meta};
     use crate::stage::parse::parse_login;
 
     #[test]
@@ -170,14 +170,7 @@ mod tests {
         for (i, body) in LoginGenerator::new(1, Some(10)).take(1000).enumerate() {
             let envelope = Envelope {
                 body: body.clone(),
-                meta: Meta {
-                    message_id: MessageId::Position(i as u64),
-                    dedupe_key: None,
-                    sent_at_ms: None,
-                    received_at: std::time::SystemTime::now(),
-                    receive_count: 1,
-                    ack: AckToken::None,
-                },
+                meta: Meta::at_position(i as u64, std::time::SystemTime::now()),
             };
             let valid = parse_login(envelope).is_ok();
             assert_eq!(valid, (i + 1) % 10 != 0, "message {i}: {body}");

@@ -180,18 +180,11 @@ mod tests {
     use super::*;
 
     fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {
-        use crate::envelope::{MessageId, Meta, Stage};
+        use crate::envelope::{Meta, Stage};
         let rejects = (0..n)
             .map(|i| Reject {
                 body: String::new(),
-                meta: Meta {
-                    message_id: MessageId::Position(i as u64),
-                    dedupe_key: None,
-                    sent_at_ms: None,
-                    received_at: std::time::SystemTime::now(),
-                    receive_count: 1,
-                    ack: AckToken::None,
-                },
+                meta: Meta::at_position(i as u64, std::time::SystemTime::now()),
                 stage: Stage::Parse,
                 reason: "x".into(),
             })

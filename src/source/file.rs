@@ -14,7 +14,7 @@ use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta, Reject, Stage};
+use crate::envelope::{Chunk, Envelope, Meta, Reject, Stage};
 use crate::message_file::{self, FileMessage};
 use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
@@ -97,14 +97,7 @@ impl FileSource {
 }
 
 fn push(chunk: &mut Chunk<Envelope>, message: FileMessage, received_at: SystemTime) {
-    let meta = Meta {
-        message_id: MessageId::Position(message.position),
-        dedupe_key: None,
-        sent_at_ms: None,
-        received_at,
-        receive_count: 1,
-        ack: AckToken::None,
-    };
+    let meta = Meta::at_position(message.position, received_at);
     match message.body {
         Ok(body) => chunk.items.push(Envelope { body, meta }),
         Err(bytes) => chunk.rejects.push(Reject {

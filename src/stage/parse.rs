@@ -437,20 +437,12 @@ pub async fn run_parse_stage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{AckToken, MessageId};
     use std::time::SystemTime;
 
     fn envelope(body: &str) -> Envelope {
         Envelope {
             body: body.to_owned(),
-            meta: Meta {
-                message_id: MessageId::Position(1),
-                dedupe_key: None,
-                sent_at_ms: None,
-                received_at: SystemTime::now(),
-                receive_count: 1,
-                ack: AckToken::None,
-            },
+            meta: Meta::at_position(1, SystemTime::now()),
         }
     }
 
