@@ -246,20 +246,7 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
             let db = db.get_or_init(Db::open);
             let sink = plain.get_or_insert_with(|| db.sink(false));
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    if pending > TRUNCATE_AFTER_ROWS {
-                        db.truncate_all();
-                        pending = 0;
-                    }
-                    let batch = Batch::new(template[..n].to_vec(), Vec::new());
-                    let started = Instant::now();
-                    let done = db.runtime.block_on(sink.commit(batch)).expect("commit");
-                    total += started.elapsed();
-                    assert_eq!(done.iter().map(Batch::len).sum::<usize>(), n);
-                    pending += n;
-                }
-                total
+                timed_commits(db, sink, iters, &mut pending, || template[..n].to_vec())
             })
         });
     }
@@ -271,28 +258,43 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
         let db = db.get_or_init(Db::open);
         let mut sink = db.sink(true);
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                if pending > TRUNCATE_AFTER_ROWS {
-                    db.truncate_all();
-                    pending = 0;
-                }
+            timed_commits(db, &mut sink, iters, &mut pending, || {
                 let mut rows = template[..n].to_vec();
                 for row in &mut rows {
                     key += 1;
                     row.event.meta.dedupe_key = Some(format!("bench-{pid}-{key}"));
                 }
-                let batch = Batch::new(rows, Vec::new());
-                let started = Instant::now();
-                let done = db.runtime.block_on(sink.commit(batch)).expect("commit");
-                total += started.elapsed();
-                assert_eq!(done.iter().map(Batch::len).sum::<usize>(), n);
-                pending += n;
-            }
-            total
+                rows
+            })
         })
     });
     group.finish();
+}
+
+/// Commits `iters` batches of the rows `make_rows` returns, timing only the commits; `pending`
+/// counts rows since the tables were last emptied, so they never grow through a long run.
+fn timed_commits(
+    db: &Db,
+    sink: &mut PgCopySink,
+    iters: u64,
+    pending: &mut usize,
+    mut make_rows: impl FnMut() -> Vec<LoginRow>,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        if *pending > TRUNCATE_AFTER_ROWS {
+            db.truncate_all();
+            *pending = 0;
+        }
+        let batch = Batch::new(make_rows(), Vec::new());
+        let n = batch.len();
+        let started = Instant::now();
+        let done = db.runtime.block_on(sink.commit(batch)).expect("commit");
+        total += started.elapsed();
+        assert_eq!(done.iter().map(Batch::len).sum::<usize>(), n);
+        *pending += n;
+    }
+    total
 }
 
 /// What the end-to-end benchmark saw, for the report.

@@ -6,12 +6,11 @@
 //! shutdown loses nothing and leaves nothing unacknowledged. A second signal exits at once: what was
 //! committed is safe, and what was not is simply not acknowledged, so the source delivers it again.
 
-use std::time::Duration;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::signal::unix::{SignalKind, signal};
+use std::time::Duration;
 
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::stats::Stats;

@@ -99,6 +99,13 @@ impl Stats {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Time since the moment `stamp` recorded (milliseconds after `started`).
+    fn since(&self, stamp: &AtomicU64) -> Duration {
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(stamp.load(Relaxed)))
+    }
+
     pub fn record_received(&self, n: usize) {
         if n > 0 {
             self.received.inc_by(n as u64);
@@ -143,18 +150,12 @@ impl Stats {
 
     /// How long the source has delivered nothing.
     pub fn idle_for(&self) -> Duration {
-        self.started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_receive_ms.load(Relaxed)))
+        self.since(&self.last_receive_ms)
     }
 
     /// Messages are waiting but nothing has been committed or acknowledged for `limit`.
     pub fn stalled(&self, limit: Duration) -> bool {
-        let since = self
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_progress_ms.load(Relaxed)));
-        self.in_flight() > 0 && since > limit
+        self.in_flight() > 0 && self.since(&self.last_progress_ms) > limit
     }
 
     /// Records how long ago the source accepted each message (milliseconds since the Unix epoch).

@@ -72,7 +72,7 @@ async fn a_missing_mask_key_stops_the_daemon_before_it_touches_anything() {
     let queue = TestQueue::new().await;
     queue.send(&[login("kept")]).await;
     let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
-    let mut cmd = sluice(&["run", "--config", path_str(&config.path)]);
+    let mut cmd = run_command(&config.path, None);
     cmd.env_remove("SLUICE_MASK_KEY");
     let out = run_to_end(cmd, LIMIT).await;
     assert_eq!(out.code, Some(1), "{}", out.stderr);
@@ -241,7 +241,7 @@ async fn seeded_files_are_deterministic_and_the_file_source_runs_to_the_end() {
         &schema,
         path_str(&dir.path().join("a.ndjson.gz")),
     ));
-    let run = run_to_end(sluice(&["run", "--config", path_str(&config.path)]), LIMIT).await;
+    let run = run_to_end(run_command(&config.path, None), LIMIT).await;
     run.assert_success();
     assert_eq!(
         run.summary(),

@@ -30,15 +30,7 @@ async fn no_message_is_lost_when_the_database_connection_is_cut() {
         &format!("url = \"{url}\""),
     );
     let config = TestConfig::write(&toml);
-    let daemon = sluice(&[
-        "run",
-        "--config",
-        path_str(&config.path),
-        "--exit-when-idle",
-        "4",
-    ])
-    .spawn()
-    .expect("spawn");
+    let daemon = run_command(&config.path, Some(4)).spawn().expect("spawn");
 
     const TOTAL: usize = 600;
     let bodies: Vec<String> = (0..TOTAL).map(|i| login(&format!("cut-{i}"))).collect();
@@ -135,12 +127,7 @@ async fn a_stalled_sink_bounds_the_messages_in_flight() {
         "[pipeline]\nchannel_capacity = 2\n",
     );
     let config = TestConfig::write(&toml);
-    run_to_end(
-        sluice(&["migrate", "--config", path_str(&config.path)]),
-        Duration::from_secs(30),
-    )
-    .await
-    .assert_success();
+    migrate(&config.path).await;
 
     // Hold an exclusive lock: every COPY into the table waits.
     let mut locker = pg().await;
@@ -152,15 +139,7 @@ async fn a_stalled_sink_bounds_the_messages_in_flight() {
     .await
     .expect("lock");
 
-    let daemon = sluice(&[
-        "run",
-        "--config",
-        path_str(&config.path),
-        "--exit-when-idle",
-        "3",
-    ])
-    .spawn()
-    .expect("spawn");
+    let daemon = run_command(&config.path, Some(3)).spawn().expect("spawn");
     const TOTAL: usize = 300;
     let bodies: Vec<String> = (0..TOTAL).map(|i| login(&format!("stall-{i}"))).collect();
     queue.send(&bodies).await;
@@ -212,9 +191,7 @@ async fn sigterm_drains_and_exits_zero() {
         "batch_rows = 20\nlinger_ms = 50",
         "",
     ));
-    let daemon = sluice(&["run", "--config", path_str(&config.path)])
-        .spawn()
-        .expect("spawn");
+    let daemon = run_command(&config.path, None).spawn().expect("spawn");
 
     eventually(Duration::from_secs(60), "the first rows", || async {
         schema.rows_so_far().await >= 20
@@ -251,12 +228,7 @@ async fn redelivered_messages_are_skipped_not_loaded_twice() {
     let schema = TestSchema::new().await;
     let queue = TestQueue::new().await;
     let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
-    run_to_end(
-        sluice(&["migrate", "--config", path_str(&config.path)]),
-        Duration::from_secs(30),
-    )
-    .await
-    .assert_success();
+    migrate(&config.path).await;
 
     // "Committed before a crash": receive it, record its id in the ledger, leave it in the queue.
     queue.send(&[login("crashed-before-delete")]).await;
@@ -328,12 +300,7 @@ async fn a_poison_row_is_dead_lettered_and_its_neighbours_load() {
         "batch_rows = 100\nlinger_ms = 1500",
         "",
     ));
-    run_to_end(
-        sluice(&["migrate", "--config", path_str(&config.path)]),
-        Duration::from_secs(30),
-    )
-    .await
-    .assert_success();
+    migrate(&config.path).await;
     schema
         .client
         .batch_execute(&format!(
@@ -385,12 +352,7 @@ async fn stuck_daemon(
         extra,
     );
     let config = TestConfig::write(&toml);
-    run_to_end(
-        sluice(&["migrate", "--config", path_str(&config.path)]),
-        Duration::from_secs(30),
-    )
-    .await
-    .assert_success();
+    migrate(&config.path).await;
     let locker = pg().await;
     locker
         .batch_execute(&format!(
@@ -399,9 +361,7 @@ async fn stuck_daemon(
         ))
         .await
         .expect("lock");
-    let daemon = sluice(&["run", "--config", path_str(&config.path)])
-        .spawn()
-        .expect("spawn");
+    let daemon = run_command(&config.path, None).spawn().expect("spawn");
     let bodies: Vec<String> = (0..50).map(|i| login(&format!("stuck-{i}"))).collect();
     queue.send(&bodies).await;
     eventually(

@@ -17,12 +17,7 @@ async fn demo_messages_load_and_a_second_run_adds_nothing() {
     let cfg = path_str(&config.path);
     let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/data/demo-logins.json");
 
-    let migrated = run_to_end(
-        sluice(&["migrate", "--config", cfg]),
-        Duration::from_secs(30),
-    )
-    .await;
-    migrated.assert_success();
+    let migrated = migrate(&config.path).await;
     assert!(migrated.stdout.contains("created"), "{}", migrated.stdout);
 
     for round in 0..2 {
@@ -412,9 +407,7 @@ async fn the_operations_endpoint_reports_counts_and_readiness() {
     let addr = format!("127.0.0.1:{port}");
     let extra = format!("[metrics]\nlisten = \"{addr}\"\n");
     let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", &extra));
-    let daemon = sluice(&["run", "--config", path_str(&config.path)])
-        .spawn()
-        .expect("spawn");
+    let daemon = run_command(&config.path, None).spawn().expect("spawn");
     queue.send(&[login("m-1"), login("m-2"), "{}".into()]).await;
 
     eventually(

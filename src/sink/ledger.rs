@@ -30,14 +30,13 @@ impl Ledger {
         }
     }
 
-    /// Records the keys and tells, per key in order, whether it is new. A key repeated within the
-    /// same list is new only the first time.
     /// The recording statement, for preparing once per connection.
     pub fn sql(&self) -> &str {
         &self.insert
     }
 
-    /// Records with `statement`, the prepared form of [`Ledger::sql`].
+    /// Records the keys with `statement` (the prepared form of [`Ledger::sql`]) and tells, per key in
+    /// order, whether it is new. A key repeated within the same list is new only the first time.
     pub async fn record(
         &self,
         tx: &Transaction<'_>,

@@ -176,10 +176,7 @@ impl PgCopySink {
     pub async fn open(&mut self) -> Result<(), SinkError> {
         match self.session().await {
             Ok(_) => Ok(()),
-            Err(CommitError::Db(e)) => Err(SinkError::Fatal(format!(
-                "cannot use PostgreSQL: {}",
-                pg::describe(&e)
-            ))),
+            Err(CommitError::Db(e)) => Err(unusable(&e)),
             Err(CommitError::Forward(message)) => Err(SinkError::Fatal(message)),
         }
     }
@@ -210,10 +207,7 @@ impl PgCopySink {
         loop {
             let error = match self.session().await {
                 Err(CommitError::Db(e)) if classify(&e) == ErrorClass::Fatal => {
-                    return Err(SinkError::Fatal(format!(
-                        "cannot use PostgreSQL: {}",
-                        pg::describe(&e)
-                    )));
+                    return Err(unusable(&e));
                 }
                 Err(CommitError::Db(e)) => pg::describe(&e),
                 Err(CommitError::Forward(message)) => message,
@@ -250,30 +244,39 @@ impl PgCopySink {
 
     /// The open session, connecting and preparing the statements if there is none.
     async fn session(&mut self) -> Result<&mut Session, CommitError> {
-        if self.session.is_none() {
-            let client = match self.spare.take() {
-                Some(client) if !client.is_closed() => client,
-                _ => pg::connect(&self.url, "sluice", self.connect_timeout).await?,
-            };
-            let parts = &self.parts;
-            let ledger = match &parts.ledger {
-                Some(ledger) => Some(client.prepare(ledger.sql()).await?),
-                None => None,
-            };
-            let session = Session {
-                copy: client.prepare(&parts.copy).await?,
-                dead_letters: client.prepare(parts.dead_letters.sql()).await?,
-                ledger,
-                client,
-            };
-            tracing::debug!("PostgreSQL session ready");
-            self.stats.postgres_connections.inc();
-            self.session = Some(session);
-        }
-        self.session
-            .as_mut()
-            .ok_or_else(|| CommitError::Forward("no PostgreSQL session".into()))
+        let session = match self.session.take() {
+            Some(session) => session,
+            None => self.new_session().await?,
+        };
+        Ok(self.session.insert(session))
     }
+
+    /// Takes the connection handed over at start if it is still open, else connects; then prepares.
+    async fn new_session(&mut self) -> Result<Session, CommitError> {
+        let client = match self.spare.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => pg::connect(&self.url, "sluice", self.connect_timeout).await?,
+        };
+        let parts = &self.parts;
+        let ledger = match &parts.ledger {
+            Some(ledger) => Some(client.prepare(ledger.sql()).await?),
+            None => None,
+        };
+        let session = Session {
+            copy: client.prepare(&parts.copy).await?,
+            dead_letters: client.prepare(parts.dead_letters.sql()).await?,
+            ledger,
+            client,
+        };
+        tracing::debug!("PostgreSQL session ready");
+        self.stats.postgres_connections.inc();
+        Ok(session)
+    }
+}
+
+/// A connection or preparation error that retrying cannot cure (bad credentials, missing database).
+fn unusable(e: &tokio_postgres::Error) -> SinkError {
+    SinkError::Fatal(format!("cannot use PostgreSQL: {}", pg::describe(e)))
 }
 
 impl Drop for PgCopySink {

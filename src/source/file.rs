@@ -10,12 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::envelope::{Chunk, Envelope, Meta, Reject, Stage};
 use crate::message_file::{self, FileMessage};
+use crate::shutdown::Shutdown;
 use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
 

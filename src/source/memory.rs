@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::envelope::{Chunk, Envelope};
+use crate::shutdown::Shutdown;
 use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
 

@@ -10,11 +10,11 @@ pub mod sqs;
 
 use std::sync::Arc;
 
-use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::envelope::{AckToken, Chunk, Envelope};
+use crate::shutdown::Shutdown;
 
 /// Errors that stop a source for good; transient trouble is retried inside the source.
 #[derive(Debug, thiserror::Error)]

@@ -432,17 +432,33 @@ pub async fn finish(child: tokio::process::Child, limit: Duration) -> Finished {
     }
 }
 
+/// `sluice migrate --config …`, which must succeed.
+pub async fn migrate(config: &Path) -> Finished {
+    let out = run_to_end(
+        sluice(&["migrate", "--config", path_str(config)]),
+        Duration::from_secs(30),
+    )
+    .await;
+    out.assert_success();
+    out
+}
+
+/// `sluice run --config …`, with `--exit-when-idle SECONDS` when given; not started yet.
+pub fn run_command(config: &Path, idle_seconds: Option<u32>) -> tokio::process::Command {
+    let mut cmd = sluice(&["run", "--config", path_str(config)]);
+    if let Some(idle) = idle_seconds {
+        cmd.args(["--exit-when-idle", &idle.to_string()]);
+    }
+    cmd
+}
+
 /// `sluice run --config … --exit-when-idle SECONDS`, to completion.
 pub async fn run_until_idle(config: &Path, idle_seconds: u32) -> Finished {
-    let idle = idle_seconds.to_string();
-    let cmd = sluice(&[
-        "run",
-        "--config",
-        path_str(config),
-        "--exit-when-idle",
-        &idle,
-    ]);
-    run_to_end(cmd, Duration::from_secs(180)).await
+    run_to_end(
+        run_command(config, Some(idle_seconds)),
+        Duration::from_secs(180),
+    )
+    .await
 }
 
 pub fn path_str(path: &Path) -> &str {

@@ -21,7 +21,6 @@ pub use acknowledger::SqsAcknowledger;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use tokio::sync::mpsc;
@@ -30,6 +29,7 @@ use crate::aws::{self, AwsErrorClass};
 use crate::config::SqsConfig;
 use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta};
 use crate::retry;
+use crate::shutdown::Shutdown;
 use crate::source::{BuiltSource, Source, SourceError};
 use crate::stats::Stats;
 
