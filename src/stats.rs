@@ -38,7 +38,7 @@ pub struct Stats {
     pub batch_messages: Histogram,
     /// Seconds from BEGIN to COMMIT of a batch, retries excluded.
     pub commit_seconds: Histogram,
-    /// Seconds from the source accepting a message to its acknowledgement after commit.
+    /// Seconds from the source accepting a message to the commit of its row or dead-letter record.
     pub end_to_end_seconds: Histogram,
     /// Sink connections open and prepared.
     pub postgres_connections: Gauge,
@@ -254,7 +254,7 @@ impl Stats {
         );
         r.register(
             "end_to_end_seconds",
-            "Time from the source accepting a message to its acknowledgement after commit",
+            "Time from the source accepting a message to the commit of its row or dead-letter record",
             self.end_to_end_seconds.clone(),
         );
         r.register(
