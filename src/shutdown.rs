@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -95,15 +95,24 @@ pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<()> {
 
 /// Requests `shutdown` once the source has delivered nothing for `idle` and every message received
 /// has been committed and acknowledged.
+///
+/// The idle time counts only while nothing is in flight. A source held back by a stalled sink
+/// delivers nothing because it is not allowed to receive, not because the queue is empty; when the
+/// sink catches up, the source must get `idle` to show whether more is waiting.
 pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut unoccupied_since = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.requested() => return,
             }
-            if stats.idle_for() >= idle && stats.in_flight() == 0 {
+            if stats.in_flight() > 0 {
+                unoccupied_since = Instant::now();
+                continue;
+            }
+            if stats.idle_for().min(unoccupied_since.elapsed()) >= idle {
                 tracing::info!(
                     idle_seconds = idle.as_secs_f64(),
                     "source idle and everything acknowledged; stopping"
@@ -113,4 +122,33 @@ pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink stall longer than the idle time must not end the run the moment it clears: the source
+    /// was held back, not idle, and gets the full idle time to receive what is still queued.
+    #[tokio::test]
+    async fn a_cleared_stall_does_not_count_as_idle() {
+        let stats = Arc::new(Stats::default());
+        let shutdown = Shutdown::new();
+        let idle = Duration::from_secs(1);
+        stats.record_received(5);
+        exit_when_idle(shutdown.clone(), stats.clone(), idle);
+
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!shutdown.is_requested(), "messages are still in flight");
+        stats.record_acknowledged(5);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !shutdown.is_requested(),
+            "stopped as soon as the stall cleared"
+        );
+        tokio::time::timeout(Duration::from_secs(5), shutdown.requested())
+            .await
+            .expect("stops once idle with nothing in flight");
+        assert!(shutdown.finishes_receives());
+    }
 }
