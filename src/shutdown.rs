@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -93,26 +93,17 @@ pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Requests `shutdown` once the source has delivered nothing for `idle` and every message received
-/// has been committed and acknowledged.
-///
-/// The idle time counts only while nothing is in flight. A source held back by a stalled sink
-/// delivers nothing because it is not allowed to receive, not because the queue is empty; when the
-/// sink catches up, the source must get `idle` to show whether more is waiting.
+/// Requests `shutdown` once every message received has been committed and acknowledged and,
+/// since then, the source has delivered nothing for `idle` (see [`Stats::idle_for`]).
 pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut unoccupied_since = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.requested() => return,
             }
-            if stats.in_flight() > 0 {
-                unoccupied_since = Instant::now();
-                continue;
-            }
-            if stats.idle_for().min(unoccupied_since.elapsed()) >= idle {
+            if stats.in_flight() == 0 && stats.idle_for() >= idle {
                 tracing::info!(
                     idle_seconds = idle.as_secs_f64(),
                     "source idle and everything acknowledged; stopping"

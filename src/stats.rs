@@ -148,9 +148,12 @@ impl Stats {
         self.received.get().saturating_sub(done)
     }
 
-    /// How long the source has delivered nothing.
+    /// How long nothing has moved: no delivery, commit or acknowledgement. With nothing in flight
+    /// this is how long the source has been free to receive and found nothing; a source held back by
+    /// a stalled sink delivers nothing too, but is not idle until the sink has caught up.
     pub fn idle_for(&self) -> Duration {
         self.since(&self.last_receive_ms)
+            .min(self.since(&self.last_progress_ms))
     }
 
     /// Messages are waiting but nothing has been committed or acknowledged for `limit`.
