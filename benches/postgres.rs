@@ -35,7 +35,7 @@ use sluice::config::{Config, EnvOverrides, redact_url};
 use sluice::envelope::Envelope;
 use sluice::pipeline::{Pipeline, RunOptions};
 use sluice::sink::batch::Batch;
-use sluice::sink::copy_encode::{COLUMNS, encode_rows};
+use sluice::sink::copy_encode::{COLUMNS, copy_statement, encode_rows};
 use sluice::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkSettings};
 use sluice::sink::schema::{self, DeadLetterColumns, Tables};
 use sluice::source::memory::MemorySource;
@@ -410,10 +410,10 @@ fn ceiling_once(
 /// steadier than the ratio of two medians taken minutes apart.
 fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
     let template = common::envelopes(bodies);
-    let payloads = encoded_batches(bodies);
+    let payloads = encoded_batches(&common::rows(bodies));
     let config = pipeline_config(db);
     let mut client = db.connect();
-    let copy = copy_statement(db);
+    let copy = copy_statement(&db.tables.target);
     (0..rounds)
         .map(|round| {
             // Alternate which goes first, so neither always follows the other.
@@ -435,18 +435,11 @@ fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn encoded_batches(bodies: &[String]) -> Vec<Bytes> {
-    common::rows(bodies)
-        .chunks(BATCH_ROWS)
+/// The rows in COPY form, in batches of [`BATCH_ROWS`] as the pipeline commits them.
+fn encoded_batches(rows: &[LoginRow]) -> Vec<Bytes> {
+    rows.chunks(BATCH_ROWS)
         .map(|batch| encode_rows(batch.len(), batch.iter()))
         .collect()
-}
-
-fn copy_statement(db: &Db) -> String {
-    format!(
-        "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)",
-        db.tables.target
-    )
 }
 
 /// PostgreSQL's own ceiling on the pipeline's rows: one connection, binary COPY of pre-encoded
@@ -454,10 +447,7 @@ fn copy_statement(db: &Db) -> String {
 /// row, each its own autocommitted transaction, on fewer rows because it is slow.
 fn ceiling(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
     let rows: Vec<LoginRow> = common::rows(bodies);
-    let payloads: Vec<Bytes> = rows
-        .chunks(BATCH_ROWS)
-        .map(|batch| encode_rows(batch.len(), batch.iter()))
-        .collect();
+    let payloads = encoded_batches(&rows);
     let total_rows = rows.len();
     let naive_rows = count_from_env("SLUICE_BENCH_NAIVE_ROWS", 2_000).min(total_rows);
     let naive: Vec<NaiveRow> = rows[..naive_rows].iter().map(NaiveRow::from).collect();
@@ -469,7 +459,7 @@ fn ceiling(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
     group.bench_function(BenchmarkId::new("binary_copy", total_rows), |b| {
         let db = db.get_or_init(Db::open);
         let mut client = db.connect();
-        let copy = copy_statement(db);
+        let copy = copy_statement(&db.tables.target);
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -558,28 +548,27 @@ fn write_run_facts(db: &Db, counts: &PipelineCounts, pairs: &[(f64, f64)]) {
         eprintln!("cannot create {}: {e}", dir.display());
         return;
     }
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    let server_version = db.setting("server_version");
-    let text = format!(
-        "{{\n  \"paired_seconds\": [{}],\n  \"server_version\": {},\n  \"synchronous_commit\": {},\n  \"fsync\": {},\n  \"shared_buffers\": {},\n  \"pipeline\": {{\"messages\": {}, \"received\": {}, \"loaded\": {}, \"rejected\": {}, \"duplicates\": {}, \"rows_in_table\": {}, \"dead_letters_in_table\": {}}}\n}}\n",
-        pairs
+    let facts = serde_json::json!({
+        "paired_seconds": pairs
             .iter()
-            .map(|(p, c)| format!("{{\"pipeline\": {p:.6}, \"ceiling\": {c:.6}}}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        quote(&server_version),
-        quote(&db.setting("synchronous_commit")),
-        quote(&db.setting("fsync")),
-        quote(&db.setting("shared_buffers")),
-        counts.messages,
-        counts.summary.received,
-        counts.summary.loaded,
-        counts.summary.rejected,
-        counts.summary.duplicates,
-        counts.rows_in_table,
-        counts.dead_letters_in_table,
-    );
+            .map(|(pipeline, ceiling)| serde_json::json!({"pipeline": pipeline, "ceiling": ceiling}))
+            .collect::<Vec<_>>(),
+        "server_version": db.setting("server_version"),
+        "synchronous_commit": db.setting("synchronous_commit"),
+        "fsync": db.setting("fsync"),
+        "shared_buffers": db.setting("shared_buffers"),
+        "pipeline": {
+            "messages": counts.messages,
+            "received": counts.summary.received,
+            "loaded": counts.summary.loaded,
+            "rejected": counts.summary.rejected,
+            "duplicates": counts.summary.duplicates,
+            "rows_in_table": counts.rows_in_table,
+            "dead_letters_in_table": counts.dead_letters_in_table,
+        },
+    });
     let path = dir.join("postgres-run.json");
+    let text = format!("{facts:#}\n");
     if let Err(e) = std::fs::write(&path, text) {
         eprintln!("cannot write {}: {e}", path.display());
     }

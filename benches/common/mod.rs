@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use sluice::envelope::{AckToken, Chunk, Envelope, MessageId, Meta};
+use sluice::envelope::{Chunk, Envelope, Meta};
 use sluice::seed::generate::LoginGenerator;
 use sluice::stage::mask::{MaskKey, MaskMode, Masker};
 use sluice::stage::parse::{LoginEvent, parse_chunk};
@@ -59,17 +59,9 @@ const SENT_AT_MS: i64 = 1_732_000_000_000;
 
 /// The envelope a file or memory source would build for the message at `position` (1-based).
 pub fn envelope(body: String, position: u64, received_at: SystemTime) -> Envelope {
-    Envelope {
-        body,
-        meta: Meta {
-            message_id: MessageId::Position(position),
-            dedupe_key: None,
-            sent_at_ms: Some(SENT_AT_MS + position as i64),
-            received_at,
-            receive_count: 1,
-            ack: AckToken::None,
-        },
-    }
+    let mut meta = Meta::at_position(position, received_at);
+    meta.sent_at_ms = Some(SENT_AT_MS + position as i64);
+    Envelope { body, meta }
 }
 
 pub fn envelopes(bodies: &[String]) -> Vec<Envelope> {

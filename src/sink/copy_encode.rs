@@ -12,11 +12,17 @@ use chrono::{Datelike, NaiveDate};
 
 use crate::stage::mask::to_hex;
 use crate::stage::transform::LoginRow;
+use crate::table_name::TableName;
 
 /// The target columns, in the order every row is encoded.
 pub const COLUMNS: &str =
     "user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date";
 const FIELD_COUNT: i16 = 7;
+
+/// The statement that loads an [`encode_rows`] payload into `table`.
+pub fn copy_statement(table: &TableName) -> String {
+    format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)")
+}
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 /// Days from 0001-01-01 (chrono's day 1) to 2000-01-01, PostgreSQL's date epoch.

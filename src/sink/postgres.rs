@@ -23,7 +23,7 @@ use crate::envelope::{AckToken, Reject, Stage};
 use crate::pg;
 use crate::retry;
 use crate::sink::batch::Batch;
-use crate::sink::copy_encode::{COLUMNS, encode_rows};
+use crate::sink::copy_encode::{copy_statement, encode_rows};
 use crate::sink::dead_letter::{DeadLetterQueue, DeadLetterWriter};
 use crate::sink::errors::{ErrorClass, classify};
 use crate::sink::ledger::Ledger;
@@ -117,10 +117,7 @@ impl PgCopySinkBuilder {
             url: settings.url,
             connect_timeout: settings.connect_timeout,
             parts: Arc::new(CommitParts {
-                copy: format!(
-                    "COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)",
-                    tables.target
-                ),
+                copy: copy_statement(&tables.target),
                 ledger: settings.dedupe.then(|| Ledger::new(&tables.ledger)),
                 dead_letters: DeadLetterWriter::new(
                     &tables.dead_letter,
