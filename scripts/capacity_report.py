@@ -27,6 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def shown(path: Path) -> Path:
+    """`path` relative to the repository when it lies inside it, as given otherwise."""
+    return path.relative_to(ROOT) if path.is_absolute() and path.is_relative_to(ROOT) else path
+
+
 # What the project aims for; the report marks each as met or not met.
 TARGET_PARSE = 1_000_000  # messages/s on one core
 TARGET_TRANSFORM = 1_000_000  # messages/s on one core
@@ -124,9 +130,9 @@ def pick(results: dict[tuple, Result], group: str, function: str, value: str | N
 
 def load_json(path: Path, since: float | None, what: str) -> dict:
     if not path.exists():
-        raise ReportError(f"{path.relative_to(ROOT)} is missing; {what}")
+        raise ReportError(f"{shown(path)} is missing; {what}")
     if since is not None and path.stat().st_mtime < since:
-        raise ReportError(f"{path.relative_to(ROOT)} is older than this run; {what}")
+        raise ReportError(f"{shown(path)} is older than this run; {what}")
     return json.loads(path.read_text())
 
 
@@ -663,7 +669,7 @@ def main() -> int:
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    print(f"capacity_report: wrote {args.out.relative_to(ROOT) if args.out.is_absolute() else args.out}")
+    print(f"capacity_report: wrote {shown(args.out)}")
     return 0
 
 
