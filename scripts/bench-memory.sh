@@ -94,7 +94,7 @@ EOF
 
     if [[ ! -s $data ]] || [[ $(wc -l <"$data") -ne $count ]]; then
         say "generating $count messages into ${data#"$ROOT"/}"
-        "$BIN" seed --config "$config" --count "$count" --seed 1 --bad-every 50 2>/dev/null ||
+        "$BIN" seed --config "$config" --count "$count" --seed 1 --bad-every 50 --force 2>/dev/null ||
             die "sluice seed failed"
     fi
     bytes=$(stat -c %s "$data")

@@ -31,6 +31,32 @@ const FATAL_CODES: &[&str] = &[
     "ResourceNotFoundException",
 ];
 
+/// Codes by which SQS refuses a whole batch call for its shape (not for any one entry): sending the
+/// same call again can never succeed.
+const MALFORMED_BATCH_CODES: &[&str] = &[
+    "AWS.SimpleQueueService.BatchEntryIdsNotDistinct",
+    "BatchEntryIdsNotDistinct",
+    "AWS.SimpleQueueService.TooManyEntriesInBatchRequest",
+    "TooManyEntriesInBatchRequest",
+    "AWS.SimpleQueueService.EmptyBatchRequest",
+    "EmptyBatchRequest",
+    "AWS.SimpleQueueService.InvalidBatchEntryId",
+    "InvalidBatchEntryId",
+    "AWS.SimpleQueueService.BatchRequestTooLong",
+    "BatchRequestTooLong",
+];
+
+/// Whether SQS refused a batch call as a whole because of its shape.
+pub fn is_malformed_batch<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
+    match err {
+        SdkError::ServiceError(e) => e
+            .err()
+            .code()
+            .is_some_and(|code| MALFORMED_BATCH_CODES.contains(&code)),
+        _ => false,
+    }
+}
+
 pub fn classify<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> AwsErrorClass {
     match err {
         SdkError::ConstructionFailure(_) => AwsErrorClass::Fatal,

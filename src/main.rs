@@ -55,6 +55,13 @@ enum Command {
         /// Do not attach dedupe ids (then re-seeding the same messages loads them again).
         #[arg(long)]
         no_dedupe_id: bool,
+        /// Write the messages to this file (NDJSON, gzip if it ends in .gz) instead of the
+        /// configured source.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Replace the file of a file source if it exists (without it, seed refuses).
+        #[arg(long)]
+        force: bool,
     },
     /// Create the target, dead-letter and ledger tables if missing (existing tables are left as they are).
     Migrate {
@@ -122,6 +129,8 @@ fn main() -> ExitCode {
                 seed,
                 bad_every,
                 no_dedupe_id,
+                out,
+                force,
                 ..
             } => {
                 let what = match (file, count) {
@@ -132,7 +141,8 @@ fn main() -> ExitCode {
                         bad_every,
                     },
                 };
-                cli::seed::seed(&config, what, !no_dedupe_id).await
+                let target = cli::seed::Target { out, force };
+                cli::seed::seed(&config, what, target, !no_dedupe_id).await
             }
             Command::Migrate { .. } => cli::migrate::migrate(&config).await,
             Command::Check { .. } => cli::check::check(&config, &path).await,

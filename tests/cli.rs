@@ -301,3 +301,67 @@ async fn file_source_handles_arrays_and_bad_bytes() {
         }
     );
 }
+
+/// `seed` on a file source never replaces a file that exists unless asked to (`--force`), writes
+/// elsewhere with `--out`, and with `path = "-"` writes to standard output, not to a file named `-`.
+#[tokio::test]
+async fn seed_never_overwrites_an_existing_file_unless_asked() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("precious.ndjson");
+    let precious = format!("{}\n{}\n", login("keep-1"), login("keep-2"));
+    std::fs::write(&data, &precious).expect("write");
+    let config = TestConfig::write(&file_config(&schema, path_str(&data)));
+    let seed = |extra: &[&str]| {
+        let mut args = vec!["seed", "--config", path_str(&config.path), "--count", "3"];
+        args.extend_from_slice(extra);
+        run_to_end(sluice(&args), LIMIT)
+    };
+
+    let refused = seed(&[]).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused.stderr.contains("already exists") && refused.stderr.contains("--force"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&data).expect("read"), precious);
+
+    let other = dir.path().join("other.ndjson");
+    seed(&["--out", path_str(&other)]).await.assert_success();
+    assert_eq!(
+        std::fs::read_to_string(&other)
+            .expect("read")
+            .lines()
+            .count(),
+        3
+    );
+    assert_eq!(std::fs::read_to_string(&data).expect("read"), precious);
+
+    seed(&["--force"]).await.assert_success();
+    assert_eq!(
+        std::fs::read_to_string(&data)
+            .expect("read")
+            .lines()
+            .count(),
+        3
+    );
+
+    let stdin_config = TestConfig::write(&file_config(&schema, "-"));
+    let mut to_stdout = sluice(&[
+        "seed",
+        "--config",
+        path_str(&stdin_config.path),
+        "--count",
+        "4",
+    ]);
+    to_stdout.current_dir(dir.path());
+    let out = run_to_end(to_stdout, LIMIT).await;
+    out.assert_success();
+    assert_eq!(out.stdout.lines().count(), 4, "{}", out.stdout);
+    assert!(!dir.path().join("-").exists(), "wrote a file named `-`");
+    assert!(
+        !stdin_config.dir.path().join("-").exists(),
+        "wrote a file named `-`"
+    );
+}

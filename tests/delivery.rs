@@ -431,3 +431,67 @@ async fn a_second_signal_exits_at_once_and_acknowledges_nothing_uncommitted() {
     rest.assert_success();
     assert_eq!(schema.rows_loaded().await, 50);
 }
+
+/// The same receipt handle acknowledged twice (an emulator, like SQS, can hand one message to two
+/// concurrent receives) must not make the whole DeleteMessageBatch call fail: the message is deleted
+/// and its room in the in-flight bound is given back once.
+#[tokio::test]
+async fn a_receipt_handle_acknowledged_twice_is_deleted_once() {
+    use sluice::envelope::AckToken;
+    use sluice::source::Acknowledger;
+    use sluice::source::sqs::SqsAcknowledger;
+    use sluice::source::sqs::in_flight::InFlight;
+
+    let queue = TestQueue::new().await;
+    queue.send(&[login("twice-1"), login("twice-2")]).await;
+    let mut handles = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while handles.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "messages not received"
+        );
+        let out = queue
+            .client
+            .receive_message()
+            .queue_url(&queue.url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .visibility_timeout(60)
+            .send()
+            .await
+            .expect("receive");
+        handles.extend(
+            out.messages
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|m| m.receipt_handle),
+        );
+    }
+    let in_flight = Arc::new(InFlight::new(10));
+    in_flight.reserve(2).await;
+    in_flight.track(
+        handles.iter().map(String::as_str),
+        std::time::Instant::now(),
+    );
+    let acknowledger = SqsAcknowledger::start(
+        queue.client.clone(),
+        queue.url.clone(),
+        in_flight.clone(),
+        Duration::from_secs(60),
+        Arc::new(sluice::stats::Stats::default()),
+    );
+    let tokens: Vec<AckToken> = [&handles[0], &handles[0], &handles[1]]
+        .into_iter()
+        .map(|h| AckToken::Sqs {
+            receipt_handle: h.clone(),
+        })
+        .collect();
+    acknowledger.acknowledge(tokens).await;
+    assert!(in_flight.is_empty());
+    assert_eq!(acknowledger.finish().await, 0);
+    eventually(Duration::from_secs(10), "the queue to be empty", || async {
+        queue.depth().await == (0, 0)
+    })
+    .await;
+}

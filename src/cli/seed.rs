@@ -24,7 +24,20 @@ pub enum What {
     },
 }
 
-pub async fn seed(config: &Config, what: What, with_dedupe_ids: bool) -> anyhow::Result<ExitCode> {
+/// Where seeded messages go besides the configured source.
+pub struct Target {
+    /// Write to this file whatever the source is.
+    pub out: Option<PathBuf>,
+    /// Replace the file of a file source if it exists.
+    pub force: bool,
+}
+
+pub async fn seed(
+    config: &Config,
+    what: What,
+    target: Target,
+    with_dedupe_ids: bool,
+) -> anyhow::Result<ExitCode> {
     let (messages, total, origin): (Box<dyn Iterator<Item = SeedMessage> + Send>, u64, String) =
         match what {
             What::File(path) => {
@@ -65,8 +78,9 @@ pub async fn seed(config: &Config, what: What, with_dedupe_ids: bool) -> anyhow:
         }))
     };
     let progress = progress_bar(total);
-    let sent = match config.source.kind {
-        SourceKind::Sqs => {
+    let sent = match (&target.out, config.source.kind) {
+        (Some(path), _) => write_file(path, Overwrite::Allowed, messages, &progress, &origin)?,
+        (None, SourceKind::Sqs) => {
             let cfg = &config.source.sqs;
             let client = sluice::aws::sqs_client(cfg).await;
             let url = send::ensure_queue(&client, cfg).await?;
@@ -77,30 +91,69 @@ pub async fn seed(config: &Config, what: What, with_dedupe_ids: bool) -> anyhow:
             eprintln!("sluice: sent {sent} messages from {origin} to {url}");
             sent
         }
-        SourceKind::File => {
+        (None, SourceKind::File) => {
             let path = config
                 .source
                 .file
                 .path
                 .clone()
                 .context("`source.file.path` is not set")?;
-            let path = if path.is_absolute() {
+            let path = if path.as_os_str() == "-" || path.is_absolute() {
                 path
             } else {
                 config.base_dir.join(path)
             };
-            let written =
-                tokio::task::block_in_place(|| send::write_file(&path, messages, &progress))?;
-            progress.finish_and_clear();
-            eprintln!(
-                "sluice: wrote {written} messages from {origin} to {}",
-                path.display()
-            );
-            written
+            let overwrite = if target.force {
+                Overwrite::Allowed
+            } else {
+                Overwrite::Refused
+            };
+            write_file(&path, overwrite, messages, &progress, &origin)?
         }
     };
     anyhow::ensure!(sent == total, "only {sent} of {total} messages were sent");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether seeding may replace an existing file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overwrite {
+    /// The user named the file (`--out`) or said `--force`.
+    Allowed,
+    /// The file a file source reads is the user's data: never replaced unasked.
+    Refused,
+}
+
+/// Writes the messages as NDJSON to `path` (`-`: standard output).
+fn write_file(
+    path: &Path,
+    overwrite: Overwrite,
+    messages: impl Iterator<Item = SeedMessage>,
+    progress: &ProgressBar,
+    origin: &str,
+) -> anyhow::Result<u64> {
+    if path.as_os_str() == "-" {
+        let stdout = std::io::stdout();
+        let written = send::write_lines_to(&mut stdout.lock(), messages, progress)
+            .context("cannot write to standard output")?;
+        progress.finish_and_clear();
+        eprintln!("sluice: wrote {written} messages from {origin} to standard output");
+        return Ok(written);
+    }
+    anyhow::ensure!(
+        overwrite == Overwrite::Allowed || !path.exists(),
+        "{} already exists; seed never replaces a file unasked: pass --force to replace it, or --out PATH to write elsewhere",
+        path.display()
+    );
+    let replace = overwrite == Overwrite::Allowed;
+    let written =
+        tokio::task::block_in_place(|| send::write_file(path, replace, messages, progress))?;
+    progress.finish_and_clear();
+    eprintln!(
+        "sluice: wrote {written} messages from {origin} to {}",
+        path.display()
+    );
+    Ok(written)
 }
 
 /// Messages of a seed file, each with a dedupe id from the file's name, position and content.

@@ -203,9 +203,12 @@ fn entry(
     entry.build().ok()
 }
 
-/// Writes the messages as NDJSON (gzip when the name ends in `.gz`) for a file source.
+/// Writes the messages as NDJSON (gzip when the name ends in `.gz`) for a file source. Without
+/// `replace`, a file that exists is an error (checked by the create itself, so no race can slip one
+/// in between a check and the write).
 pub fn write_file(
     path: &Path,
+    replace: bool,
     messages: impl Iterator<Item = SeedMessage>,
     progress: &ProgressBar,
 ) -> Result<u64, SeedError> {
@@ -213,7 +216,14 @@ pub fn write_file(
         path: path.display().to_string(),
         source,
     };
-    let file = std::fs::File::create(path).map_err(write_err)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if replace {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let file = options.open(path).map_err(write_err)?;
     let buffered = std::io::BufWriter::with_capacity(1 << 20, file);
     let written = if path.extension().is_some_and(|e| e == "gz") {
         let mut gz = flate2::write::GzEncoder::new(buffered, flate2::Compression::fast());
@@ -229,6 +239,17 @@ pub fn write_file(
         n
     };
     progress.set_position(written);
+    Ok(written)
+}
+
+/// Writes the messages as NDJSON lines to `out` (standard output, for `path = "-"`).
+pub fn write_lines_to(
+    out: &mut impl Write,
+    messages: impl Iterator<Item = SeedMessage>,
+    progress: &ProgressBar,
+) -> std::io::Result<u64> {
+    let written = write_lines(out, messages, progress)?;
+    out.flush()?;
     Ok(written)
 }
 

@@ -89,9 +89,17 @@ impl SqsAcknowledger {
     }
 }
 
-/// Owned groups of at most 10 handles, one per batch call.
+/// Owned groups of at most 10 distinct handles, one per batch call. SQS refuses a whole batch call
+/// that names one receipt handle twice, and one message can reach the pipeline twice (a queue may
+/// hand it to two concurrent receives), so repeats are dropped here, keeping the first.
 fn groups_of_ten(handles: &[String]) -> Vec<Vec<String>> {
-    handles.chunks(SQS_BATCH).map(<[String]>::to_vec).collect()
+    let mut seen = std::collections::HashSet::with_capacity(handles.len());
+    let distinct: Vec<String> = handles
+        .iter()
+        .filter(|h| seen.insert(h.as_str()))
+        .cloned()
+        .collect();
+    distinct.chunks(SQS_BATCH).map(<[String]>::to_vec).collect()
 }
 
 /// Deletes up to 10 messages; returns the handles worth another attempt.
@@ -136,11 +144,20 @@ async fn delete_group(
                 }
             })
             .collect(),
+        Err(e) if aws::is_malformed_batch(&e) && handles.len() > 1 => {
+            // Retrying the same call cannot cure it; one call per message always forms a valid batch.
+            tracing::debug!(error = %aws::describe(&e), "SQS refused a delete batch; deleting one by one");
+            let mut again = Vec::new();
+            for handle in handles {
+                again.extend(Box::pin(delete_group(client, queue_url, vec![handle])).await);
+            }
+            again
+        }
         Err(e) => {
             tracing::warn!(error = %aws::describe(&e), "SQS DeleteMessageBatch failed");
             match aws::classify(&e) {
-                aws::AwsErrorClass::Transient => handles,
-                aws::AwsErrorClass::Fatal => Vec::new(),
+                aws::AwsErrorClass::Transient if !aws::is_malformed_batch(&e) => handles,
+                _ => Vec::new(),
             }
         }
     }
@@ -272,5 +289,23 @@ impl Acknowledger for SqsAcknowledger {
             "handed unprocessed SQS messages back to the queue"
         );
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_hold_each_handle_once_and_at_most_ten() {
+        let handles: Vec<String> = ["a", "b", "a", "c", "b"]
+            .into_iter()
+            .chain((0..20).map(|_| "d"))
+            .map(String::from)
+            .collect();
+        assert_eq!(groups_of_ten(&handles), vec![vec!["a", "b", "c", "d"]]);
+        let many: Vec<String> = (0..25).map(|i| i.to_string()).collect();
+        let sizes: Vec<usize> = groups_of_ten(&many).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [10, 10, 5]);
     }
 }

@@ -37,11 +37,18 @@ impl InFlight {
         self.room.add_permits(n);
     }
 
-    pub fn track<'a>(&self, handles: impl Iterator<Item = &'a str>, visible_again: Instant) {
+    /// Starts tracking received messages; returns how many were not tracked already. A handle seen
+    /// twice (one message handed to two receives) occupies room once, so the receiver must give back
+    /// the room it reserved for the repeat.
+    pub fn track<'a>(
+        &self,
+        handles: impl Iterator<Item = &'a str>,
+        visible_again: Instant,
+    ) -> usize {
         let mut map = self.lock();
-        for handle in handles {
-            map.insert(handle.to_owned(), visible_again);
-        }
+        handles
+            .filter(|handle| map.insert((*handle).to_owned(), visible_again).is_none())
+            .count()
     }
 
     /// Forgets acknowledged (or released) messages and frees their room.
@@ -102,7 +109,11 @@ mod tests {
         let f = InFlight::new(3);
         f.reserve(3).await;
         let now = Instant::now();
-        f.track(["a", "b"].into_iter(), now + Duration::from_secs(30));
+        assert_eq!(
+            f.track(["a", "b", "a"].into_iter(), now + Duration::from_secs(30)),
+            2,
+            "a repeated handle is tracked once"
+        );
         f.unreserve(1);
         assert_eq!(f.room.available_permits(), 1);
         assert_eq!(f.finish(["a", "zzz"].into_iter()), 1);

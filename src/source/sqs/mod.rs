@@ -137,9 +137,9 @@ impl SqsSource {
             match result {
                 Ok(messages) => {
                     pacing = retry::backoff();
-                    let chunk = self.to_chunk(messages, started);
+                    let (chunk, tracked) = self.to_chunk(messages, started);
                     self.in_flight
-                        .unreserve((max as usize).saturating_sub(chunk.len()));
+                        .unreserve((max as usize).saturating_sub(tracked));
                     if chunk.is_empty() {
                         continue;
                     }
@@ -205,7 +205,9 @@ impl SqsSource {
         }
     }
 
-    fn to_chunk(&self, messages: Vec<Message>, requested_at: Instant) -> Chunk<Envelope> {
+    /// The received messages as a chunk, and how many of them now occupy room in the in-flight
+    /// bound (a message already held under the same receipt handle does not occupy it twice).
+    fn to_chunk(&self, messages: Vec<Message>, requested_at: Instant) -> (Chunk<Envelope>, usize) {
         let received_at = SystemTime::now();
         // Visibility counts from when SQS handed the messages out, which is no earlier than the request.
         let visible_again =
@@ -214,14 +216,14 @@ impl SqsSource {
             .into_iter()
             .filter_map(|m| envelope_from(m, &self.cfg.dedupe_attribute, received_at))
             .collect();
-        self.in_flight.track(
+        let tracked = self.in_flight.track(
             envelopes.iter().filter_map(|e| match &e.meta.ack {
                 AckToken::Sqs { receipt_handle } => Some(receipt_handle.as_str()),
                 AckToken::None => None,
             }),
             visible_again,
         );
-        Chunk::new(envelopes)
+        (Chunk::new(envelopes), tracked)
     }
 }
 
