@@ -29,7 +29,7 @@ use crate::metrics::{self, ChannelProbe};
 use crate::pg;
 use crate::shutdown::{self, Shutdown};
 use crate::sink::batch::{Batch, run_batcher};
-use crate::sink::dead_letter::DeadLetterQueue;
+use crate::sink::dead_letter_queue::DeadLetterQueue;
 use crate::sink::ledger::{self, Ledger};
 use crate::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkError, SinkSettings};
 use crate::sink::schema::{self, SchemaError, Tables};
@@ -361,10 +361,14 @@ async fn prepare_sink(
         other => other?,
     };
     let dead_letter_queue = match &config.dead_letter.sqs_queue_url {
-        Some(url) => Some(DeadLetterQueue::new(
-            aws::sqs_client(&config.source.sqs).await,
-            url.clone(),
-        )),
+        Some(url) => Some(
+            DeadLetterQueue::connect(
+                aws::sqs_client(&config.source.sqs).await,
+                url.clone(),
+                stats.clone(),
+            )
+            .await,
+        ),
         None => None,
     };
     let settings = SinkSettings {

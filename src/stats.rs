@@ -26,6 +26,8 @@ pub struct Stats {
     pub loaded: Counter,
     /// Dead-letter records committed.
     pub rejected: Counter,
+    /// Dead letters the dead-letter queue did not take (they are in the dead-letter table only).
+    pub dead_letters_not_forwarded: Counter,
     /// Messages skipped because the ledger had committed them before.
     pub duplicates: Counter,
     /// Messages whose acknowledgement (delete, checkpoint) has been attempted after commit.
@@ -58,6 +60,7 @@ impl Default for Stats {
             transformed: Counter::default(),
             loaded: Counter::default(),
             rejected: Counter::default(),
+            dead_letters_not_forwarded: Counter::default(),
             duplicates: Counter::default(),
             acknowledged: Counter::default(),
             released: Counter::default(),
@@ -185,7 +188,7 @@ impl Stats {
     /// Registers every measurement under the `sluice_` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("sluice");
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
             (
                 "messages_received",
                 "Messages delivered by the source (redeliveries count again)",
@@ -215,6 +218,11 @@ impl Stats {
                 "dead_letters",
                 "Dead-letter records committed",
                 &self.rejected,
+            ),
+            (
+                "dead_letters_not_forwarded",
+                "Dead letters the dead-letter queue did not take (kept in the dead-letter table only)",
+                &self.dead_letters_not_forwarded,
             ),
             (
                 "duplicates",

@@ -43,8 +43,8 @@ pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
     check_postgres(config, &mut findings).await;
     if let Some(url) = &config.dead_letter.sqs_queue_url {
         let client = aws::sqs_client(&config.source.sqs).await;
-        match probe(queue_depth(&client, url)).await {
-            Ok(depth) => findings.ok("dlq", format!("{url}: {depth}")),
+        match probe(dead_letter_queue_limits(&client, url)).await {
+            Ok(limits) => findings.ok("dlq", format!("{url}: {limits}")),
             Err(e) => findings.fail("dlq", e),
         }
     }
@@ -94,6 +94,34 @@ async fn queue_depth(client: &aws_sdk_sqs::Client, url: &str) -> Result<String, 
         "~{} waiting, ~{} in flight",
         get(QueueAttributeName::ApproximateNumberOfMessages),
         get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+    ))
+}
+
+/// What the dead-letter queue accepts (reading its attributes proves it exists and is reachable
+/// with these credentials; only a send could prove the permission to send).
+async fn dead_letter_queue_limits(
+    client: &aws_sdk_sqs::Client,
+    url: &str,
+) -> Result<String, String> {
+    let out = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::MaximumMessageSize)
+        .attribute_names(QueueAttributeName::FifoQueue)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {}", aws::describe(&e)))?;
+    let attrs = out.attributes.unwrap_or_default();
+    let size = attrs
+        .get(&QueueAttributeName::MaximumMessageSize)
+        .cloned()
+        .unwrap_or_else(|| "?".into());
+    let fifo = attrs
+        .get(&QueueAttributeName::FifoQueue)
+        .is_some_and(|v| v == "true");
+    Ok(format!(
+        "accepts messages up to {size} bytes{}; larger dead letters stay in the table only",
+        if fifo { " (FIFO)" } else { "" }
     ))
 }
 

@@ -24,7 +24,8 @@ use crate::pg;
 use crate::retry;
 use crate::sink::batch::Batch;
 use crate::sink::copy_encode::{copy_statement, encode_rows};
-use crate::sink::dead_letter::{DeadLetterQueue, DeadLetterWriter};
+use crate::sink::dead_letter::DeadLetterWriter;
+use crate::sink::dead_letter_queue::DeadLetterQueue;
 use crate::sink::errors::{ErrorClass, classify};
 use crate::sink::ledger::Ledger;
 use crate::sink::schema::{DeadLetterColumns, Tables};
@@ -89,17 +90,6 @@ enum Attempt {
     Committed(CommitCounts, Duration),
     /// The database refused some row's data; the text is its error.
     Refused(String),
-}
-
-enum CommitError {
-    Db(tokio_postgres::Error),
-    Forward(String),
-}
-
-impl From<tokio_postgres::Error> for CommitError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        CommitError::Db(e)
-    }
 }
 
 /// Builds the committers of one pipeline.
@@ -173,8 +163,7 @@ impl PgCopySink {
     pub async fn open(&mut self) -> Result<(), SinkError> {
         match self.session().await {
             Ok(_) => Ok(()),
-            Err(CommitError::Db(e)) => Err(unusable(&e)),
-            Err(CommitError::Forward(message)) => Err(SinkError::Fatal(message)),
+            Err(e) => Err(unusable(&e)),
         }
     }
 
@@ -203,11 +192,10 @@ impl PgCopySink {
         let parts = self.parts.clone();
         loop {
             let error = match self.session().await {
-                Err(CommitError::Db(e)) if classify(&e) == ErrorClass::Fatal => {
+                Err(e) if classify(&e) == ErrorClass::Fatal => {
                     return Err(unusable(&e));
                 }
-                Err(CommitError::Db(e)) => pg::describe(&e),
-                Err(CommitError::Forward(message)) => message,
+                Err(e) => pg::describe(&e),
                 Ok(session) => {
                     let started = std::time::Instant::now();
                     let encoded = match std::mem::take(&mut batch.copy_data) {
@@ -216,8 +204,7 @@ impl PgCopySink {
                     };
                     match parts.try_commit(session, batch, encoded).await {
                         Ok(counts) => return Ok(Attempt::Committed(counts, started.elapsed())),
-                        Err(CommitError::Forward(message)) => message,
-                        Err(CommitError::Db(e)) => match classify(&e) {
+                        Err(e) => match classify(&e) {
                             ErrorClass::Data => return Ok(Attempt::Refused(pg::describe(&e))),
                             ErrorClass::Fatal => return Err(SinkError::Fatal(pg::describe(&e))),
                             ErrorClass::Transient => pg::describe(&e),
@@ -240,7 +227,7 @@ impl PgCopySink {
     }
 
     /// The open session, connecting and preparing the statements if there is none.
-    async fn session(&mut self) -> Result<&mut Session, CommitError> {
+    async fn session(&mut self) -> Result<&mut Session, tokio_postgres::Error> {
         let session = match self.session.take() {
             Some(session) => session,
             None => self.new_session().await?,
@@ -249,7 +236,7 @@ impl PgCopySink {
     }
 
     /// Takes the connection handed over at start if it is still open, else connects; then prepares.
-    async fn new_session(&mut self) -> Result<Session, CommitError> {
+    async fn new_session(&mut self) -> Result<Session, tokio_postgres::Error> {
         let client = match self.spare.take() {
             Some(client) if !client.is_closed() => client,
             _ => pg::connect(&self.url, "sluice", self.connect_timeout).await?,
@@ -291,7 +278,7 @@ impl CommitParts {
         session: &mut Session,
         batch: &Batch,
         encoded: bytes::Bytes,
-    ) -> Result<CommitCounts, CommitError> {
+    ) -> Result<CommitCounts, tokio_postgres::Error> {
         let tx = session.client.transaction().await?;
         let fresh = match (&self.ledger, &session.ledger) {
             (Some(ledger), Some(statement)) => {
@@ -326,14 +313,12 @@ impl CommitParts {
         self.dead_letters
             .insert(&tx, &session.dead_letters, &rejects)
             .await?;
-        // Last before commit, so a batch the database refuses is not forwarded twice.
+        // Last before commit, so a batch the database refuses is not forwarded twice. Forwarding
+        // gives up what the queue will not take: it never holds up the commit for long.
         if let Some(queue) = &self.dead_letter_queue
             && !rejects.is_empty()
         {
-            queue
-                .forward(&rejects)
-                .await
-                .map_err(CommitError::Forward)?;
+            queue.forward(&rejects).await;
         }
         tx.commit().await?;
         Ok(CommitCounts {
