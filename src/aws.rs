@@ -94,16 +94,18 @@ pub async fn sqs_client(cfg: &SqsConfig) -> aws_sdk_sqs::Client {
     let mut builder = aws_sdk_sqs::config::Builder::from(&shared).timeout_config(
         aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(5))
-            // A long poll legitimately takes `wait_time_seconds`.
-            .operation_attempt_timeout(Duration::from_secs(
-                cfg.wait_time_seconds.max(0) as u64 + 15,
-            ))
+            .operation_attempt_timeout(receive_attempt_timeout(cfg))
             .build(),
     );
     if let Some(endpoint) = &cfg.endpoint_url {
         builder = builder.endpoint_url(endpoint);
     }
     aws_sdk_sqs::Client::from_conf(builder.build())
+}
+
+/// The longest one SQS call may take: a long poll legitimately takes `wait_time_seconds`.
+pub fn receive_attempt_timeout(cfg: &SqsConfig) -> Duration {
+    Duration::from_secs(cfg.wait_time_seconds.max(0) as u64 + 15)
 }
 
 async fn shared_config(region: Option<&str>) -> aws_config::SdkConfig {

@@ -496,6 +496,10 @@ impl Config {
     }
 }
 
+/// The most SQS messages held at once: with bodies of up to 1 MiB, more could exhaust memory long
+/// before it helped throughput.
+pub const MAX_IN_FLIGHT: usize = 100_000;
+
 impl SqsConfig {
     fn validate(&self, v: &mut Validator) {
         match (&self.queue_url, &self.queue_name) {
@@ -534,6 +538,13 @@ impl SqsConfig {
             v.problem(
                 "source.sqs.max_in_flight",
                 format!("must be at least `max_messages` ({})", self.max_messages),
+            );
+        } else {
+            v.range(
+                "source.sqs.max_in_flight",
+                self.max_in_flight,
+                1,
+                MAX_IN_FLIGHT,
             );
         }
     }

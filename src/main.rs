@@ -28,8 +28,8 @@ enum Command {
         config: PathBuf,
         /// Exit 0 once the source has returned nothing for this long and everything received is
         /// committed and acknowledged.
-        #[arg(long, value_name = "SECONDS")]
-        exit_when_idle: Option<f64>,
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        exit_when_idle: Option<std::time::Duration>,
     },
     /// Send messages to the configured source (SQS queue, or the file of a file source).
     Seed {
@@ -81,6 +81,20 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         rows: i64,
     },
+}
+
+/// A non-negative number of seconds, at most a year (a longer idle time is a typo, and a duration
+/// beyond what the clock can represent must not crash the daemon).
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    const MAX_SECONDS: f64 = 366.0 * 24.0 * 3600.0;
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.0..=MAX_SECONDS).contains(&seconds) {
+        return Err(format!("must be between 0 and {MAX_SECONDS} seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 impl Command {

@@ -14,6 +14,7 @@
 //! as in a graceful shutdown. A drain that exceeds `pipeline.shutdown_timeout_seconds` is abandoned:
 //! the unfinished messages are handed back to the source and the run ends with an error.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,9 +59,13 @@ pub enum PipelineError {
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(
-        "shutdown did not drain within {0:?}; unfinished messages were handed back to the source"
+        "shutdown did not drain within {timeout:?} (still running: {}); unfinished messages were handed back to the source",
+        .unfinished.join(", ")
     )]
-    DrainTimeout(Duration),
+    DrainTimeout {
+        timeout: Duration,
+        unfinished: Vec<&'static str>,
+    },
     #[error("{0} task failed: {1}")]
     Task(&'static str, String),
 }
@@ -122,10 +127,13 @@ impl Pipeline {
         let pruner = spawn_ledger_pruner(&self.config);
         let acknowledger = source.acknowledger.clone();
         let stats = self.stats.clone();
-        let timeout = Duration::from_secs(self.config.pipeline.shutdown_timeout_seconds);
+        let limits = DrainLimits {
+            timeout: Duration::from_secs(self.config.pipeline.shutdown_timeout_seconds),
+            receive_allowance: source.receive_allowance,
+        };
 
         let tasks = self.spawn_stages(source, channels, token.clone());
-        let outcome = supervise(tasks, &token, timeout).await;
+        let outcome = supervise(tasks, &token, limits).await;
         acknowledger.finish().await;
         pruner.cancel();
         endpoint.cancel();
@@ -158,12 +166,7 @@ impl Pipeline {
     }
 
     /// One task per stage, joined by the channels.
-    fn spawn_stages(
-        self,
-        source: BuiltSource,
-        channels: Channels,
-        token: Shutdown,
-    ) -> JoinSet<(&'static str, Result<(), PipelineError>)> {
+    fn spawn_stages(self, source: BuiltSource, channels: Channels, token: Shutdown) -> StageTasks {
         let Pipeline {
             config,
             stats,
@@ -182,41 +185,56 @@ impl Pipeline {
             postgres.batch_rows,
             Duration::from_millis(postgres.linger_ms),
         );
-        let mut tasks = JoinSet::new();
+        let mut tasks = StageTasks::default();
         let receiving = source.source;
-        tasks.spawn(async move {
-            let result = receiving.run(raw.0, token).await;
-            ("source", result.map_err(Into::into))
-        });
+        tasks.spawn(
+            "source",
+            async move { Ok(receiving.run(raw.0, token).await?) },
+        );
         let s = stats.clone();
-        tasks.spawn(async move {
+        tasks.spawn("parse", async move {
             run_parse_stage(raw.1, parsed.0, s).await;
-            ("parse", Ok(()))
+            Ok(())
         });
         let s = stats.clone();
-        tasks.spawn(async move {
+        tasks.spawn("transform", async move {
             run_transform_stage(transformer, parsed.1, rows.0, s).await;
-            ("transform", Ok(()))
+            Ok(())
         });
-        tasks.spawn(async move {
+        tasks.spawn("batcher", async move {
             run_batcher(rows.1, batches.0, batch_rows, linger).await;
-            ("batcher", Ok(()))
+            Ok(())
         });
         let queue = Arc::new(tokio::sync::Mutex::new(batches.1));
         for committer in committers {
             let (queue, acks) = (queue.clone(), acks.0.clone());
-            tasks.spawn(async move {
-                let result = committer.run(queue, acks).await;
-                ("sink", result.map_err(Into::into))
-            });
+            tasks.spawn("sink", async move { Ok(committer.run(queue, acks).await?) });
         }
         drop(acks.0);
         let acknowledger = source.acknowledger;
-        tasks.spawn(async move {
+        tasks.spawn("acknowledger", async move {
             acknowledge_committed(acknowledger, acks.1, stats).await;
-            ("acknowledger", Ok(()))
+            Ok(())
         });
         tasks
+    }
+}
+
+/// The stage tasks, each known by name so that a drain that times out can say which did not finish.
+#[derive(Default)]
+struct StageTasks {
+    set: JoinSet<(&'static str, Result<(), PipelineError>)>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl StageTasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        work: impl Future<Output = Result<(), PipelineError>> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(async move { (name, work.await) });
+        self.names.insert(handle.id(), name);
     }
 }
 
@@ -277,38 +295,77 @@ impl Channels {
     }
 }
 
-/// Waits for every task; the first failure cancels `token` so the rest drain. Gives up on the drain
-/// `timeout` after cancellation.
-async fn supervise(
-    mut tasks: JoinSet<(&'static str, Result<(), PipelineError>)>,
-    token: &Shutdown,
+/// How long a drain may take once a stop is requested.
+#[derive(Debug, Clone, Copy)]
+struct DrainLimits {
+    /// `pipeline.shutdown_timeout_seconds`.
     timeout: Duration,
+    /// Added when the stop lets receives in progress return (idle exit): waiting for a long poll
+    /// is not draining.
+    receive_allowance: Duration,
+}
+
+impl DrainLimits {
+    fn for_stop(&self, token: &Shutdown) -> Duration {
+        if token.finishes_receives() {
+            self.timeout + self.receive_allowance
+        } else {
+            self.timeout
+        }
+    }
+}
+
+/// Waits for every task; the first failure cancels `token` so the rest drain. Gives up on the drain
+/// once the stop has waited longer than `limits` allow, naming the tasks still running.
+async fn supervise(
+    tasks: StageTasks,
+    token: &Shutdown,
+    limits: DrainLimits,
 ) -> Result<(), PipelineError> {
+    let StageTasks {
+        set: mut tasks,
+        names: mut running,
+    } = tasks;
     let mut first_error = None;
     let deadline = async {
         token.requested().await;
-        tokio::time::sleep(timeout).await;
+        tokio::time::sleep(limits.for_stop(token)).await;
     };
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            joined = tasks.join_next() => {
+            joined = tasks.join_next_with_id() => {
                 let failure = match joined {
                     None => break,
-                    Some(Ok((_, Ok(())))) => continue,
-                    Some(Ok((name, Err(e)))) => {
+                    Some(Ok((id, (_, Ok(()))))) => {
+                        running.remove(&id);
+                        continue;
+                    }
+                    Some(Ok((id, (name, Err(e))))) => {
+                        running.remove(&id);
                         tracing::error!(task = name, error = %e, "pipeline task failed; stopping");
                         e
                     }
-                    Some(Err(e)) => PipelineError::Task("pipeline", e.to_string()),
+                    Some(Err(e)) => {
+                        let name = running.remove(&e.id()).unwrap_or("pipeline");
+                        PipelineError::Task(name, e.to_string())
+                    }
                 };
                 token.stop();
                 first_error.get_or_insert(failure);
             }
             _ = &mut deadline => {
-                tracing::error!(timeout_seconds = timeout.as_secs(), "drain timed out; abandoning unfinished messages");
+                let timeout = limits.for_stop(token);
+                let mut unfinished: Vec<&'static str> = running.into_values().collect();
+                unfinished.sort_unstable();
+                unfinished.dedup();
+                tracing::error!(
+                    timeout_seconds = timeout.as_secs(),
+                    still_running = unfinished.join(", "),
+                    "drain timed out; abandoning unfinished messages"
+                );
                 tasks.abort_all();
-                return Err(first_error.unwrap_or(PipelineError::DrainTimeout(timeout)));
+                return Err(first_error.unwrap_or(PipelineError::DrainTimeout { timeout, unfinished }));
             }
         }
     }

@@ -365,3 +365,39 @@ async fn seed_never_overwrites_an_existing_file_unless_asked() {
         "wrote a file named `-`"
     );
 }
+
+/// Values too large for the clock or the in-flight bound are refused with a message, not a panic.
+#[tokio::test]
+async fn huge_numbers_are_refused_not_a_crash() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
+    let idle = run_to_end(
+        sluice(&[
+            "run",
+            "--config",
+            path_str(&config.path),
+            "--exit-when-idle",
+            "1e20",
+        ]),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(idle.code, Some(2), "{idle:?}");
+    assert!(idle.stderr.contains("--exit-when-idle"), "{}", idle.stderr);
+
+    let huge = sqs_config(
+        &queue,
+        &schema,
+        "max_in_flight = 18446744073709551615",
+        "",
+        "",
+    );
+    let run = run_with_config(&huge, &["run"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("source.sqs.max_in_flight"),
+        "{}",
+        run.stderr
+    );
+}

@@ -383,7 +383,7 @@ async fn stuck_daemon(
 async fn a_drain_that_cannot_finish_releases_held_messages() {
     let schema = TestSchema::new().await;
     let queue = TestQueue::new().await;
-    let (_config, daemon, locker) = stuck_daemon(
+    let (config, daemon, locker) = stuck_daemon(
         &schema,
         &queue,
         "[pipeline]\nshutdown_timeout_seconds = 3\n",
@@ -393,14 +393,17 @@ async fn a_drain_that_cannot_finish_releases_held_messages() {
     let run = finish(daemon, Duration::from_secs(20)).await;
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("did not drain"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("(still running: ") && run.stderr.contains("sink)"),
+        "the error names what did not finish: {}",
+        run.stderr
+    );
     // Released with visibility 0: visible again at once, well before the 3 s timeout would expire.
     assert_eq!(queue.depth().await, (50, 0));
 
     locker.batch_execute("ROLLBACK").await.expect("unlock");
-    // The follow-up run keeps the default drain timeout: its idle stop waits for the last long poll,
-    // which a busy emulator can take longer than 3 s to answer.
-    let relaxed = stuck_config(&schema, &queue, "");
-    let rest = run_until_idle(&relaxed.path, 2).await;
+    // An idle stop's wait for the last long poll does not count against the drain timeout.
+    let rest = run_until_idle(&config.path, 2).await;
     rest.assert_success();
     assert_eq!(schema.rows_loaded().await, 50);
 }
@@ -494,4 +497,26 @@ async fn a_receipt_handle_acknowledged_twice_is_deleted_once() {
         queue.depth().await == (0, 0)
     })
     .await;
+}
+
+/// An idle exit waits for the long polls in progress to return (so that no message arriving
+/// meanwhile is stranded) and that wait is not part of the drain: a run that loaded and acknowledged
+/// everything exits 0 even when a long poll outlasts `shutdown_timeout_seconds`.
+#[tokio::test]
+async fn an_idle_exit_outlasting_the_drain_timeout_still_exits_zero() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let bodies: Vec<String> = (0..20).map(|i| login(&format!("idle-{i}"))).collect();
+    queue.send(&bodies).await;
+    let config = TestConfig::write(&sqs_config(
+        &queue,
+        &schema,
+        "wait_time_seconds = 8",
+        "",
+        "[pipeline]\nshutdown_timeout_seconds = 3\n",
+    ));
+    let run = run_until_idle(&config.path, 1).await;
+    run.assert_success();
+    assert_eq!(run.summary().loaded, 20);
+    assert_eq!(queue.depth().await, (0, 0));
 }

@@ -7,14 +7,7 @@ use anyhow::Context;
 use sluice::config::Config;
 use sluice::pipeline::{Pipeline, RunOptions, build_source};
 
-pub async fn run(config: &Config, exit_when_idle: Option<f64>) -> anyhow::Result<ExitCode> {
-    let idle = match exit_when_idle {
-        Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-        Some(s) => {
-            anyhow::bail!("--exit-when-idle must be a non-negative number of seconds, got {s}")
-        }
-        None => None,
-    };
+pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::prepare(config)
         .await
         .context("cannot start the pipeline")?;

@@ -35,6 +35,7 @@ impl FileSource {
             }),
             acknowledger: Arc::new(NoAcknowledger),
             chunk_messages: chunk_messages.max(1),
+            receive_allowance: std::time::Duration::ZERO,
         }
     }
 }

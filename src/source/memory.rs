@@ -27,6 +27,7 @@ impl MemorySource {
             }),
             acknowledger: Arc::new(NoAcknowledger),
             chunk_messages: chunk_messages.max(1),
+            receive_allowance: std::time::Duration::ZERO,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod memory;
 pub mod sqs;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -64,4 +65,7 @@ pub struct BuiltSource {
     pub acknowledger: Arc<dyn Acknowledger>,
     /// The most messages one chunk from this source holds, to size the channels in messages.
     pub chunk_messages: usize,
+    /// How long receives in progress may take to return when a stop lets them finish (an idle
+    /// exit): added to the drain timeout then, since that wait is not part of draining.
+    pub receive_allowance: Duration,
 }

@@ -122,6 +122,17 @@ impl Drop for TestSchema {
             rt.block_on(async {
                 if let Ok((client, conn)) = tokio_postgres::connect(&database_url(), NoTls).await {
                     tokio::spawn(conn);
+                    // A test that failed may still hold a lock in the schema (its client cannot
+                    // end while the test's runtime is unwinding): end such sessions first.
+                    let _ = client
+                        .execute(
+                            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+                             JOIN pg_class c ON c.oid = l.relation
+                             JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+                            &[&name],
+                        )
+                        .await;
                     let _ = client
                         .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
                         .await;

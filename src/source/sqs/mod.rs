@@ -83,6 +83,8 @@ impl SqsSource {
             }),
             acknowledger: Arc::new(acknowledger),
             chunk_messages: cfg.max_messages as usize,
+            // A long poll returns within its wait time; the SDK's attempt timeout bounds it too.
+            receive_allowance: aws::receive_attempt_timeout(cfg),
         })
     }
 }
