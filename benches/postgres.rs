@@ -31,17 +31,23 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use futures::SinkExt;
-use sluice::config::{Config, EnvOverrides, redact_url};
+use sluice::config::{Config, EnvOverrides};
 use sluice::envelope::Envelope;
+use sluice::login_table::column_list;
+use sluice::pg::{Connector, redact_url};
 use sluice::pipeline::{Pipeline, RunOptions};
+use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
-use sluice::sink::copy_encode::{COLUMNS, copy_statement, encode_rows};
+use sluice::sink::commit_record::{CommitRecord, NoCommitRecord};
+use sluice::sink::copy_encode::{copy_statement, encode_rows};
+use sluice::sink::ledger::LedgerRecord;
 use sluice::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkSettings};
-use sluice::sink::schema::{self, DeadLetterColumns, Tables};
+use sluice::sink::schema::{self, DeadLetterColumns};
 use sluice::source::memory::MemorySource;
+use sluice::source::sqs::SqsLedgerKeys;
 use sluice::stage::transform::LoginRow;
 use sluice::stats::{Stats, Summary};
-use sluice::table_name::TableName;
+use sluice::table_name::{TableName, Tables};
 use tokio::runtime::Runtime;
 use tokio_postgres::Client;
 
@@ -195,16 +201,24 @@ impl Db {
             .unwrap_or_else(|_| "unknown".into())
     }
 
-    fn sink(&self, dedupe: bool) -> PgCopySink {
+    /// A committer, and the commit record its batches write: the dedupe ledger (keys scoped as an SQS
+    /// queue's) or nothing.
+    fn sink(&self, dedupe: bool) -> (PgCopySink, Arc<dyn CommitRecord>) {
         let settings = SinkSettings {
-            url: self.url.clone(),
-            connect_timeout: CONNECT_TIMEOUT,
+            connector: Connector::new(self.url.clone(), CONNECT_TIMEOUT),
             tables: self.tables.clone(),
             dead_letter_columns: self.dead_letter_columns,
-            dedupe,
             dead_letter_queue: None,
         };
-        PgCopySinkBuilder::new(settings, Arc::new(Stats::default())).committer(Some(self.connect()))
+        let record: Arc<dyn CommitRecord> = if dedupe {
+            let keys = Arc::new(SqsLedgerKeys::new("arn:aws:sqs:bench"));
+            Arc::new(LedgerRecord::new(&self.tables.ledger, keys))
+        } else {
+            Arc::new(NoCommitRecord)
+        };
+        let committer = PgCopySinkBuilder::new(settings, Arc::new(Stats::default()))
+            .committer(Some(self.connect()));
+        (committer, record)
     }
 }
 
@@ -239,14 +253,16 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
     assert!(template.len() >= 10_000);
     let mut group = db_group(c, "sink", Duration::from_secs(4));
     let mut pending = 0usize;
-    let mut plain: Option<PgCopySink> = None;
+    let mut plain: Option<(PgCopySink, Arc<dyn CommitRecord>)> = None;
     for n in [100usize, 1_000, 10_000] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(BenchmarkId::new("copy", n), |b| {
             let db = db.get_or_init(Db::open);
-            let sink = plain.get_or_insert_with(|| db.sink(false));
+            let (sink, record) = plain.get_or_insert_with(|| db.sink(false));
             b.iter_custom(|iters| {
-                timed_commits(db, sink, iters, &mut pending, || template[..n].to_vec())
+                timed_commits(db, sink, &**record, iters, &mut pending, || {
+                    template[..n].to_vec()
+                })
             })
         });
     }
@@ -256,9 +272,9 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
     group.throughput(Throughput::Elements(n as u64));
     group.bench_function(BenchmarkId::new("copy+ledger", n), |b| {
         let db = db.get_or_init(Db::open);
-        let mut sink = db.sink(true);
+        let (mut sink, record) = db.sink(true);
         b.iter_custom(|iters| {
-            timed_commits(db, &mut sink, iters, &mut pending, || {
+            timed_commits(db, &mut sink, &*record, iters, &mut pending, || {
                 let mut rows = template[..n].to_vec();
                 for row in &mut rows {
                     key += 1;
@@ -276,6 +292,7 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
 fn timed_commits(
     db: &Db,
     sink: &mut PgCopySink,
+    record: &dyn CommitRecord,
     iters: u64,
     pending: &mut usize,
     mut make_rows: impl FnMut() -> Vec<LoginRow>,
@@ -289,9 +306,15 @@ fn timed_commits(
         let batch = Batch::new(make_rows(), Vec::new());
         let n = batch.len();
         let started = Instant::now();
-        let done = db.runtime.block_on(sink.commit(batch)).expect("commit");
+        let done = db
+            .runtime
+            .block_on(sink.commit(batch, record))
+            .expect("commit");
         total += started.elapsed();
-        assert_eq!(done.iter().map(Batch::len).sum::<usize>(), n);
+        assert_eq!(
+            done.committed.iter().map(|c| c.batch.len()).sum::<usize>(),
+            n
+        );
         *pending += n;
     }
     total
@@ -331,7 +354,7 @@ table = "{schema}.user_logins_rejected"
         database_url: Some(db.url.clone()),
         ..Default::default()
     };
-    Config::from_toml(&text, Path::new("bench-pipeline.toml"), Path::new("."), env)
+    Config::from_toml(&text, Path::new("bench-pipeline.toml"), env)
         .expect("the bench configuration is valid")
 }
 
@@ -475,8 +498,9 @@ fn ceiling(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
         let db = db.get_or_init(Db::open);
         let client = db.connect();
         let insert = format!(
-            "INSERT INTO {} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7::text::date)",
-            db.tables.target
+            "INSERT INTO {} ({}) VALUES ($1, $2, $3, $4, $5, $6, $7::text::date)",
+            db.tables.target,
+            column_list()
         );
         let statement = db
             .runtime

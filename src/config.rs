@@ -1,44 +1,53 @@
-//! The configuration file: one TOML document deserialized into one typed tree.
+//! The configuration file: one TOML document deserialized into one typed tree, resolved once.
 //!
-//! Unknown keys are rejected (a typo must not silently fall back to a default), every key but the
-//! source's address and the database URL has a default documented on its field, and [`Config::load`]
-//! validates the whole tree before anything starts, reporting every problem by its dotted key.
-//! Environment variables override what differs between deployments and carry the secrets:
-//! `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`, `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`.
+//! Unknown keys are rejected (a typo must not silently fall back to a default). Each key's default
+//! lives beside its field, in the `default` function serde calls, and its doc comment says the same;
+//! the README's table is checked against them by a test. Values arrive typed: table names are
+//! parsed while deserializing, the metrics address is a socket address, and paths are made absolute
+//! (relative to the file's directory) the moment the file is loaded, so the rest of the code never
+//! sees raw config text. [`Config::load`] then validates ranges and combinations across the whole
+//! tree, reporting every problem by its dotted key. Environment variables override what differs
+//! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
+//! `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::stage::mask::{KeyError, MaskKey, MaskMode};
 use crate::stage::transform::{AppVersionMode, CreateDateMode};
-use crate::table_name::TableName;
+use crate::table_name::{TableName, Tables};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub source: SourceConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub pipeline: PipelineConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub sink: SinkConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub mask: MaskConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub transform: TransformConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub dead_letter: DeadLetterConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub log: LogConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub metrics: MetricsConfig,
-    /// Where the file was read from: relative paths in it are taken from its directory.
-    #[serde(skip)]
-    pub base_dir: PathBuf,
     /// `SLUICE_MASK_KEY`, kept apart from the file's keys so it is never printed.
     #[serde(skip)]
     mask_key_from_env: Option<String>,
+}
+
+/// A section's defaults: what an empty table deserializes to. Every field of a section has a
+/// `default`, so its value is written once, beside the field.
+fn section_defaults<T: DeserializeOwned>() -> T {
+    toml::from_str("").unwrap_or_else(|e| unreachable!("a config field without a default: {e}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -51,206 +60,240 @@ pub enum SourceKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// Which source feeds the pipeline: `"sqs"` or `"file"`.
+    /// Which source feeds the pipeline: `"sqs"` or `"file"`. Required.
     pub kind: SourceKind,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub sqs: SqsConfig,
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub file: FileConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct SqsConfig {
     /// Full queue URL. Either this or `queue_name` (env `SLUICE_SQS_QUEUE_URL` overrides).
+    #[serde(default)]
     pub queue_url: Option<String>,
     /// Queue name, resolved to a URL with GetQueueUrl at start.
+    #[serde(default)]
     pub queue_name: Option<String>,
     /// Custom endpoint, for emulators such as moto or LocalStack (env `SLUICE_SQS_ENDPOINT_URL`).
+    /// Default: AWS.
+    #[serde(default)]
     pub endpoint_url: Option<String>,
-    /// AWS region; default: the standard chain (`AWS_REGION`, profile), else `us-east-1`.
+    /// AWS region. Default: the standard chain (`AWS_REGION`, profile), else `us-east-1`.
+    #[serde(default)]
     pub region: Option<String>,
     /// Concurrent long-polling receivers. Default 4.
+    #[serde(default = "default_pollers")]
     pub pollers: usize,
     /// Long-poll wait, 0-20 s. Default 20.
+    #[serde(default = "default_wait_time_seconds")]
     pub wait_time_seconds: i32,
     /// Messages per receive, 1-10. Default 10.
+    #[serde(default = "default_max_messages")]
     pub max_messages: i32,
     /// Visibility timeout asked for on receive, and the extension granted while a message waits.
     /// Default 60.
+    #[serde(default = "default_visibility_timeout_seconds")]
     pub visibility_timeout_seconds: i32,
-    /// Most messages received but not yet acknowledged; pollers wait beyond it. Default 5000.
+    /// Most messages received but not yet acknowledged (at most 100,000); pollers wait beyond it.
+    /// Default 5000.
+    #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Message attribute holding a producer's idempotency key, which the dedupe ledger uses instead of
     /// the SQS message id when present; `""` turns this off. Default `"dedupe_id"`.
+    #[serde(default = "default_dedupe_attribute")]
     pub dedupe_attribute: String,
 }
 
-impl Default for SqsConfig {
-    fn default() -> Self {
-        SqsConfig {
-            queue_url: None,
-            queue_name: None,
-            endpoint_url: None,
-            region: None,
-            pollers: 4,
-            wait_time_seconds: 20,
-            max_messages: 10,
-            visibility_timeout_seconds: 60,
-            max_in_flight: 5000,
-            dedupe_attribute: "dedupe_id".into(),
-        }
-    }
+const fn default_pollers() -> usize {
+    4
+}
+const fn default_wait_time_seconds() -> i32 {
+    20
+}
+const fn default_max_messages() -> i32 {
+    10
+}
+const fn default_visibility_timeout_seconds() -> i32 {
+    60
+}
+const fn default_max_in_flight() -> usize {
+    5000
+}
+fn default_dedupe_attribute() -> String {
+    "dedupe_id".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// NDJSON or a JSON array, gzip when the name ends in `.gz`, `-` for standard input. Relative to
-    /// the config file. Required when `source.kind = "file"`.
+    /// NDJSON or a JSON array, gzip when the name ends in `.gz`, `-` for standard input; relative to
+    /// the config file (made absolute at load). Required when `source.kind = "file"`.
+    #[serde(default)]
     pub path: Option<PathBuf>,
     /// Messages per chunk handed to the parse stage. Default 256.
+    #[serde(default = "default_chunk_messages")]
     pub chunk_messages: usize,
 }
 
-impl Default for FileConfig {
-    fn default() -> Self {
-        FileConfig {
-            path: None,
-            chunk_messages: 256,
-        }
-    }
+const fn default_chunk_messages() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     /// Messages each channel between stages may hold, counted in whole chunks of the source (an SQS
     /// chunk is one receive of up to 10 messages, a file chunk `source.file.chunk_messages`), at least
     /// two chunks. Bounded so that a slow sink stops the source instead of growing memory.
     /// Default 2048.
+    #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
-    /// How long a graceful shutdown may take to drain before uncommitted messages are released to the
-    /// source and the daemon exits non-zero. Default 30.
+    /// How long a graceful shutdown may take to drain (3 or more) before uncommitted messages are
+    /// released to the source and the daemon exits non-zero. Default 30.
+    #[serde(default = "default_shutdown_timeout_seconds")]
     pub shutdown_timeout_seconds: u64,
 }
 
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        PipelineConfig {
-            channel_capacity: 2048,
-            shutdown_timeout_seconds: 30,
-        }
-    }
+const fn default_channel_capacity() -> usize {
+    2048
+}
+const fn default_shutdown_timeout_seconds() -> u64 {
+    30
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
-    #[serde(default)]
+    #[serde(default = "section_defaults")]
     pub postgres: PostgresConfig,
 }
 
 #[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Connection URL, e.g. `postgres://user@host:5432/db`. Required; env `SLUICE_DATABASE_URL`
     /// overrides (and is where a password belongs).
+    #[serde(default)]
     pub url: Option<String>,
     /// Target table, optionally schema-qualified. Default `user_logins`.
-    pub table: String,
+    #[serde(default = "default_table")]
+    pub table: TableName,
     /// Rows (and dead-letter records) per transaction. Default 1000.
+    #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
     /// Longest a partial batch waits for more messages before it is committed, in ms. Default 500.
+    #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
-    /// Table of committed message keys used to skip redeliveries. Default `sluice_ledger`.
-    pub ledger_table: String,
+    /// Table of committed messages' keys (SHA-256 of the source and the message's key), used to
+    /// skip redeliveries. Default `sluice_ledger_v2`.
+    #[serde(default = "default_ledger_table")]
+    pub ledger_table: TableName,
     /// How long ledger entries are kept: at least the source's retention (SQS: 14 days max).
     /// Default 336.
+    #[serde(default = "default_ledger_retention_hours")]
     pub ledger_retention_hours: u64,
     /// Record every message in the ledger and skip ones seen before. Default: on for sources that
     /// redeliver (SQS), off for files.
+    #[serde(default)]
     pub dedupe: Option<bool>,
     /// Create missing tables at start (never alters existing ones). Default true.
+    #[serde(default = "default_create_tables")]
     pub create_tables: bool,
     /// Connections committing batches side by side, so one batch's COMMIT overlaps the next one's
     /// COPY. Default 2.
+    #[serde(default = "default_connections")]
     pub connections: usize,
     /// Seconds to wait for a connection. Default 10.
+    #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
+}
+
+fn default_table() -> TableName {
+    TableName::unqualified("user_logins")
+}
+const fn default_batch_rows() -> usize {
+    1000
+}
+const fn default_linger_ms() -> u64 {
+    500
+}
+fn default_ledger_table() -> TableName {
+    TableName::unqualified("sluice_ledger_v2")
+}
+const fn default_ledger_retention_hours() -> u64 {
+    336
+}
+const fn default_create_tables() -> bool {
+    true
+}
+const fn default_connections() -> usize {
+    2
+}
+const fn default_connect_timeout_seconds() -> u64 {
+    10
 }
 
 impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresConfig")
-            .field("url", &self.url.as_deref().map(redact_url))
+            .field("url", &self.url.as_deref().map(crate::pg::redact_url))
             .field("table", &self.table)
             .field("batch_rows", &self.batch_rows)
             .field("linger_ms", &self.linger_ms)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        PostgresConfig {
-            url: None,
-            table: "user_logins".into(),
-            batch_rows: 1000,
-            linger_ms: 500,
-            ledger_table: "sluice_ledger".into(),
-            ledger_retention_hours: 336,
-            dedupe: None,
-            create_tables: true,
-            connections: 2,
-            connect_timeout_seconds: 10,
-        }
+            .field("ledger_table", &self.ledger_table)
+            .field("ledger_retention_hours", &self.ledger_retention_hours)
+            .field("dedupe", &self.dedupe)
+            .field("create_tables", &self.create_tables)
+            .field("connections", &self.connections)
+            .field("connect_timeout_seconds", &self.connect_timeout_seconds)
+            .finish()
     }
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct MaskConfig {
-    /// `"hmac-sha256"` (default) or `"salted-sha256"` (compatibility).
+    /// `"hmac-sha256"` or `"salted-sha256"` (compatibility). Default `"hmac-sha256"`.
+    #[serde(default = "default_mask_mode")]
     pub mode: MaskMode,
-    /// File holding the key; relative to the config file. `SLUICE_MASK_KEY` overrides it.
+    /// File holding the key; relative to the config file (made absolute at load).
+    /// `SLUICE_MASK_KEY` overrides it. Default: none.
+    #[serde(default)]
     pub key_file: Option<PathBuf>,
 }
 
-impl Default for MaskConfig {
-    fn default() -> Self {
-        MaskConfig {
-            mode: MaskMode::HmacSha256,
-            key_file: None,
-        }
-    }
+const fn default_mask_mode() -> MaskMode {
+    MaskMode::HmacSha256
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransformConfig {
-    /// `"major"` (default) or `"packed"`.
+    /// `"major"` or `"packed"`. Default `"major"`.
+    #[serde(default)]
     pub app_version: AppVersionMode,
-    /// `"sent_time"` (default) or `"processing_time"`.
+    /// `"sent_time"` or `"processing_time"`. Default `"sent_time"`.
+    #[serde(default)]
     pub create_date: CreateDateMode,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// Table of rejected messages with their reason. Default `user_logins_rejected`.
-    pub table: String,
+    #[serde(default = "default_dead_letter_table")]
+    pub table: TableName,
     /// Also forward every reject to this SQS queue (body unchanged, reason as message attributes).
+    /// Default: none.
+    #[serde(default)]
     pub sqs_queue_url: Option<String>,
 }
 
-impl Default for DeadLetterConfig {
-    fn default() -> Self {
-        DeadLetterConfig {
-            table: "user_logins_rejected".into(),
-            sqs_queue_url: None,
-        }
-    }
+fn default_dead_letter_table() -> TableName {
+    TableName::unqualified("user_logins_rejected")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -262,58 +305,60 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `"human"` (default) or `"json"`.
+    /// `"human"` or `"json"`. Default `"human"`.
+    #[serde(default)]
     pub format: LogFormat,
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` wins. Default `"info"`.
+    #[serde(default = "default_log_level")]
     pub level: String,
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Human,
-            level: "info".into(),
-        }
-    }
+fn default_log_level() -> String {
+    "info".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address for `/metrics`, `/healthz` and `/readyz`, e.g. `"127.0.0.1:9187"`. Default: off.
-    pub listen: Option<String>,
+    /// Address for `/metrics`, `/healthz` and `/readyz`, e.g. `"127.0.0.1:9187"` (port 0: any free
+    /// port, logged at start). Default: off.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
     /// `/readyz` fails when messages are waiting and nothing has been committed or acknowledged for
     /// this long. Default 120.
+    #[serde(default = "default_stall_after_seconds")]
     pub stall_after_seconds: u64,
 }
 
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            listen: None,
-            stall_after_seconds: 120,
-        }
-    }
+const fn default_stall_after_seconds() -> u64 {
+    120
 }
 
 /// A configuration that cannot be used. Every problem is named by its dotted key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}`")]
+    Parse {
+        path: PathBuf,
+        /// The dotted key of the value that could not be read (`.` for the document itself).
+        key: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
     #[error("config file {path} has {} problem(s):\n{}", .problems.len(), format_problems(.problems))]
     Invalid {
         path: PathBuf,
         problems: Vec<Problem>,
     },
-    #[error("masking key: {0}")]
+    #[error("masking key")]
     MaskKey(#[from] KeyError),
 }
 
@@ -365,21 +410,26 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
-        Config::from_toml(&text, path, &base_dir, env)
+        Config::from_toml(&text, path, env)
     }
 
-    pub fn from_toml(
-        text: &str,
-        path: &Path,
-        base_dir: &Path,
-        env: EnvOverrides,
-    ) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+    /// Deserializes `text`, read from `path` (relative paths in it are taken from `path`'s
+    /// directory), applies `env` and validates.
+    pub fn from_toml(text: &str, path: &Path, env: EnvOverrides) -> Result<Config, ConfigError> {
+        let parse_error = |key: String, source| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        config.base_dir = base_dir.to_owned();
+            key,
+            source: Box::new(source),
+        };
+        let document =
+            toml::Deserializer::parse(text).map_err(|e| parse_error(".".to_owned(), e))?;
+        let mut config: Config = serde_path_to_error::deserialize(document)
+            .map_err(|e| parse_error(e.path().to_string(), e.into_inner()))?;
+        let base_dir = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+            .unwrap_or_default();
+        config.resolve_paths(&base_dir);
         config.apply(env);
         let problems = config.problems();
         if problems.is_empty() {
@@ -390,6 +440,18 @@ impl Config {
                 problems,
             })
         }
+    }
+
+    /// Makes every path in the file absolute, relative to the file's directory (`-` stays standard
+    /// input).
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.as_os_str() != "-" && path.is_relative() {
+                *path = base_dir.join(&*path);
+            }
+        };
+        self.source.file.path.as_mut().map(resolve);
+        self.mask.key_file.as_mut().map(resolve);
     }
 
     fn apply(&mut self, env: EnvOverrides) {
@@ -412,15 +474,7 @@ impl Config {
         if self.source.kind == SourceKind::Sqs {
             self.source.sqs.validate(&mut v);
         }
-        if self.source.kind == SourceKind::File && self.source.file.path.is_none() {
-            v.problem("source.file.path", "required when `source.kind = \"file\"`");
-        }
-        v.range(
-            "source.file.chunk_messages",
-            self.source.file.chunk_messages,
-            1,
-            100_000,
-        );
+        self.validate_file(&mut v);
         v.range(
             "pipeline.channel_capacity",
             self.pipeline.channel_capacity,
@@ -436,17 +490,8 @@ impl Config {
             3_600,
         );
         self.sink.postgres.validate(&mut v);
-        v.table("dead_letter.table", &self.dead_letter.table);
         if let Some(url) = &self.dead_letter.sqs_queue_url {
             v.url("dead_letter.sqs_queue_url", url);
-        }
-        if let Some(listen) = &self.metrics.listen
-            && listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            v.problem(
-                "metrics.listen",
-                format!("{listen:?} is not an address like \"127.0.0.1:9187\""),
-            );
         }
         v.range(
             "metrics.stall_after_seconds",
@@ -457,12 +502,27 @@ impl Config {
         v.problems
     }
 
+    fn validate_file(&self, v: &mut Validator) {
+        let file = &self.source.file;
+        v.range(
+            "source.file.chunk_messages",
+            file.chunk_messages,
+            1,
+            100_000,
+        );
+        if self.source.kind != SourceKind::File {
+            return;
+        }
+        if file.path.is_none() {
+            v.problem("source.file.path", "required when `source.kind = \"file\"`");
+        }
+    }
+
     /// The masking key (environment first, then `mask.key_file`).
     pub fn mask_key(&self) -> Result<MaskKey, ConfigError> {
-        let file = self.mask.key_file.as_ref().map(|p| self.base_dir.join(p));
         Ok(MaskKey::load(
             self.mask_key_from_env.as_deref(),
-            file.as_deref(),
+            self.mask.key_file.as_deref(),
         )?)
     }
 
@@ -474,25 +534,13 @@ impl Config {
             .unwrap_or(self.source.kind == SourceKind::Sqs)
     }
 
-    /// The database URL; validation guarantees it is present.
-    pub fn database_url(&self) -> &str {
-        self.sink.postgres.url.as_deref().unwrap_or_default()
-    }
-
-    /// A table-name key, already validated.
-    pub fn table(&self) -> TableName {
-        TableName::parse(&self.sink.postgres.table)
-            .unwrap_or_else(|_| TableName::unqualified("user_logins"))
-    }
-
-    pub fn dead_letter_table(&self) -> TableName {
-        TableName::parse(&self.dead_letter.table)
-            .unwrap_or_else(|_| TableName::unqualified("user_logins_rejected"))
-    }
-
-    pub fn ledger_table(&self) -> TableName {
-        TableName::parse(&self.sink.postgres.ledger_table)
-            .unwrap_or_else(|_| TableName::unqualified("sluice_ledger"))
+    /// The three tables this deployment writes.
+    pub fn tables(&self) -> Tables {
+        Tables {
+            target: self.sink.postgres.table.clone(),
+            dead_letter: self.dead_letter.table.clone(),
+            ledger: self.sink.postgres.ledger_table.clone(),
+        }
     }
 }
 
@@ -560,8 +608,6 @@ impl PostgresConfig {
                 }
             }
         }
-        v.table("sink.postgres.table", &self.table);
-        v.table("sink.postgres.ledger_table", &self.ledger_table);
         v.range("sink.postgres.batch_rows", self.batch_rows, 1, 1_000_000);
         v.range("sink.postgres.connections", self.connections, 1, 64);
         v.range("sink.postgres.linger_ms", self.linger_ms, 0, 3_600_000);
@@ -604,31 +650,6 @@ impl Validator {
             self.problem(key, format!("{url:?} is not an http(s) URL"));
         }
     }
-
-    fn table(&mut self, key: &str, name: &str) {
-        if let Err(e) = TableName::parse(name) {
-            self.problem(key, e);
-        }
-    }
-}
-
-/// A URL with its password replaced, for logs and reports.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 #[cfg(test)]
@@ -645,12 +666,7 @@ mod tests {
     "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml(
-            text,
-            Path::new("test.toml"),
-            Path::new("."),
-            EnvOverrides::default(),
-        )
+        Config::from_toml(text, Path::new("test.toml"), EnvOverrides::default())
     }
 
     fn problems(text: &str) -> Vec<String> {
@@ -670,19 +686,81 @@ mod tests {
         assert_eq!(c.source.sqs.max_messages, 10);
         assert_eq!(c.pipeline.channel_capacity, 2048);
         assert_eq!(c.sink.postgres.connections, 2);
-        assert_eq!(c.sink.postgres.table, "user_logins");
         assert_eq!(c.sink.postgres.batch_rows, 1000);
-        assert_eq!(c.dead_letter.table, "user_logins_rejected");
+        assert_eq!(
+            c.tables(),
+            Tables {
+                target: TableName::unqualified("user_logins"),
+                dead_letter: TableName::unqualified("user_logins_rejected"),
+                ledger: TableName::unqualified("sluice_ledger_v2"),
+            }
+        );
         assert_eq!(c.mask.mode, MaskMode::HmacSha256);
         assert_eq!(c.transform.app_version, AppVersionMode::Major);
         assert!(c.dedupe_enabled());
     }
 
+    /// Every default the README's configuration table states as a value is the one the code
+    /// applies: setting the key to it changes nothing.
+    #[test]
+    fn the_readme_states_the_defaults_the_code_applies() {
+        let base = "source.kind = \"sqs\"\nsource.sqs.queue_name = \"q\"\nsink.postgres.url = \"postgres://x@y/z\"\n";
+        let defaults = format!("{:?}", parse(base).expect("valid"));
+        let mut checked = 0;
+        for line in include_str!("../README.md").lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let [_, key, default, ..] = cells.as_slice() else {
+                continue;
+            };
+            let (Some(key), value) = (
+                key.strip_prefix('`').and_then(|k| k.strip_suffix('`')),
+                default.trim_matches('`'),
+            ) else {
+                continue;
+            };
+            let text = format!("{key} = {value}\n{base}");
+            if toml::from_str::<toml::Table>(&text).is_err() {
+                continue; // "required", "none", "AWS chain, …": not a value
+            }
+            let explicit = parse(&text).unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+            assert_eq!(
+                format!("{explicit:?}"),
+                defaults,
+                "README default of `{key}`"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} defaults found in the README");
+    }
+
+    /// `config/example.toml` lists every key with its default.
+    #[test]
+    fn the_example_file_holds_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let env = || EnvOverrides {
+            database_url: Some("postgres://x@localhost/y".into()),
+            ..EnvOverrides::default()
+        };
+        let example = Config::load_with(&path, env()).expect("valid");
+        let url = example.source.sqs.queue_url.clone().expect("a queue url");
+        let text = format!("[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_url = \"{url}\"\n");
+        let defaults = Config::from_toml(&text, &path, env()).expect("valid");
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    }
+
     #[test]
     fn unknown_keys_are_rejected_by_name() {
         let err = parse(&format!("{MINIMAL}\n[pipeline]\nchanel_capacity = 3\n")).unwrap_err();
-        let text = err.to_string();
+        let text = crate::error_chain::Chain(&err).to_string();
         assert!(text.contains("chanel_capacity"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_table_name_is_refused_naming_its_key() {
+        let err = parse(&format!("{MINIMAL}table = \"drop table; --\"\n")).unwrap_err();
+        let text = crate::error_chain::Chain(&err).to_string();
+        assert!(text.contains("`sink.postgres.table`"), "{text}");
+        assert!(text.contains("is not a table name"), "{text}");
     }
 
     #[test]
@@ -694,7 +772,6 @@ mod tests {
             max_messages = 11
             wait_time_seconds = 30
             [sink.postgres]
-            table = "drop table; --"
             batch_rows = 0
         "#;
         assert_eq!(
@@ -704,10 +781,30 @@ mod tests {
                 "source.sqs.wait_time_seconds",
                 "source.sqs.max_messages",
                 "sink.postgres.url",
-                "sink.postgres.table",
                 "sink.postgres.batch_rows",
             ]
         );
+    }
+
+    #[test]
+    fn paths_are_made_absolute_at_load() {
+        let text = "[source]\nkind = \"file\"\n[source.file]\npath = \"data/x.ndjson\"\n\
+                    [sink.postgres]\nurl = \"postgres://x@y/z\"\n[mask]\nkey_file = \"/etc/k\"\n";
+        let c = Config::from_toml(
+            text,
+            Path::new("/srv/sluice/c.toml"),
+            EnvOverrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.source.file.path.as_deref(),
+            Some(Path::new("/srv/sluice/data/x.ndjson"))
+        );
+        assert_eq!(c.mask.key_file.as_deref(), Some(Path::new("/etc/k")));
+        let stdin = text.replace("data/x.ndjson", "-");
+        let c =
+            Config::from_toml(&stdin, Path::new("c.toml"), EnvOverrides::default()).expect("valid");
+        assert_eq!(c.source.file.path.as_deref(), Some(Path::new("-")));
     }
 
     #[test]
@@ -718,14 +815,16 @@ mod tests {
             database_url: Some("postgres://other@db/x".into()),
             mask_key: Some("0123456789abcdef0123".into()),
         };
-        let c =
-            Config::from_toml(MINIMAL, Path::new("t.toml"), Path::new("."), env).expect("valid");
+        let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
         assert_eq!(
             c.source.sqs.queue_url.as_deref(),
             Some("http://localhost:4566/000000000000/q")
         );
         assert_eq!(c.source.sqs.queue_name, None);
-        assert_eq!(c.database_url(), "postgres://other@db/x");
+        assert_eq!(
+            c.sink.postgres.url.as_deref(),
+            Some("postgres://other@db/x")
+        );
         assert_eq!(
             c.mask_key().expect("key"),
             MaskKey::from_bytes(b"0123456789abcdef0123")
@@ -735,17 +834,10 @@ mod tests {
     #[test]
     fn missing_key_is_a_clear_error() {
         let c = parse(MINIMAL).expect("valid");
-        let err = c.mask_key().unwrap_err().to_string();
-        assert!(err.contains("SLUICE_MASK_KEY"), "{err}");
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/d"),
-            "postgres://u:***@h:5432/d"
-        );
-        assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+        let err = c.mask_key().unwrap_err();
+        let text = crate::error_chain::Chain(&err).to_string();
+        assert!(text.contains("SLUICE_MASK_KEY"), "{text}");
+        assert_eq!(text.matches("no masking key").count(), 1, "{text}");
     }
 
     #[test]
@@ -759,7 +851,7 @@ mod tests {
                 ..EnvOverrides::default()
             };
             if let Err(e) = Config::load_with(&path, env) {
-                panic!("{name}: {e}");
+                panic!("{name}: {}", crate::error_chain::Chain(&e));
             }
         }
     }

@@ -5,7 +5,6 @@
 //! sink can hand back exactly what it committed. Stages exchange [`Chunk`]s (one SQS receive, one file
 //! slice) rather than single messages, so a channel hop is paid once per chunk.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::time::SystemTime;
 
@@ -23,8 +22,8 @@ pub enum AckToken {
 pub struct Meta {
     /// The source's own id.
     pub message_id: MessageId,
-    /// A producer-chosen idempotency key (SQS message attribute); the dedupe ledger keys on it when
-    /// present, so a producer that sends the same event twice is deduplicated too.
+    /// A producer-chosen idempotency key (SQS message attribute); the dedupe ledger keys a loaded
+    /// message on it when present, so a producer that sends the same event twice is deduplicated too.
     pub dedupe_key: Option<String>,
     /// When the source accepted the message (SQS `SentTimestamp`), in milliseconds since the Unix epoch.
     pub sent_at_ms: Option<i64>,
@@ -45,15 +44,6 @@ impl Meta {
             received_at,
             receive_count: 1,
             ack: AckToken::None,
-        }
-    }
-
-    /// The key the dedupe ledger records for this message.
-    pub fn ledger_key(&self) -> Cow<'_, str> {
-        match (&self.dedupe_key, &self.message_id) {
-            (Some(key), _) => Cow::Borrowed(key),
-            (None, MessageId::Text(id)) => Cow::Borrowed(id),
-            (None, id @ MessageId::Position(_)) => Cow::Owned(id.to_string()),
         }
     }
 }

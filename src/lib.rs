@@ -7,6 +7,8 @@
 pub mod aws;
 pub mod config;
 pub mod envelope;
+pub mod error_chain;
+pub mod login_table;
 pub mod message_file;
 pub mod metrics;
 pub mod pg;

@@ -116,10 +116,11 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             // `check` reports a bad file as one of its findings.
+            let e = anyhow::Error::from(e);
             if matches!(args.command, Command::Check { .. }) {
-                println!("config      FAIL  {e}");
+                println!("config      FAIL  {e:#}");
             }
-            eprintln!("sluice: {e}");
+            eprintln!("sluice: {e:#}");
             return ExitCode::from(2);
         }
     };

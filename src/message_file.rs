@@ -25,11 +25,11 @@ pub struct FileMessage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MessageFileError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open { path: String, source: io::Error },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read { path: String, source: io::Error },
-    #[error("{path} is not a JSON array of messages: {source}")]
+    #[error("{path} is not a JSON array of messages")]
     Array {
         path: String,
         source: serde_json::Error,

@@ -5,7 +5,6 @@
 //! channels, so the endpoint adds nothing to the hot path. Channels are watched through weak senders:
 //! watching must never keep a channel open and so delay a drain.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,16 +52,15 @@ struct Endpoint {
     stall_after: Duration,
 }
 
-/// Binds `listen` and serves until `stop`. Binding happens before this returns, so a taken port is
-/// an error at start, not a log line later.
-pub async fn serve(
-    listen: SocketAddr,
+/// Serves on `listener` until `stop`. The caller binds it, so a taken port is an error at start, not
+/// a log line later, and a listener bound to port 0 serves on whichever port it got (logged here).
+pub fn serve(
+    listener: tokio::net::TcpListener,
     stats: Arc<Stats>,
     channels: Vec<ChannelProbe>,
     stall_after: Duration,
     stop: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+) -> tokio::task::JoinHandle<()> {
     let mut registry = Registry::default();
     stats.register(&mut registry);
     let used = ChannelGauges::default();
@@ -90,15 +88,17 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(endpoint);
-    tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
-    Ok(tokio::spawn(async move {
+    if let Ok(listen) = listener.local_addr() {
+        tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
+    }
+    tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         if let Err(e) = served {
             tracing::warn!(error = %e, "metrics endpoint stopped");
         }
-    }))
+    })
 }
 
 async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
@@ -146,4 +146,87 @@ async fn ready(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
         return (StatusCode::SERVICE_UNAVAILABLE, message);
     }
     (StatusCode::OK, "ready\n".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A plain HTTP GET: (status, body).
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+        (status, body.unwrap_or_default())
+    }
+
+    async fn endpoint(
+        stats: Arc<Stats>,
+        channels: Vec<ChannelProbe>,
+    ) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let addr = listener.local_addr().expect("bound");
+        let stop = CancellationToken::new();
+        serve(
+            listener,
+            stats,
+            channels,
+            Duration::from_secs(60),
+            stop.clone(),
+        );
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn metrics_report_the_counters_and_the_channels() {
+        let stats = Arc::new(Stats::default());
+        stats.record_received(3);
+        stats.record_commit(2, 1, 0, Duration::from_millis(4));
+        let (tx, _rx) = mpsc::channel::<u8>(8);
+        tx.send(1).await.expect("send");
+        let (addr, stop) = endpoint(stats, vec![ChannelProbe::new("a_to_b", &tx)]).await;
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        for line in [
+            "sluice_messages_received_total 3",
+            "sluice_rows_loaded_total 2",
+            "sluice_dead_letters_total 1",
+            "sluice_channel_used{channel=\"a_to_b\"} 1",
+            "sluice_channel_capacity{channel=\"a_to_b\"} 8",
+        ] {
+            assert!(body.contains(line), "missing {line:?} in:\n{body}");
+        }
+        drop(tx);
+        let (_, body) = get(addr, "/metrics").await;
+        assert!(
+            body.contains("sluice_channel_capacity{channel=\"a_to_b\"} 0"),
+            "a closed channel reads 0:\n{body}"
+        );
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_owned()));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn ready_needs_a_connection_and_no_stall() {
+        let stats = Arc::new(Stats::default());
+        let (addr, stop) = endpoint(stats.clone(), Vec::new()).await;
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (503, "not ready: no PostgreSQL connection\n".to_owned())
+        );
+        stats.postgres_connections.inc();
+        assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
+        stop.cancel();
+    }
 }

@@ -1,8 +1,16 @@
-//! Opening PostgreSQL connections the same way everywhere.
+//! Opening PostgreSQL connections the same way everywhere, and showing PostgreSQL's errors.
+//!
+//! Every command connects through one [`Connector`] built from `sink.postgres`: the same timeout,
+//! an `application_name` operators can find in `pg_stat_activity`, and, when it fails, one error
+//! that names the server with its password redacted. [`PgError`] carries a driver error as a typed
+//! cause and describes it (with the server's detail and hint) only when it is shown.
 
+use std::fmt;
 use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
+
+use crate::config::PostgresConfig;
 
 /// Connects and drives the connection on its own task. `application_name` is set unless the URL
 /// names one, so operators can find sluice's sessions in `pg_stat_activity`.
@@ -19,10 +27,94 @@ pub async fn connect(
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL connection ended");
+            tracing::debug!(error = %PgError(e), "PostgreSQL connection ended");
         }
     });
     Ok(client)
+}
+
+/// Where and how sluice connects: the URL (a secret: it may hold a password) and the timeout.
+#[derive(Clone)]
+pub struct Connector {
+    url: String,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("url", &self.redacted_url())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Connector {
+    pub fn new(url: impl Into<String>, timeout: Duration) -> Connector {
+        Connector {
+            url: url.into(),
+            timeout,
+        }
+    }
+
+    /// `sink.postgres.url` (validation guarantees it is there) and its connect timeout.
+    pub fn from_config(config: &PostgresConfig) -> Connector {
+        Connector::new(
+            config.url.clone().unwrap_or_default(),
+            Duration::from_secs(config.connect_timeout_seconds),
+        )
+    }
+
+    /// The URL with its password replaced, for logs and reports.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// A connection driven on its own task, named `application_name` in `pg_stat_activity`.
+    pub async fn connect(&self, application_name: &str) -> Result<Client, ConnectError> {
+        connect(&self.url, application_name, self.timeout)
+            .await
+            .map_err(|e| ConnectError {
+                url: self.redacted_url(),
+                source: PgError(e),
+            })
+    }
+}
+
+/// A connection that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL at {url}")]
+pub struct ConnectError {
+    /// Redacted.
+    url: String,
+    #[source]
+    source: PgError,
+}
+
+impl ConnectError {
+    /// The driver's error, to classify.
+    pub fn driver(&self) -> &tokio_postgres::Error {
+        &self.source.0
+    }
+}
+
+/// A driver error as a cause: shown as [`describe`] gives it. The description already holds the
+/// driver error's own causes, so it reports none of its own, and a printed chain shows each once.
+#[derive(Debug)]
+pub struct PgError(pub tokio_postgres::Error);
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl std::error::Error for PgError {}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PgError(e)
+    }
 }
 
 /// An error with the server's detail and hint, which `Display` alone leaves out.
@@ -46,14 +138,42 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
             }
             text
         }
-        None => {
-            let mut text = err.to_string();
-            let mut source = std::error::Error::source(err);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
+        // The driver's `Display` already ends with its cause.
+        None => err.to_string(),
+    }
+}
+
+/// A URL with its password replaced, for logs and reports.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
             }
-            text
         }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/d"),
+            "postgres://u:***@h:5432/d"
+        );
+        assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+        let connector = Connector::new("postgres://u:secret@h/d", Duration::from_secs(1));
+        assert!(!format!("{connector:?}").contains("secret"));
     }
 }

@@ -15,7 +15,7 @@
 //! the unfinished messages are handed back to the source and the run ends with an error.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,19 +23,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::aws;
-use crate::config::{Config, ConfigError, SourceKind};
+use crate::config::{Config, ConfigError};
 use crate::envelope::{AckToken, Chunk, Envelope};
+use crate::error_chain::Chain;
 use crate::metrics::{self, ChannelProbe};
-use crate::pg;
 use crate::shutdown::{self, Shutdown};
 use crate::sink::batch::{Batch, run_batcher};
-use crate::sink::dead_letter_queue::DeadLetterQueue;
-use crate::sink::ledger::{self, Ledger};
-use crate::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkError, SinkSettings};
-use crate::sink::schema::{self, SchemaError, Tables};
-use crate::source::file::FileSource;
-use crate::source::sqs::SqsSource;
+use crate::sink::{self, Sink, SinkError, run_committer};
 use crate::source::{Acknowledger, BuiltSource, SourceError};
 use crate::stage::mask::Masker;
 use crate::stage::parse::{LoginEvent, run_parse_stage};
@@ -46,18 +40,18 @@ use crate::stats::{Stats, Summary};
 pub enum PipelineError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("source: {0}")]
+    #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("PostgreSQL schema: {0}")]
-    Schema(#[from] SchemaError),
-    #[error("cannot connect to PostgreSQL: {0}")]
-    Connect(String),
-    #[error("metrics endpoint: {0}")]
-    Metrics(String),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
+    #[error("cannot listen on {addr} for the metrics endpoint")]
+    MetricsListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
     #[error(
         "shutdown did not drain within {timeout:?} (still running: {}); unfinished messages were handed back to the source",
         .unfinished.join(", ")
@@ -66,18 +60,20 @@ pub enum PipelineError {
         timeout: Duration,
         unfinished: Vec<&'static str>,
     },
-    #[error("{0} task failed: {1}")]
-    Task(&'static str, String),
+    #[error("the {0} task stopped abnormally")]
+    Task(&'static str, #[source] tokio::task::JoinError),
 }
 
 /// How a run ends, besides the source running dry.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Stop once the source has delivered nothing for this long and everything is acknowledged.
     pub exit_when_idle: Option<Duration>,
     /// Install SIGINT/SIGTERM handlers (the daemon does; benchmarks and tests driving the library
     /// do not).
     pub handle_signals: bool,
+    /// The run's stop request: whoever holds a clone may stop it.
+    pub shutdown: Shutdown,
 }
 
 /// A pipeline whose sink is connected and whose tables are checked, ready for a source.
@@ -85,9 +81,7 @@ pub struct Pipeline {
     config: Config,
     stats: Arc<Stats>,
     transformer: Transformer,
-    /// One committer per `sink.postgres.connections`, each already connected with its statements
-    /// prepared.
-    committers: Vec<PgCopySink>,
+    sink: Sink,
 }
 
 impl Pipeline {
@@ -96,12 +90,26 @@ impl Pipeline {
     pub async fn prepare(config: &Config) -> Result<Pipeline, PipelineError> {
         let stats = Arc::new(Stats::default());
         let transformer = transformer(config)?;
-        let committers = prepare_sink(config, stats.clone()).await?;
+        let sink = sink::prepare(config, stats.clone()).await?;
         Ok(Pipeline {
             config: config.clone(),
             stats,
             transformer,
-            committers,
+            sink,
+        })
+    }
+
+    /// A pipeline over a sink of the caller's (tests of the delivery rules use a fake committer).
+    pub fn with_sink(
+        config: &Config,
+        stats: Arc<Stats>,
+        sink: Sink,
+    ) -> Result<Pipeline, PipelineError> {
+        Ok(Pipeline {
+            config: config.clone(),
+            stats,
+            transformer: transformer(config)?,
+            sink,
         })
     }
 
@@ -111,11 +119,11 @@ impl Pipeline {
 
     /// Runs until the source ends, shutdown is requested, or a stage fails.
     pub async fn run(
-        self,
+        mut self,
         source: BuiltSource,
         options: RunOptions,
     ) -> Result<Summary, PipelineError> {
-        let token = Shutdown::new();
+        let token = options.shutdown.clone();
         if options.handle_signals {
             shutdown::listen_for_signals(token.clone()).map_err(PipelineError::Signals)?;
         }
@@ -124,7 +132,7 @@ impl Pipeline {
         }
         let channels = Channels::new(self.config.pipeline.channel_capacity, source.chunk_messages);
         let endpoint = self.start_endpoint(&channels).await?;
-        let pruner = spawn_ledger_pruner(&self.config);
+        let pruner = self.sink.start_ledger_pruning();
         let acknowledger = source.acknowledger.clone();
         let stats = self.stats.clone();
         let limits = DrainLimits {
@@ -146,22 +154,20 @@ impl Pipeline {
         channels: &Channels,
     ) -> Result<CancellationToken, PipelineError> {
         let stop = CancellationToken::new();
-        let Some(listen) = &self.config.metrics.listen else {
+        let Some(addr) = self.config.metrics.listen else {
             return Ok(stop);
         };
-        let addr = listen
-            .parse()
-            .map_err(|_| PipelineError::Metrics(format!("{listen:?} is not an address")))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| PipelineError::MetricsListen { addr, source })?;
         let stall_after = Duration::from_secs(self.config.metrics.stall_after_seconds);
         metrics::serve(
-            addr,
+            listener,
             self.stats.clone(),
             channels.probes(),
             stall_after,
             stop.clone(),
-        )
-        .await
-        .map_err(|e| PipelineError::Metrics(format!("cannot listen on {listen}: {e}")))?;
+        );
         Ok(stop)
     }
 
@@ -171,7 +177,7 @@ impl Pipeline {
             config,
             stats,
             transformer,
-            committers,
+            sink,
         } = self;
         let Channels {
             raw,
@@ -205,10 +211,21 @@ impl Pipeline {
             run_batcher(rows.1, batches.0, batch_rows, linger).await;
             Ok(())
         });
+        let record = source.commit_record;
+        let mut committers = sink.committers;
+        if record.ordered() && committers.len() > 1 {
+            tracing::info!(
+                "the source's batches must commit in order: committing on one connection"
+            );
+            committers.truncate(1);
+        }
         let queue = Arc::new(tokio::sync::Mutex::new(batches.1));
         for committer in committers {
-            let (queue, acks) = (queue.clone(), acks.0.clone());
-            tasks.spawn("sink", async move { Ok(committer.run(queue, acks).await?) });
+            let (queue, acks, record, s) =
+                (queue.clone(), acks.0.clone(), record.clone(), stats.clone());
+            tasks.spawn("sink", async move {
+                Ok(run_committer(committer, record, queue, acks, s).await?)
+            });
         }
         drop(acks.0);
         let acknowledger = source.acknowledger;
@@ -343,12 +360,13 @@ async fn supervise(
                     }
                     Some(Ok((id, (name, Err(e))))) => {
                         running.remove(&id);
-                        tracing::error!(task = name, error = %e, "pipeline task failed; stopping");
+                        tracing::error!(task = name, error = %Chain(&e), "pipeline task failed; stopping");
                         e
                     }
                     Some(Err(e)) => {
                         let name = running.remove(&e.id()).unwrap_or("pipeline");
-                        PipelineError::Task(name, e.to_string())
+                        tracing::error!(task = name, error = %Chain(&e), "pipeline task stopped abnormally; stopping");
+                        PipelineError::Task(name, e)
                     }
                 };
                 token.stop();
@@ -386,106 +404,338 @@ fn transformer(config: &Config) -> Result<Transformer, PipelineError> {
     ))
 }
 
-/// The three tables named by the configuration.
-pub fn tables(config: &Config) -> Tables {
-    Tables {
-        target: config.table(),
-        dead_letter: config.dead_letter_table(),
-        ledger: config.ledger_table(),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
 
-async fn prepare_sink(
-    config: &Config,
-    stats: Arc<Stats>,
-) -> Result<Vec<PgCopySink>, PipelineError> {
-    let postgres = &config.sink.postgres;
-    let timeout = Duration::from_secs(postgres.connect_timeout_seconds);
-    let mut client = pg::connect(config.database_url(), "sluice", timeout)
-        .await
-        .map_err(|e| PipelineError::Connect(pg::describe(&e)))?;
-    let tables = tables(config);
-    let dedupe = config.dedupe_enabled();
-    let columns = match schema::verify(&client, &tables, dedupe).await {
-        Err(SchemaError::Missing { .. }) if postgres.create_tables => {
-            for status in schema::migrate(&mut client, &tables, dedupe).await? {
-                if status.created {
-                    tracing::info!(table = status.table, "created missing table");
-                }
+    use async_trait::async_trait;
+
+    use crate::config::EnvOverrides;
+    use crate::envelope::{Envelope, Meta};
+    use crate::sink::commit_record::{CommitRecord, NoCommitRecord};
+    use crate::sink::{Commit, CommitCounts, Committed, Committer};
+    use crate::source::memory::MemorySource;
+
+    /// What the fakes saw, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Event {
+        Committed(Vec<String>),
+        Acknowledged(Vec<String>),
+        Finished,
+    }
+
+    type Log = Arc<Mutex<Vec<Event>>>;
+
+    fn log_of(log: &Log) -> Vec<Event> {
+        log.lock().expect("log").clone()
+    }
+
+    fn handle(meta: &Meta) -> String {
+        match &meta.ack {
+            AckToken::Sqs { receipt_handle } => receipt_handle.clone(),
+            AckToken::None => String::new(),
+        }
+    }
+
+    /// Commits by waiting `takes`, or never; drops the messages `fenced` names.
+    struct FakeCommitter {
+        log: Log,
+        takes: Duration,
+        stuck: bool,
+        fenced: fn(&Meta) -> bool,
+    }
+
+    #[async_trait]
+    impl Committer for FakeCommitter {
+        async fn commit(
+            &mut self,
+            mut batch: Batch,
+            _record: &dyn CommitRecord,
+        ) -> Result<sink::Commit, SinkError> {
+            if self.stuck {
+                std::future::pending::<()>().await;
             }
-            schema::verify(&client, &tables, dedupe).await?
-        }
-        other => other?,
-    };
-    let dead_letter_queue = match &config.dead_letter.sqs_queue_url {
-        Some(url) => Some(
-            DeadLetterQueue::connect(
-                aws::sqs_client(&config.source.sqs).await,
-                url.clone(),
-                stats.clone(),
-            )
-            .await,
-        ),
-        None => None,
-    };
-    let settings = SinkSettings {
-        url: config.database_url().to_owned(),
-        connect_timeout: timeout,
-        tables,
-        dead_letter_columns: columns,
-        dedupe,
-        dead_letter_queue,
-    };
-    let builder = PgCopySinkBuilder::new(settings, stats);
-    let mut committers = Vec::with_capacity(postgres.connections);
-    let mut first = Some(client);
-    for _ in 0..postgres.connections {
-        let mut committer = builder.committer(first.take());
-        committer.open().await.map_err(PipelineError::Sink)?;
-        committers.push(committer);
-    }
-    Ok(committers)
-}
-
-fn spawn_ledger_pruner(config: &Config) -> CancellationToken {
-    let stop = CancellationToken::new();
-    if config.dedupe_enabled() {
-        let postgres = &config.sink.postgres;
-        tokio::spawn(ledger::prune_periodically(
-            Ledger::new(&config.ledger_table()),
-            config.database_url().to_owned(),
-            i32::try_from(postgres.ledger_retention_hours).unwrap_or(i32::MAX),
-            Duration::from_secs(postgres.connect_timeout_seconds),
-            stop.clone(),
-        ));
-    }
-    stop
-}
-
-/// Builds the configured source.
-pub async fn build_source(
-    config: &Config,
-    stats: Arc<Stats>,
-) -> Result<BuiltSource, PipelineError> {
-    match config.source.kind {
-        SourceKind::Sqs => Ok(SqsSource::build(&config.source.sqs, stats).await?),
-        SourceKind::File => {
-            let path = file_path(config);
-            Ok(FileSource::build(
-                path,
-                config.source.file.chunk_messages,
-                stats,
-            ))
+            tokio::time::sleep(self.takes).await;
+            let dropped = batch.drop_where(self.fenced);
+            let handles = batch.metas().map(handle).collect();
+            self.log
+                .lock()
+                .expect("log")
+                .push(Event::Committed(handles));
+            let counts = CommitCounts {
+                loaded: batch.row_count(),
+                rejected: batch.rejects.len(),
+                duplicates: 0,
+            };
+            Ok(Commit {
+                committed: vec![Committed {
+                    batch,
+                    counts,
+                    took: self.takes,
+                }],
+                dropped,
+            })
         }
     }
-}
 
-/// `source.file.path`, relative to the config file's directory like every path in it; `-` is stdin.
-fn file_path(config: &Config) -> PathBuf {
-    let path = config.source.file.path.clone().unwrap_or_default();
-    if path.as_os_str() == "-" || path.is_absolute() {
-        path
-    } else {
-        config.base_dir.join(path)
+    struct FakeAcknowledger {
+        log: Log,
+    }
+
+    #[async_trait]
+    impl Acknowledger for FakeAcknowledger {
+        async fn acknowledge(&self, tokens: Vec<AckToken>) {
+            let handles = tokens
+                .iter()
+                .map(|t| match t {
+                    AckToken::Sqs { receipt_handle } => receipt_handle.clone(),
+                    AckToken::None => String::new(),
+                })
+                .collect();
+            self.log
+                .lock()
+                .expect("log")
+                .push(Event::Acknowledged(handles));
+        }
+
+        async fn finish(&self) -> usize {
+            self.log.lock().expect("log").push(Event::Finished);
+            0
+        }
+    }
+
+    fn config() -> Config {
+        let text = "[source]\nkind = \"file\"\n[source.file]\npath = \"unused\"\n\
+                    [sink.postgres]\nurl = \"postgres://x@y/z\"\nbatch_rows = 10\nlinger_ms = 100\n\
+                    [pipeline]\nshutdown_timeout_seconds = 5\nchannel_capacity = 20\n";
+        let env = EnvOverrides {
+            mask_key: Some("a pipeline test key of 16+ bytes".into()),
+            ..EnvOverrides::default()
+        };
+        Config::from_toml(text, std::path::Path::new("test.toml"), env).expect("valid")
+    }
+
+    /// `n` valid logins, acknowledged by handles `m0`, `m1`, …
+    fn messages(n: usize) -> Vec<Envelope> {
+        (0..n)
+            .map(|i| {
+                let mut meta = Meta::at_position(i as u64 + 1, std::time::SystemTime::now());
+                meta.ack = AckToken::Sqs {
+                    receipt_handle: format!("m{i}"),
+                };
+                let body = format!(
+                    r#"{{"user_id": "u{i}", "app_version": "2.3.0", "device_type": "ios", "ip": "10.0.0.1", "device_id": "d"}}"#
+                );
+                Envelope { body, meta }
+            })
+            .collect()
+    }
+
+    struct Run {
+        log: Log,
+        result: Result<Summary, PipelineError>,
+        stats: Arc<Stats>,
+    }
+
+    /// Runs `n` messages through the pipeline with `committers` fakes; `stop_after` requests a stop.
+    async fn run(
+        n: usize,
+        committers: Vec<FakeCommitter>,
+        log: Log,
+        stop_after: Option<Duration>,
+    ) -> Run {
+        let stats = Arc::new(Stats::default());
+        let committers = committers
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Committer>)
+            .collect();
+        let pipeline =
+            Pipeline::with_sink(&config(), stats.clone(), Sink::of(committers)).expect("pipeline");
+        let acknowledger = Arc::new(FakeAcknowledger { log: log.clone() });
+        let record: Arc<dyn CommitRecord> = Arc::new(NoCommitRecord);
+        // One message per chunk, so a stop can come between them.
+        let source = MemorySource::build_with(messages(n), 1, stats.clone(), acknowledger, record);
+        let options = RunOptions::default();
+        if let Some(after) = stop_after {
+            let stop = options.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                stop.stop();
+            });
+        }
+        let result = pipeline.run(source, options).await;
+        Run { log, result, stats }
+    }
+
+    fn committer(log: &Log, takes: Duration) -> FakeCommitter {
+        FakeCommitter {
+            log: log.clone(),
+            takes,
+            stuck: false,
+            fenced: |_| false,
+        }
+    }
+
+    /// Every acknowledged message was committed before, and everything committed is acknowledged
+    /// once.
+    fn assert_acknowledged_after_commit(events: &[Event]) -> Vec<String> {
+        let mut committed = std::collections::HashSet::new();
+        let mut acknowledged = Vec::new();
+        for event in events {
+            match event {
+                Event::Committed(handles) => committed.extend(handles.iter().cloned()),
+                Event::Acknowledged(handles) => {
+                    for h in handles {
+                        assert!(committed.contains(h), "{h} acknowledged before its commit");
+                        acknowledged.push(h.clone());
+                    }
+                }
+                Event::Finished => {}
+            }
+        }
+        assert_eq!(acknowledged.len(), committed.len(), "{events:?}");
+        acknowledged.sort();
+        acknowledged
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_are_acknowledged_only_after_their_commit() {
+        let log = Log::default();
+        let slow = Duration::from_secs(1);
+        let done = run(
+            25,
+            vec![committer(&log, slow), committer(&log, slow)],
+            log,
+            None,
+        )
+        .await;
+        let summary = done.result.expect("a clean run");
+        assert_eq!((summary.received, summary.loaded), (25, 25));
+        let events = log_of(&done.log);
+        assert_eq!(assert_acknowledged_after_commit(&events).len(), 25);
+        assert_eq!(events.last(), Some(&Event::Finished));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_drains_everything_received() {
+        let log = Log::default();
+        let slow = Duration::from_millis(100);
+        let done = run(
+            1000,
+            vec![committer(&log, slow)],
+            log,
+            Some(Duration::from_millis(20)),
+        )
+        .await;
+        let summary = done.result.expect("a drained stop");
+        assert!(summary.received < 1000, "stopped too late: {summary:?}");
+        assert_eq!(summary.loaded, summary.received, "{summary:?}");
+        let acknowledged = assert_acknowledged_after_commit(&log_of(&done.log));
+        assert_eq!(acknowledged.len() as u64, summary.received);
+        assert_eq!(done.stats.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_that_cannot_finish_times_out_and_acknowledges_nothing() {
+        let log = Log::default();
+        let stuck = FakeCommitter {
+            stuck: true,
+            ..committer(&log, Duration::ZERO)
+        };
+        let started = tokio::time::Instant::now();
+        let done = run(50, vec![stuck], log, Some(Duration::from_secs(1))).await;
+        match done.result {
+            Err(PipelineError::DrainTimeout {
+                timeout,
+                unfinished,
+            }) => {
+                assert_eq!(timeout, Duration::from_secs(5));
+                assert!(unfinished.contains(&"sink"), "{unfinished:?}");
+            }
+            other => panic!("expected a drain timeout, got {other:?}"),
+        }
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(6),
+            "stop at 1 s, then 5 s of drain"
+        );
+        assert_eq!(log_of(&done.log), [Event::Finished], "nothing acknowledged");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fenced_messages_are_neither_loaded_nor_acknowledged() {
+        let log = Log::default();
+        let fencing = FakeCommitter {
+            fenced: |meta| matches!(&meta.ack, AckToken::Sqs { receipt_handle } if receipt_handle.ends_with('7')),
+            ..committer(&log, Duration::from_millis(10))
+        };
+        let done = run(30, vec![fencing], log, None).await;
+        let summary = done.result.expect("a clean run");
+        assert_eq!((summary.loaded, summary.released), (27, 3));
+        let acknowledged = assert_acknowledged_after_commit(&log_of(&done.log));
+        assert!(acknowledged.iter().all(|h| !h.ends_with('7')));
+        assert_eq!(
+            done.stats.in_flight(),
+            0,
+            "dropped messages do not stay in flight"
+        );
+    }
+
+    fn limits(timeout: u64) -> DrainLimits {
+        DrainLimits {
+            timeout: Duration::from_secs(timeout),
+            receive_allowance: Duration::from_secs(20),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_failure_stops_the_rest_which_drain() {
+        let token = Shutdown::new();
+        let mut tasks = StageTasks::default();
+        tasks.spawn("sink", async {
+            Err(PipelineError::Sink(SinkError::AcknowledgerStopped))
+        });
+        let waiting = token.clone();
+        tasks.spawn("source", async move {
+            waiting.requested().await;
+            Ok(())
+        });
+        let result = supervise(tasks, &token, limits(5)).await;
+        assert!(
+            matches!(
+                result,
+                Err(PipelineError::Sink(SinkError::AcknowledgerStopped))
+            ),
+            "{result:?}"
+        );
+        assert!(token.is_requested());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_task_is_named() {
+        let token = Shutdown::new();
+        let mut tasks = StageTasks::default();
+        tasks.spawn("transform", async { panic!("a bug") });
+        let result = supervise(tasks, &token, limits(5)).await;
+        assert!(
+            matches!(result, Err(PipelineError::Task("transform", _))),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stop_adds_the_receive_allowance_to_the_drain() {
+        let token = Shutdown::new();
+        let mut tasks = StageTasks::default();
+        tasks.spawn("source", std::future::pending());
+        token.stop_after_receives();
+        let started = tokio::time::Instant::now();
+        let result = supervise(tasks, &token, limits(5)).await;
+        assert!(
+            matches!(&result, Err(PipelineError::DrainTimeout { unfinished, .. }) if unfinished == &["source"]),
+            "{result:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(25));
     }
 }

@@ -6,7 +6,9 @@
 //! needs no copying.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -295,17 +297,28 @@ mod tests {
         assert_eq!(stats.in_flight(), 0);
     }
 
-    #[test]
-    fn stalled_means_waiting_messages_and_no_progress() {
+    #[tokio::test(start_paused = true)]
+    async fn stalled_means_waiting_messages_and_no_progress() {
         let stats = Stats::default();
         assert!(
             !stats.stalled(Duration::ZERO),
             "nothing in flight is not a stall"
         );
         stats.record_received(1);
-        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::advance(Duration::from_millis(5)).await;
         assert!(stats.stalled(Duration::from_millis(1)));
         stats.record_acknowledged(1);
         assert!(!stats.stalled(Duration::from_millis(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_counts_from_the_last_movement() {
+        let stats = Stats::default();
+        stats.record_received(1);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(stats.idle_for(), Duration::from_secs(3));
+        stats.record_acknowledged(1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(stats.idle_for(), Duration::from_secs(1));
     }
 }

@@ -1,21 +1,32 @@
 //! Table names from configuration, checked and quoted once.
 //!
 //! Names end up inside SQL text (COPY cannot take a table name as a parameter), so only plain
-//! identifiers, optionally schema-qualified, are accepted, and they are always double-quoted.
+//! identifiers, optionally schema-qualified, are accepted, and they are always double-quoted. The
+//! configuration deserializes straight into [`TableName`], so a name is checked once, at load, and
+//! the rest of the code never sees raw text.
 
 use std::fmt;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct TableName {
     pub schema: Option<String>,
     pub name: String,
 }
 
+/// Why a text is not a table name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableNameError {
+    #[error("{0:?} is not a table name (letters, digits and `_`, optionally `schema.table`)")]
+    NotAnIdentifier(String),
+    #[error("{0:?} is not a table name (at most one `.`)")]
+    TooManyParts(String),
+}
+
 impl TableName {
     /// `table` or `schema.table`, each part a plain identifier of at most 63 bytes.
-    pub fn parse(text: &str) -> Result<TableName, String> {
-        let parts: Vec<&str> = text.split('.').collect();
-        let check = |part: &str| -> Result<String, String> {
+    pub fn parse(text: &str) -> Result<TableName, TableNameError> {
+        let check = |part: &str| -> Result<String, TableNameError> {
             let mut chars = part.chars();
             let first_ok = chars
                 .next()
@@ -24,12 +35,10 @@ impl TableName {
             {
                 Ok(part.to_owned())
             } else {
-                Err(format!(
-                    "{text:?} is not a table name (letters, digits and `_`, optionally `schema.table`)"
-                ))
+                Err(TableNameError::NotAnIdentifier(text.to_owned()))
             }
         };
-        match parts.as_slice() {
+        match text.split('.').collect::<Vec<_>>().as_slice() {
             [name] => Ok(TableName {
                 schema: None,
                 name: check(name)?,
@@ -38,7 +47,7 @@ impl TableName {
                 schema: Some(check(schema)?),
                 name: check(name)?,
             }),
-            _ => Err(format!("{text:?} is not a table name (at most one `.`)")),
+            _ => Err(TableNameError::TooManyParts(text.to_owned())),
         }
     }
 
@@ -55,6 +64,14 @@ impl TableName {
     }
 }
 
+impl TryFrom<String> for TableName {
+    type Error = TableNameError;
+
+    fn try_from(text: String) -> Result<TableName, TableNameError> {
+        TableName::parse(&text)
+    }
+}
+
 impl fmt::Display for TableName {
     /// The quoted SQL form.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -63,6 +80,17 @@ impl fmt::Display for TableName {
             None => write!(f, "\"{}\"", self.name),
         }
     }
+}
+
+/// The three tables of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tables {
+    /// Where rows land (`user_logins`).
+    pub target: TableName,
+    /// Where messages that cannot be loaded are kept with their reason.
+    pub dead_letter: TableName,
+    /// Keys of committed messages, for skipping redeliveries.
+    pub ledger: TableName,
 }
 
 #[cfg(test)]

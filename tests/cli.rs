@@ -401,3 +401,97 @@ async fn huge_numbers_are_refused_not_a_crash() {
         run.stderr
     );
 }
+
+/// An error is printed with each of its causes once, in order: a cause is not repeated by the
+/// error that wraps it.
+#[tokio::test]
+async fn errors_show_each_cause_once() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
+    let mut no_key = run_command(&config.path, None);
+    no_key.env_remove("SLUICE_MASK_KEY");
+    let out = run_to_end(no_key, LIMIT).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "cannot start the pipeline: masking key: no masking key: set SLUICE_MASK_KEY"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        out.stderr.matches("no masking key").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+
+    let missing = config.dir.path().join("missing.json");
+    let out = run_to_end(
+        sluice(&[
+            "seed",
+            "--config",
+            path_str(&config.path),
+            "--file",
+            path_str(&missing),
+        ]),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("cannot open {}: ", missing.display())),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        out.stderr.matches("No such file or directory").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+}
+
+/// A ledger table of an earlier version (unscoped text keys) is never altered: `migrate` and `run`
+/// refuse it, saying what to do, and leave it exactly as it was.
+#[tokio::test]
+async fn an_old_text_keyed_ledger_is_left_unchanged_and_refused() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    schema
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE {}(message_key text PRIMARY KEY, seen_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO {} (message_key) VALUES ('old-key')",
+            schema.ledger(),
+            schema.ledger()
+        ))
+        .await
+        .expect("an old ledger");
+    let toml = sqs_config(&queue, &schema, "", "", "");
+    for command in ["migrate", "run"] {
+        let out = run_with_config(&toml, &[command]).await;
+        assert_eq!(out.code, Some(1), "{command}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("dedupe ledger of an earlier sluice")
+                && out.stderr.contains("sink.postgres.ledger_table"),
+            "{command}: {}",
+            out.stderr
+        );
+    }
+    let columns: Vec<String> = schema
+        .client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 ORDER BY attnum",
+            &[&schema.ledger()],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(columns, ["message_key", "seen_at"]);
+    assert_eq!(schema.count(&schema.ledger()).await, 1);
+}

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
+use sluice::sink::commit_record::Outcome;
 
 /// Terminating sluice's database sessions again and again while messages flow: every message still
 /// lands exactly once, and the queue ends empty.
@@ -244,11 +245,12 @@ async fn redelivered_messages_are_skipped_not_loaded_twice() {
         .unwrap_or_default();
     assert_eq!(received.len(), 1);
     let message_id = received[0].message_id.clone().expect("id");
+    let key = ledger_key(&queue, &message_id, None, Outcome::Row).await;
     schema
         .client
         .execute(
-            &format!("INSERT INTO {} (message_key) VALUES ($1)", schema.ledger()),
-            &[&message_id],
+            &format!("INSERT INTO {} (scoped_key) VALUES ($1)", schema.ledger()),
+            &[&key.0.as_slice()],
         )
         .await
         .expect("ledger");
@@ -259,7 +261,13 @@ async fn redelivered_messages_are_skipped_not_loaded_twice() {
             &["k-resent", "k-resent", "k-fresh"],
         )
         .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The received message is invisible for a second: wait until the queue shows all four.
+    eventually(
+        Duration::from_secs(20),
+        "the message to be visible again",
+        || async { queue.depth().await == (4, 0) },
+    )
+    .await;
 
     let run = run_until_idle(&config.path, 2).await;
     run.assert_success();
@@ -475,7 +483,7 @@ async fn a_receipt_handle_acknowledged_twice_is_deleted_once() {
     in_flight.reserve(2).await;
     in_flight.track(
         handles.iter().map(String::as_str),
-        std::time::Instant::now(),
+        tokio::time::Instant::now(),
     );
     let acknowledger = SqsAcknowledger::start(
         queue.client.clone(),

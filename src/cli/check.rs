@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use sluice::aws;
-use sluice::config::{Config, SourceKind, redact_url};
-use sluice::pg;
-use sluice::pipeline::tables;
+use sluice::config::{Config, SourceKind};
+use sluice::error_chain::Chain;
+use sluice::pg::{Connector, PgError};
 use sluice::sink::schema::{self, SchemaError};
+use sluice::source::file_path;
 
 /// Longest any one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -62,39 +63,36 @@ fn check_key(config: &Config, findings: &mut Findings) {
             "the PUBLIC development key: fine for the demo, masks protect nothing; set SLUICE_MASK_KEY for real data",
         ),
         Ok(_) => findings.ok("mask key", format!("loaded ({:?})", config.mask.mode)),
-        Err(e) => findings.fail("mask key", e.to_string()),
+        Err(e) => findings.fail("mask key", Chain(&e).to_string()),
     }
 }
 
 async fn check_queue(config: &Config, findings: &mut Findings) {
     let cfg = &config.source.sqs;
     let client = aws::sqs_client(cfg).await;
-    let url = match probe(async { aws::resolve_queue_url(&client, cfg).await }).await {
-        Ok(url) => url,
-        Err(e) => return findings.fail("sqs", e),
-    };
-    match probe(queue_depth(&client, &url)).await {
-        Ok(depth) => findings.ok("sqs", format!("{url}: {depth}")),
+    let depth = probe(async {
+        let url = aws::resolve_queue_url(&client, cfg).await?;
+        let attrs = aws::queue_attributes(
+            &client,
+            &url,
+            &[
+                QueueAttributeName::ApproximateNumberOfMessages,
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            ],
+        )
+        .await?;
+        let get = |name| attrs.get(&name).cloned().unwrap_or_else(|| "?".into());
+        Ok(format!(
+            "{url}: ~{} waiting, ~{} in flight",
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        ))
+    })
+    .await;
+    match depth {
+        Ok(depth) => findings.ok("sqs", depth),
         Err(e) => findings.fail("sqs", e),
     }
-}
-
-async fn queue_depth(client: &aws_sdk_sqs::Client, url: &str) -> Result<String, String> {
-    let out = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {}", aws::describe(&e)))?;
-    let attrs = out.attributes.unwrap_or_default();
-    let get = |name| attrs.get(&name).cloned().unwrap_or_else(|| "?".into());
-    Ok(format!(
-        "~{} waiting, ~{} in flight",
-        get(QueueAttributeName::ApproximateNumberOfMessages),
-        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-    ))
 }
 
 /// What the dead-letter queue accepts (reading its attributes proves it exists and is reachable
@@ -102,16 +100,16 @@ async fn queue_depth(client: &aws_sdk_sqs::Client, url: &str) -> Result<String, 
 async fn dead_letter_queue_limits(
     client: &aws_sdk_sqs::Client,
     url: &str,
-) -> Result<String, String> {
-    let out = client
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::MaximumMessageSize)
-        .attribute_names(QueueAttributeName::FifoQueue)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {}", aws::describe(&e)))?;
-    let attrs = out.attributes.unwrap_or_default();
+) -> anyhow::Result<String> {
+    let attrs = aws::queue_attributes(
+        client,
+        url,
+        &[
+            QueueAttributeName::MaximumMessageSize,
+            QueueAttributeName::FifoQueue,
+        ],
+    )
+    .await?;
     let size = attrs
         .get(&QueueAttributeName::MaximumMessageSize)
         .cloned()
@@ -126,15 +124,10 @@ async fn dead_letter_queue_limits(
 }
 
 fn check_file(config: &Config, findings: &mut Findings) {
-    let path = config.source.file.path.clone().unwrap_or_default();
+    let path = file_path(config);
     if path.as_os_str() == "-" {
         return findings.ok("file", "standard input");
     }
-    let path = if path.is_absolute() {
-        path
-    } else {
-        config.base_dir.join(path)
-    };
     match std::fs::metadata(&path) {
         Ok(meta) => findings.ok("file", format!("{} ({} bytes)", path.display(), meta.len())),
         Err(e) => findings.fail("file", format!("{}: {e}", path.display())),
@@ -142,26 +135,23 @@ fn check_file(config: &Config, findings: &mut Findings) {
 }
 
 async fn check_postgres(config: &Config, findings: &mut Findings) {
-    let url = config.database_url();
-    let timeout = Duration::from_secs(config.sink.postgres.connect_timeout_seconds);
-    let client = match probe(async {
-        pg::connect(url, "sluice-check", timeout)
-            .await
-            .map_err(|e| pg::describe(&e))
-    })
-    .await
-    {
+    let connector = Connector::from_config(&config.sink.postgres);
+    let client = match probe(async { Ok(connector.connect("sluice-check").await?) }).await {
         Ok(client) => client,
-        Err(e) => return findings.fail("postgres", format!("{}: {e}", redact_url(url))),
+        Err(e) => return findings.fail("postgres", e),
     };
     match client.query_one("SHOW server_version", &[]).await {
         Ok(row) => findings.ok(
             "postgres",
-            format!("{} (server {})", redact_url(url), row.get::<_, String>(0)),
+            format!(
+                "{} (server {})",
+                connector.redacted_url(),
+                row.get::<_, String>(0)
+            ),
         ),
-        Err(e) => return findings.fail("postgres", pg::describe(&e)),
+        Err(e) => return findings.fail("postgres", PgError(e).to_string()),
     }
-    let tables = tables(config);
+    let tables = config.tables();
     match schema::verify(&client, &tables, config.dedupe_enabled()).await {
         Ok(_) => findings.ok(
             "tables",
@@ -171,12 +161,15 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
             "tables",
             format!("{table} is missing; `run` creates it (or run `sluice migrate` now)"),
         ),
-        Err(e) => findings.fail("tables", e.to_string()),
+        Err(e) => findings.fail("tables", Chain(&e).to_string()),
     }
 }
 
-async fn probe<T>(work: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
-    tokio::time::timeout(PROBE_TIMEOUT, work)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())))
+/// Runs a probe within [`PROBE_TIMEOUT`]; its failure as one line, each cause once.
+async fn probe<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> Result<T, String> {
+    match tokio::time::timeout(PROBE_TIMEOUT, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+    }
 }

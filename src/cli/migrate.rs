@@ -1,22 +1,17 @@
 //! `sluice migrate`: create what is missing, report what exists.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
-use sluice::config::{Config, redact_url};
-use sluice::pg;
-use sluice::pipeline::tables;
+use sluice::config::Config;
+use sluice::pg::Connector;
 use sluice::sink::schema;
 
 pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
-    let url = config.database_url();
-    let timeout = Duration::from_secs(config.sink.postgres.connect_timeout_seconds);
-    let mut client = pg::connect(url, "sluice-migrate", timeout)
-        .await
-        .map_err(|e| anyhow::anyhow!(pg::describe(&e)))
-        .with_context(|| format!("cannot connect to {}", redact_url(url)))?;
-    let tables = tables(config);
+    let mut client = Connector::from_config(&config.sink.postgres)
+        .connect("sluice-migrate")
+        .await?;
+    let tables = config.tables();
     let dedupe = config.dedupe_enabled();
     for status in schema::migrate(&mut client, &tables, dedupe).await? {
         let what = if status.created {
@@ -28,6 +23,6 @@ pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
     }
     schema::verify(&client, &tables, dedupe)
         .await
-        .context("an existing table does not have the columns sluice writes")?;
+        .context("an existing table cannot be used as it is")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,23 +1,17 @@
 //! `sluice report`: what has landed, for people (the demo ends with it).
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context;
 use aws_sdk_sqs::types::QueueAttributeName;
 use sluice::aws;
-use sluice::config::{Config, SourceKind, redact_url};
-use sluice::pg;
-use sluice::pipeline::tables;
+use sluice::config::{Config, SourceKind};
+use sluice::pg::{Connector, PgError};
 
 pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCode> {
-    let url = config.database_url();
-    let timeout = Duration::from_secs(config.sink.postgres.connect_timeout_seconds);
-    let client = pg::connect(url, "sluice-report", timeout)
-        .await
-        .map_err(|e| anyhow::anyhow!(pg::describe(&e)))
-        .with_context(|| format!("cannot connect to {}", redact_url(url)))?;
-    let t = tables(config);
+    let client = Connector::from_config(&config.sink.postgres)
+        .connect("sluice-report")
+        .await?;
+    let t = config.tables();
 
     let totals = client_query(&client, &format!(
         "SELECT count(*)::text, count(DISTINCT masked_ip)::text, count(DISTINCT masked_device_id)::text,
@@ -84,10 +78,7 @@ async fn client_query(
     client: &tokio_postgres::Client,
     sql: &str,
 ) -> anyhow::Result<Vec<Vec<String>>> {
-    let rows = client
-        .query(sql, &[])
-        .await
-        .map_err(|e| anyhow::anyhow!(pg::describe(&e)))?;
+    let rows = client.query(sql, &[]).await.map_err(PgError)?;
     Ok(rows
         .iter()
         .map(|row| {
@@ -104,16 +95,16 @@ async fn print_queue(config: &Config) {
     let Ok(url) = aws::resolve_queue_url(&client, cfg).await else {
         return println!("queue: not reachable");
     };
-    let attrs = client
-        .get_queue_attributes()
-        .queue_url(&url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .ok()
-        .and_then(|o| o.attributes)
-        .unwrap_or_default();
+    let attrs = aws::queue_attributes(
+        &client,
+        &url,
+        &[
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        ],
+    )
+    .await
+    .unwrap_or_default();
     let get = |n| attrs.get(&n).cloned().unwrap_or_else(|| "?".into());
     println!(
         "queue {url}: {} waiting, {} in flight",

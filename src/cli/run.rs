@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sluice::config::Config;
-use sluice::pipeline::{Pipeline, RunOptions, build_source};
+use sluice::pipeline::{Pipeline, RunOptions};
+use sluice::source::build_source;
 
 pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::prepare(config)
@@ -18,6 +19,7 @@ pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<Exit
     let options = RunOptions {
         exit_when_idle: idle,
         handle_signals: true,
+        ..RunOptions::default()
     };
     let result = pipeline.run(source, options).await;
     let summary = stats.summary();

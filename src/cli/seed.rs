@@ -14,6 +14,7 @@ use sluice::config::{Config, SourceKind};
 use sluice::message_file;
 use sluice::seed::generate::LoginGenerator;
 use sluice::seed::send::{self, SeedMessage};
+use sluice::source::file_path;
 
 pub enum What {
     File(PathBuf),
@@ -85,24 +86,16 @@ pub async fn seed(
             let client = sluice::aws::sqs_client(cfg).await;
             let url = send::ensure_queue(&client, cfg).await?;
             let sent =
-                send::send_to_queue(&client, &url, &cfg.dedupe_attribute, messages, &progress)
-                    .await?;
+                send::send_to_queue(&client, &url, &cfg.dedupe_attribute, messages, &mut |n| {
+                    progress.set_position(n)
+                })
+                .await?;
             progress.finish_and_clear();
             eprintln!("sluice: sent {sent} messages from {origin} to {url}");
             sent
         }
         (None, SourceKind::File) => {
-            let path = config
-                .source
-                .file
-                .path
-                .clone()
-                .context("`source.file.path` is not set")?;
-            let path = if path.as_os_str() == "-" || path.is_absolute() {
-                path
-            } else {
-                config.base_dir.join(path)
-            };
+            let path = file_path(config);
             let overwrite = if target.force {
                 Overwrite::Allowed
             } else {
@@ -134,8 +127,10 @@ fn write_file(
 ) -> anyhow::Result<u64> {
     if path.as_os_str() == "-" {
         let stdout = std::io::stdout();
-        let written = send::write_lines_to(&mut stdout.lock(), messages, progress)
-            .context("cannot write to standard output")?;
+        let written = send::write_lines_to(&mut stdout.lock(), messages, &mut |n| {
+            progress.set_position(n)
+        })
+        .context("cannot write to standard output")?;
         progress.finish_and_clear();
         eprintln!("sluice: wrote {written} messages from {origin} to standard output");
         return Ok(written);
@@ -146,8 +141,9 @@ fn write_file(
         path.display()
     );
     let replace = overwrite == Overwrite::Allowed;
-    let written =
-        tokio::task::block_in_place(|| send::write_file(path, replace, messages, progress))?;
+    let written = tokio::task::block_in_place(|| {
+        send::write_file(path, replace, messages, &mut |n| progress.set_position(n))
+    })?;
     progress.finish_and_clear();
     eprintln!(
         "sluice: wrote {written} messages from {origin} to {}",

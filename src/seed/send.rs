@@ -1,17 +1,19 @@
 //! Putting seed messages where the configured source reads them: onto the SQS queue (in batches of
-//! ten, several calls in flight) or into the file a file source reads.
+//! ten, several calls in flight) or into the file a file source reads. Progress is reported through
+//! a callback with the running total; showing it is the caller's business.
 
 use std::io::Write;
 use std::path::Path;
 
+use async_trait::async_trait;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
-use futures::stream::{self, StreamExt};
-use indicatif::ProgressBar;
+use futures::StreamExt;
 
-use crate::aws;
+use crate::aws::AwsError;
+use crate::aws::sqs_batch::{self, BatchCall, BatchFailure, EntryFailure, entry_failures};
 use crate::config::SqsConfig;
-use crate::retry;
+use crate::retry::RetryPolicy;
 
 /// One message to send, with the idempotency key that makes re-seeding harmless.
 #[derive(Debug, Clone)]
@@ -22,19 +24,44 @@ pub struct SeedMessage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
-    #[error("{0}")]
-    Sqs(String),
-    #[error("SQS refused message #{position}: {reason}")]
-    Refused { position: usize, reason: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot look up queue {name:?}")]
+    Lookup {
+        name: String,
+        #[source]
+        source: AwsError,
+    },
+    #[error("cannot create queue {name:?}")]
+    Create {
+        name: String,
+        #[source]
+        source: AwsError,
+    },
+    #[error("{call} returned no queue URL")]
+    NoUrl { call: &'static str },
+    #[error("SQS refused message #{position}")]
+    Refused {
+        position: usize,
+        #[source]
+        source: BatchFailure,
+    },
+    #[error("gave up sending message #{position} to {queue_url}")]
+    Unsent {
+        position: usize,
+        queue_url: String,
+        #[source]
+        source: Option<BatchFailure>,
+    },
+    #[error("cannot write {path}")]
     Write {
         path: String,
+        #[source]
         source: std::io::Error,
     },
 }
 
 const CALLS_IN_FLIGHT: usize = 8;
-const ATTEMPTS: usize = 8;
+/// Seeding is interactive: a queue that keeps failing is reported after a few attempts.
+const SEND: RetryPolicy = RetryPolicy::attempts(8);
 
 /// The queue's URL, creating the queue if it is configured by a name that does not exist yet.
 pub async fn ensure_queue(
@@ -47,16 +74,16 @@ pub async fn ensure_queue(
     let name = cfg.queue_name.clone().unwrap_or_default();
     match client.get_queue_url().queue_name(&name).send().await {
         Ok(out) => {
-            return out
-                .queue_url
-                .ok_or_else(|| SeedError::Sqs("GetQueueUrl returned no URL".into()));
+            return out.queue_url.ok_or(SeedError::NoUrl {
+                call: "GetQueueUrl",
+            });
         }
         Err(e) if is_missing_queue(&e) => {}
         Err(e) => {
-            return Err(SeedError::Sqs(format!(
-                "cannot look up queue {name:?}: {}",
-                aws::describe(&e)
-            )));
+            return Err(SeedError::Lookup {
+                name,
+                source: e.into(),
+            });
         }
     }
     let out = client
@@ -64,15 +91,14 @@ pub async fn ensure_queue(
         .queue_name(&name)
         .send()
         .await
-        .map_err(|e| {
-            SeedError::Sqs(format!(
-                "cannot create queue {name:?}: {}",
-                aws::describe(&e)
-            ))
+        .map_err(|e| SeedError::Create {
+            name: name.clone(),
+            source: e.into(),
         })?;
     tracing::info!(queue = name, "created SQS queue");
-    out.queue_url
-        .ok_or_else(|| SeedError::Sqs("CreateQueue returned no URL".into()))
+    out.queue_url.ok_or(SeedError::NoUrl {
+        call: "CreateQueue",
+    })
 }
 
 fn is_missing_queue<E: ProvideErrorMetadata, R>(e: &aws_sdk_sqs::error::SdkError<E, R>) -> bool {
@@ -82,102 +108,78 @@ fn is_missing_queue<E: ProvideErrorMetadata, R>(e: &aws_sdk_sqs::error::SdkError
     )
 }
 
-/// Sends every message; returns how many were sent.
+/// Sends every message; returns how many were sent. `progress` is told the running total.
 pub async fn send_to_queue(
     client: &aws_sdk_sqs::Client,
     queue_url: &str,
     dedupe_attribute: &str,
     messages: impl Iterator<Item = SeedMessage> + Send,
-    progress: &ProgressBar,
+    progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<u64, SeedError> {
-    let groups = GroupsOfTen {
-        inner: messages,
-        position: 0,
+    let call = SendSeeds {
+        client,
+        queue_url,
+        dedupe_attribute,
     };
-    let mut results = stream::iter(groups)
-        .map(|(first, group)| send_group(client, queue_url, dedupe_attribute, first, group))
-        .buffer_unordered(CALLS_IN_FLIGHT);
+    // 1-based positions, to name a message the queue refuses.
+    let numbered = messages.enumerate().map(|(i, m)| (i + 1, m));
+    let mut groups = std::pin::pin!(sqs_batch::send_groups(
+        &call,
+        numbered,
+        SEND,
+        CALLS_IN_FLIGHT
+    ));
     let mut sent = 0;
-    while let Some(result) = results.next().await {
-        let n = result?;
-        sent += n as u64;
-        progress.inc(n as u64);
+    while let Some(group) = groups.next().await {
+        if let Some(((position, _), why)) = group.refused.into_iter().next() {
+            return Err(SeedError::Refused {
+                position,
+                source: why,
+            });
+        }
+        if let Some((position, _)) = group.unsent.first() {
+            return Err(SeedError::Unsent {
+                position: *position,
+                queue_url: queue_url.to_owned(),
+                source: group.last_failure,
+            });
+        }
+        sent += group.delivered.len() as u64;
+        progress(sent);
     }
     Ok(sent)
 }
 
-/// Consecutive groups of up to ten messages, with the position of each group's first message.
-struct GroupsOfTen<I> {
-    inner: I,
-    position: usize,
+/// SendMessageBatch of seed messages, each with its dedupe id as a message attribute.
+struct SendSeeds<'a> {
+    client: &'a aws_sdk_sqs::Client,
+    queue_url: &'a str,
+    dedupe_attribute: &'a str,
 }
 
-impl<I: Iterator<Item = SeedMessage>> Iterator for GroupsOfTen<I> {
-    type Item = (usize, Vec<SeedMessage>);
-    fn next(&mut self) -> Option<Self::Item> {
-        let group: Vec<SeedMessage> = self.inner.by_ref().take(10).collect();
-        if group.is_empty() {
-            return None;
-        }
-        let first = self.position;
-        self.position += group.len();
-        Some((first, group))
+#[async_trait]
+impl BatchCall for SendSeeds<'_> {
+    type Entry = (usize, SeedMessage);
+
+    fn name(&self) -> &'static str {
+        "SendMessageBatch"
     }
-}
 
-async fn send_group(
-    client: &aws_sdk_sqs::Client,
-    queue_url: &str,
-    dedupe_attribute: &str,
-    first_position: usize,
-    group: Vec<SeedMessage>,
-) -> Result<usize, SeedError> {
-    let mut pending: Vec<usize> = (0..group.len()).collect();
-    let mut pacing = retry::backoff();
-    for _ in 0..ATTEMPTS {
-        let entries: Vec<SendMessageBatchRequestEntry> = pending
+    async fn call(&self, entries: &[&(usize, SeedMessage)]) -> Result<Vec<EntryFailure>, AwsError> {
+        let entries = entries
             .iter()
-            .filter_map(|&i| entry(i, &group[i], dedupe_attribute))
+            .enumerate()
+            .filter_map(|(i, (_, message))| entry(i, message, self.dedupe_attribute))
             .collect();
-        let result = client
+        let out = self
+            .client
             .send_message_batch()
-            .queue_url(queue_url)
+            .queue_url(self.queue_url)
             .set_entries(Some(entries))
             .send()
-            .await;
-        match result {
-            Ok(out) => {
-                let mut again = Vec::new();
-                for failed in out.failed {
-                    let i: usize = failed.id.parse().unwrap_or_default();
-                    if failed.sender_fault {
-                        return Err(SeedError::Refused {
-                            position: first_position + i + 1,
-                            reason: failed.message.unwrap_or(failed.code),
-                        });
-                    }
-                    again.push(i);
-                }
-                if again.is_empty() {
-                    return Ok(group.len());
-                }
-                pending = again;
-            }
-            Err(e) if aws::classify(&e) == aws::AwsErrorClass::Fatal => {
-                return Err(SeedError::Sqs(format!(
-                    "{queue_url}: {}",
-                    aws::describe(&e)
-                )));
-            }
-            Err(e) => {
-                tracing::warn!(error = %aws::describe(&e), "SendMessageBatch failed; retrying")
-            }
-        }
-        retry::pause(&mut pacing).await;
+            .await?;
+        Ok(entry_failures(out.failed))
     }
-    Err(SeedError::Sqs(format!(
-        "{queue_url}: gave up sending after {ATTEMPTS} attempts"
-    )))
 }
 
 fn entry(
@@ -210,7 +212,7 @@ pub fn write_file(
     path: &Path,
     replace: bool,
     messages: impl Iterator<Item = SeedMessage>,
-    progress: &ProgressBar,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<u64, SeedError> {
     let write_err = |source| SeedError::Write {
         path: path.display().to_string(),
@@ -238,7 +240,7 @@ pub fn write_file(
         plain.flush().map_err(write_err)?;
         n
     };
-    progress.set_position(written);
+    progress(written);
     Ok(written)
 }
 
@@ -246,7 +248,7 @@ pub fn write_file(
 pub fn write_lines_to(
     out: &mut impl Write,
     messages: impl Iterator<Item = SeedMessage>,
-    progress: &ProgressBar,
+    progress: &mut dyn FnMut(u64),
 ) -> std::io::Result<u64> {
     let written = write_lines(out, messages, progress)?;
     out.flush()?;
@@ -256,7 +258,7 @@ pub fn write_lines_to(
 fn write_lines(
     out: &mut impl Write,
     messages: impl Iterator<Item = SeedMessage>,
-    progress: &ProgressBar,
+    progress: &mut dyn FnMut(u64),
 ) -> std::io::Result<u64> {
     let mut written = 0;
     for message in messages {
@@ -264,7 +266,7 @@ fn write_lines(
         out.write_all(b"\n")?;
         written += 1;
         if written % 10_000 == 0 {
-            progress.set_position(written);
+            progress(written);
         }
     }
     Ok(written)

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::envelope::{AckToken, Chunk, Reject};
+use crate::envelope::{AckToken, Chunk, Meta, Reject};
 use crate::sink::copy_encode::encode_rows;
 use crate::stage::transform::LoginRow;
 
@@ -63,12 +63,32 @@ impl Batch {
         self.len() == 0
     }
 
-    /// When the source accepted each message that says so (milliseconds since the Unix epoch).
-    pub fn sent_at_ms(&self) -> impl Iterator<Item = i64> + '_ {
+    /// Every message's source data: the rows', then the dead letters'.
+    pub fn metas(&self) -> impl Iterator<Item = &Meta> + '_ {
         self.rows()
             .map(|r| &r.event.meta)
             .chain(self.rejects.iter().map(|r| &r.meta))
-            .filter_map(|m| m.sent_at_ms)
+    }
+
+    /// When the source accepted each message that says so (milliseconds since the Unix epoch).
+    pub fn sent_at_ms(&self) -> impl Iterator<Item = i64> + '_ {
+        self.metas().filter_map(|m| m.sent_at_ms)
+    }
+
+    /// Removes the messages for which `drop` holds; returns how many went. The encoded rows are
+    /// made again at the next commit.
+    pub fn drop_where(&mut self, drop: impl Fn(&Meta) -> bool) -> usize {
+        let before = self.len();
+        for chunk in &mut self.chunks {
+            chunk.retain(|r| !drop(&r.event.meta));
+        }
+        self.chunks.retain(|chunk| !chunk.is_empty());
+        self.rejects.retain(|r| !drop(&r.meta));
+        let dropped = before - self.len();
+        if dropped > 0 {
+            self.copy_data = Bytes::new();
+        }
+        dropped
     }
 
     /// Every message's acknowledgement token.
@@ -175,27 +195,57 @@ pub async fn run_batcher(
     }
 }
 
+/// Rows of valid logins for users `u0`, `u1`, … and dead letters, for tests that take batches apart.
+#[cfg(test)]
+pub fn test_rows(rows: usize, rejects: usize) -> (Vec<LoginRow>, Vec<Reject>) {
+    use crate::envelope::{Envelope, Stage};
+    use crate::stage::mask::{MaskKey, MaskMode, Masker};
+    use crate::stage::parse::parse_login;
+    use crate::stage::transform::{AppVersionMode, CreateDateMode, Transformer};
+    let transformer = Transformer::new(
+        Masker::new(
+            MaskMode::HmacSha256,
+            &MaskKey::from_bytes(b"a test key of 16+ bytes"),
+        ),
+        AppVersionMode::Major,
+        CreateDateMode::ProcessingTime,
+    );
+    let now = std::time::SystemTime::now();
+    let rows = (0..rows)
+        .map(|i| {
+            let body = format!(
+                r#"{{"user_id": "u{i}", "app_version": "2.3.0", "device_type": "ios", "ip": "10.0.0.1", "device_id": "d"}}"#
+            );
+            let meta = Meta::at_position(i as u64 + 1, now);
+            let event = parse_login(Envelope { body, meta }).unwrap_or_else(|_| unreachable!("a valid login"));
+            transformer
+                .transform(event, chrono::Utc::now().date_naive())
+                .unwrap_or_else(|_| unreachable!("a valid row"))
+        })
+        .collect();
+    let rejects = (0..rejects)
+        .map(|i| Reject {
+            body: format!("bad {i}"),
+            meta: Meta::at_position(1000 + i as u64, now),
+            stage: Stage::Parse,
+            reason: "x".into(),
+        })
+        .collect();
+    (rows, rejects)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {
-        use crate::envelope::{Meta, Stage};
-        let rejects = (0..n)
-            .map(|i| Reject {
-                body: String::new(),
-                meta: Meta::at_position(i as u64, std::time::SystemTime::now()),
-                stage: Stage::Parse,
-                reason: "x".into(),
-            })
-            .collect();
         Chunk {
             items: Vec::new(),
-            rejects,
+            rejects: test_rows(0, n).1,
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn batches_are_cut_at_the_limit_and_the_tail_is_flushed() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(16);
@@ -212,8 +262,8 @@ mod tests {
         assert_eq!(sizes, [4, 4, 1]);
     }
 
-    #[tokio::test]
-    async fn a_partial_batch_leaves_after_linger() {
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_batch_leaves_after_linger_and_not_before() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(16);
         tokio::spawn(run_batcher(rx, btx, 100, Duration::from_millis(250)));
@@ -221,7 +271,18 @@ mod tests {
         let started = Instant::now();
         let batch = brx.recv().await.expect("a batch");
         assert_eq!(batch.len(), 2);
-        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
         drop(tx);
+    }
+
+    #[test]
+    fn dropping_messages_keeps_the_rest_and_forgets_the_encoding() {
+        let (rows, rejects) = test_rows(4, 2);
+        let mut batch = Batch::new(rows, rejects);
+        let odd = |m: &Meta| matches!(m.message_id, crate::envelope::MessageId::Position(n) if n % 2 == 1);
+        assert_eq!(batch.drop_where(odd), 3, "rows 1 and 3, dead letter 1001");
+        assert_eq!((batch.row_count(), batch.rejects.len()), (2, 1));
+        assert!(batch.copy_data.is_empty());
+        assert_eq!(batch.drop_where(|_| false), 0);
     }
 }

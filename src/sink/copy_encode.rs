@@ -10,18 +10,20 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{Datelike, NaiveDate};
 
+use crate::login_table;
 use crate::stage::mask::to_hex;
 use crate::stage::transform::LoginRow;
 use crate::table_name::TableName;
 
-/// The target columns, in the order every row is encoded.
-pub const COLUMNS: &str =
-    "user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date";
-const FIELD_COUNT: i16 = 7;
+/// Fields per row: the columns of [`login_table::COLUMNS`], in that order.
+const FIELD_COUNT: i16 = login_table::COLUMNS.len() as i16;
 
 /// The statement that loads an [`encode_rows`] payload into `table`.
 pub fn copy_statement(table: &TableName) -> String {
-    format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)")
+    format!(
+        "COPY {table} ({}) FROM STDIN (FORMAT binary)",
+        login_table::column_list()
+    )
 }
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";

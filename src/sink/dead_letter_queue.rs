@@ -14,22 +14,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use sha2::{Digest, Sha256};
 
-use crate::aws::{self, AwsErrorClass};
+use crate::aws::sqs_batch::{self, BatchCall, EntryFailure, entry_failures};
+use crate::aws::{self, AwsError};
 use crate::envelope::Reject;
-use crate::retry;
+use crate::error_chain::Chain;
+use crate::retry::RetryPolicy;
 use crate::stats::Stats;
 
-/// Attempts per batch call before its entries are given up.
-const FORWARD_ATTEMPTS: usize = 3;
+/// A few quick attempts per call: the transaction waits meanwhile, and the table keeps every dead
+/// letter anyway.
+const FORWARD: RetryPolicy = RetryPolicy::attempts(3);
 /// Longest one batch call may take; a queue that hangs must not hold a transaction open for long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQS's default and smallest batch payload limit; a queue that allows larger messages allows
 /// batches as large.
 const MIN_BATCH_BYTES: usize = 256 * 1024;
-const ENTRIES_PER_CALL: usize = 10;
 /// FIFO queues need a message group; all dead letters share one, in the order they were rejected.
 const FIFO_GROUP: &str = "sluice-dead-letters";
 
@@ -74,16 +77,17 @@ impl DeadLetterQueue {
         queue_url: String,
         stats: Arc<Stats>,
     ) -> DeadLetterQueue {
-        let attributes = client
-            .get_queue_attributes()
-            .queue_url(&queue_url)
-            .attribute_names(QueueAttributeName::MaximumMessageSize)
-            .attribute_names(QueueAttributeName::FifoQueue)
-            .send()
-            .await;
+        let attributes = aws::queue_attributes(
+            &client,
+            &queue_url,
+            &[
+                QueueAttributeName::MaximumMessageSize,
+                QueueAttributeName::FifoQueue,
+            ],
+        )
+        .await;
         let limits = match attributes {
-            Ok(out) => {
-                let attrs = out.attributes.unwrap_or_default();
+            Ok(attrs) => {
                 let size = attrs
                     .get(&QueueAttributeName::MaximumMessageSize)
                     .and_then(|v| v.parse().ok());
@@ -95,7 +99,7 @@ impl DeadLetterQueue {
             Err(e) => {
                 tracing::error!(
                     queue_url,
-                    error = %aws::describe(&e),
+                    error = %Chain(&e),
                     "cannot read the dead-letter queue; rejects will be kept in the dead-letter table and forwarding retried per batch"
                 );
                 Limits::new(None, queue_url.ends_with(".fifo"))
@@ -128,24 +132,24 @@ impl DeadLetterQueue {
                 outgoing.push(message);
             }
         }
-        let mut failed = 0;
-        let mut last_error = None;
-        for group in pack(outgoing, self.limits.batch_bytes) {
-            let (lost, error) = self.send_with_retries(group).await;
-            failed += lost;
-            last_error = error.or(last_error);
-        }
+        let call = SendDeadLetters { queue: self };
+        let sent = sqs_batch::send_all(&call, outgoing, FORWARD, 1).await;
+        let failed = sent.refused.len() + sent.unsent.len();
         let not_forwarded = oversize + failed;
         if not_forwarded > 0 {
             self.stats
                 .dead_letters_not_forwarded
                 .inc_by(not_forwarded as u64);
         }
-        if failed > 0 {
+        let why = sent
+            .last_failure
+            .as_ref()
+            .or(sent.refused.last().map(|(_, why)| why));
+        if let Some(why) = why {
             tracing::error!(
                 queue_url = self.queue_url,
                 count = failed,
-                error = last_error.as_deref().unwrap_or("refused by the queue"),
+                error = %Chain(why),
                 "dead letters not forwarded to the dead-letter queue; they are kept in the dead-letter table"
             );
         }
@@ -189,121 +193,51 @@ impl DeadLetterQueue {
             bytes,
         }
     }
+}
 
-    /// Sends one group, retrying what may succeed later; returns how many were given up and why.
-    async fn send_with_retries(&self, group: Vec<Outgoing>) -> (usize, Option<String>) {
-        let mut pending = group;
-        let mut given_up = 0;
-        let mut last_error = None;
-        let mut pacing = retry::backoff();
-        for attempt in 1..=FORWARD_ATTEMPTS {
-            if attempt > 1 {
-                retry::pause(&mut pacing).await;
-            }
-            match self.call(&pending).await {
-                Ok(failed) => {
-                    for refused in failed.iter().filter(|f| f.sender_fault) {
-                        given_up += 1;
-                        last_error = Some(format!(
-                            "{}: {}",
-                            refused.code,
-                            refused.message.as_deref().unwrap_or("refused")
-                        ));
-                    }
-                    pending.retain(|o| {
-                        failed
-                            .iter()
-                            .any(|f| !f.sender_fault && f.id == o.entry.id())
-                    });
-                    if pending.is_empty() {
-                        return (given_up, last_error);
-                    }
-                }
-                Err(failure) => {
-                    last_error = Some(failure.text);
-                    if failure.malformed && pending.len() > 1 {
-                        let (lost, error) = self.send_one_by_one(pending).await;
-                        return (given_up + lost, error.or(last_error));
-                    }
-                    if failure.permanent {
-                        break;
-                    }
-                }
-            }
-        }
-        (given_up + pending.len(), last_error)
+/// SendMessageBatch of dead letters, within the queue's size limit.
+struct SendDeadLetters<'a> {
+    queue: &'a DeadLetterQueue,
+}
+
+#[async_trait]
+impl BatchCall for SendDeadLetters<'_> {
+    type Entry = Outgoing;
+
+    fn name(&self) -> &'static str {
+        "SendMessageBatch"
     }
 
-    /// One SendMessageBatch call; the entries it failed, or why the whole call failed.
-    async fn call(
-        &self,
-        pending: &[Outgoing],
-    ) -> Result<Vec<aws_sdk_sqs::types::BatchResultErrorEntry>, CallFailure> {
-        let entries: Vec<_> = pending.iter().map(|o| o.entry.clone()).collect();
+    fn size(&self, entry: &Outgoing) -> usize {
+        entry.bytes
+    }
+
+    fn max_call_bytes(&self) -> usize {
+        self.queue.limits.batch_bytes
+    }
+
+    async fn call(&self, entries: &[&Outgoing]) -> Result<Vec<EntryFailure>, AwsError> {
+        let entries: Vec<SendMessageBatchRequestEntry> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let mut entry = o.entry.clone();
+                entry.id = i.to_string();
+                entry
+            })
+            .collect();
         let call = self
+            .queue
             .client
             .send_message_batch()
-            .queue_url(&self.queue_url)
+            .queue_url(&self.queue.queue_url)
             .set_entries(Some(entries))
             .send();
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Err(_) => Err(CallFailure {
-                text: format!("no answer within {CALL_TIMEOUT:?}"),
-                malformed: false,
-                permanent: false,
-            }),
-            Ok(Ok(out)) => Ok(out.failed),
-            Ok(Err(e)) => {
-                let malformed = aws::is_malformed_batch(&e);
-                Err(CallFailure {
-                    text: aws::describe(&e),
-                    malformed,
-                    permanent: malformed || aws::classify(&e) == AwsErrorClass::Fatal,
-                })
-            }
+            Err(_) => Err(AwsError::no_answer(CALL_TIMEOUT)),
+            Ok(result) => Ok(entry_failures(result?.failed)),
         }
     }
-
-    /// When the queue refuses a call for its shape, each entry on its own always forms a valid call.
-    async fn send_one_by_one(&self, pending: Vec<Outgoing>) -> (usize, Option<String>) {
-        let mut lost = 0;
-        let mut last_error = None;
-        for one in pending {
-            let (n, error) = Box::pin(self.send_with_retries(vec![one])).await;
-            lost += n;
-            last_error = error.or(last_error);
-        }
-        (lost, last_error)
-    }
-}
-
-/// Why a whole batch call failed.
-struct CallFailure {
-    text: String,
-    /// Refused for its shape (size, entry count): the entries may go through one by one.
-    malformed: bool,
-    /// Retrying the same call cannot succeed.
-    permanent: bool,
-}
-
-/// Groups of at most ten entries and `batch_bytes` in all, in order.
-fn pack(outgoing: Vec<Outgoing>, batch_bytes: usize) -> Vec<Vec<Outgoing>> {
-    let mut groups: Vec<Vec<Outgoing>> = Vec::new();
-    let mut bytes = 0;
-    for message in outgoing {
-        let fits = groups
-            .last()
-            .is_some_and(|g| g.len() < ENTRIES_PER_CALL && bytes + message.bytes <= batch_bytes);
-        if !fits {
-            groups.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += message.bytes;
-        if let Some(group) = groups.last_mut() {
-            group.push(message);
-        }
-    }
-    groups
 }
 
 /// SQS message text allows only some characters (no NUL and most control characters); anything
@@ -331,36 +265,6 @@ fn text_attribute(value: &str) -> MessageAttributeValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sized(i: usize, bytes: usize) -> Outgoing {
-        Outgoing {
-            entry: SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body("x")
-                .build()
-                .expect("entry"),
-            bytes,
-        }
-    }
-
-    fn shape(groups: &[Vec<Outgoing>]) -> Vec<Vec<&str>> {
-        groups
-            .iter()
-            .map(|g| g.iter().map(|o| o.entry.id()).collect())
-            .collect()
-    }
-
-    #[test]
-    fn groups_hold_ten_entries_and_the_batch_limit_at_most() {
-        let small: Vec<Outgoing> = (0..23).map(|i| sized(i, 10)).collect();
-        let sizes: Vec<usize> = pack(small, 1_000).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [10, 10, 3]);
-        let big: Vec<Outgoing> = (0..5).map(|i| sized(i, 400)).collect();
-        assert_eq!(
-            shape(&pack(big, 1_000)),
-            [vec!["0", "1"], vec!["2", "3"], vec!["4"]]
-        );
-    }
 
     #[test]
     fn limits_follow_the_queue() {

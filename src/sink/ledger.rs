@@ -2,17 +2,65 @@
 //!
 //! SQS delivers at least once: a crash between commit and delete, or a delete that fails, brings a
 //! message back. Because its key was committed with its row, the redelivery finds the key and is
-//! acknowledged without writing anything again. Keys are kept for the source's retention (after
-//! that the source cannot redeliver) and pruned in small slices so pruning never holds long locks.
+//! acknowledged without writing anything again. This is the commit record of sources that redeliver
+//! ([`LedgerRecord`]).
+//!
+//! A key says where the message came from as well as which message it is: it is the SHA-256 of the
+//! source's scope (the queue, the file) and the message's key there, as the source defines it
+//! ([`LedgerKeys`]). So two queues, two deployments sharing the table, or two files never take each
+//! other's messages for duplicates, and every key is 32 bytes however long the producer's key was.
+//! Keys are kept for the source's retention (after that the source cannot redeliver) and pruned in
+//! small slices so pruning never holds long locks.
+//!
+//! Earlier versions kept unscoped text keys (`message_key text`). Such a table is never altered: its
+//! keys cannot be scoped after the fact, so sluice refuses to use it (see [`crate::sink::schema`])
+//! and the default ledger is a new table, `sluice_ledger_v2`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Statement, Transaction};
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 
+use crate::envelope::Meta;
+use crate::error_chain::Chain;
+use crate::pg::Connector;
+use crate::sink::commit_record::{CommitRecord, Entry, Outcome, RecordError, Statements};
 use crate::table_name::TableName;
 
+/// A message's key in the ledger: SHA-256 of its source's scope and its key at that source.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LedgerKey(pub [u8; 32]);
+
+impl std::fmt::Debug for LedgerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LedgerKey({})", hex::encode(self.0))
+    }
+}
+
+impl LedgerKey {
+    /// Hashes `parts`, each preceded by its length, so that no two different lists of parts give
+    /// the same input (`["ab", "c"]` and `["a", "bc"]` differ).
+    pub fn of(parts: &[&[u8]]) -> LedgerKey {
+        let mut hash = Sha256::new();
+        for part in parts {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        LedgerKey(hash.finalize().into())
+    }
+}
+
+/// How a source names its messages in the ledger: the source's scope and the message's identity
+/// there, for a message that is loaded or one that becomes a dead letter.
+pub trait LedgerKeys: Send + Sync {
+    fn key(&self, meta: &Meta, body: &str, outcome: Outcome) -> LedgerKey;
+}
+
+/// The ledger table's statements.
 pub struct Ledger {
     insert: String,
     prune: String,
@@ -22,7 +70,7 @@ impl Ledger {
     pub fn new(table: &TableName) -> Ledger {
         Ledger {
             insert: format!(
-                "INSERT INTO {table} (message_key) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING message_key"
+                "INSERT INTO {table} (scoped_key) SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING scoped_key"
             ),
             prune: format!(
                 "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE seen_at < now() - make_interval(hours => $1) LIMIT 10000))"
@@ -30,22 +78,22 @@ impl Ledger {
         }
     }
 
-    /// The recording statement, for preparing once per connection.
-    pub fn sql(&self) -> &str {
-        &self.insert
-    }
-
-    /// Records the keys with `statement` (the prepared form of [`Ledger::sql`]) and tells, per key in
-    /// order, whether it is new. A key repeated within the same list is new only the first time.
+    /// Records the keys and tells, per key in order, whether it is new. A key repeated within the
+    /// same list is new only the first time.
     pub async fn record(
         &self,
         tx: &Transaction<'_>,
-        statement: &Statement,
-        keys: &[&str],
+        statements: &mut Statements,
+        keys: &[LedgerKey],
     ) -> Result<Vec<bool>, tokio_postgres::Error> {
-        let rows = tx.query(statement, &[&keys]).await?;
-        let mut inserted: HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-        Ok(keys.iter().map(|k| inserted.remove(*k)).collect())
+        let statement = statements.get(tx, &self.insert).await?;
+        let bytes: Vec<&[u8]> = keys.iter().map(|k| k.0.as_slice()).collect();
+        let rows = tx.query(&statement, &[&bytes]).await?;
+        let mut inserted: HashSet<&[u8]> = rows.iter().map(|r| r.get::<_, &[u8]>(0)).collect();
+        Ok(keys
+            .iter()
+            .map(|k| inserted.remove(k.0.as_slice()))
+            .collect())
     }
 
     /// Deletes keys older than `retention`, slice by slice; returns how many went.
@@ -65,12 +113,42 @@ impl Ledger {
     }
 }
 
+/// The ledger as a commit record: each message's key is claimed before the rows are written.
+pub struct LedgerRecord {
+    ledger: Ledger,
+    keys: Arc<dyn LedgerKeys>,
+}
+
+impl LedgerRecord {
+    pub fn new(table: &TableName, keys: Arc<dyn LedgerKeys>) -> LedgerRecord {
+        LedgerRecord {
+            ledger: Ledger::new(table),
+            keys,
+        }
+    }
+}
+
+#[async_trait]
+impl CommitRecord for LedgerRecord {
+    async fn claim(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &mut Statements,
+        entries: &[Entry<'_>],
+    ) -> Result<Vec<bool>, RecordError> {
+        let keys: Vec<LedgerKey> = entries
+            .iter()
+            .map(|e| self.keys.key(e.meta, e.body, e.outcome))
+            .collect();
+        Ok(self.ledger.record(tx, statements, &keys).await?)
+    }
+}
+
 /// Prunes at start and then hourly, on its own connection, until `stop`.
 pub async fn prune_periodically(
     ledger: Ledger,
-    url: String,
+    connector: Connector,
     retention_hours: i32,
-    connect_timeout: Duration,
     stop: CancellationToken,
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(3600));
@@ -80,16 +158,38 @@ pub async fn prune_periodically(
             _ = stop.cancelled() => return,
         }
         let outcome = async {
-            let client = crate::pg::connect(&url, "sluice-ledger-pruner", connect_timeout).await?;
-            ledger.prune(&client, retention_hours).await
+            let client = connector.connect("sluice-ledger-pruner").await?;
+            ledger
+                .prune(&client, retention_hours)
+                .await
+                .map_err(|e| PruneError::Prune(crate::pg::PgError(e)))
         };
         tokio::select! {
             result = outcome => match result {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(pruned = n, "pruned the dedupe ledger"),
-                Err(e) => tracing::warn!(error = %crate::pg::describe(&e), "pruning the dedupe ledger failed; will try again"),
+                Err(e) => tracing::warn!(error = %Chain(&e), "pruning the dedupe ledger failed; will try again"),
             },
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PruneError {
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
+    #[error("deleting old keys")]
+    Prune(#[source] crate::pg::PgError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_delimited_by_their_lengths() {
+        assert_ne!(LedgerKey::of(&[b"ab", b"c"]), LedgerKey::of(&[b"a", b"bc"]));
+        assert_eq!(LedgerKey::of(&[b"q", b"k"]), LedgerKey::of(&[b"q", b"k"]));
     }
 }

@@ -1,50 +1,52 @@
-//! The PostgreSQL sink: one transaction per batch, and acknowledgements only after it commits.
+//! The PostgreSQL committer: one transaction per batch, holding its rows, its dead letters and its
+//! source's commit record.
 //!
-//! A batch's transaction records the messages' keys in the dedupe ledger, skips the ones already
-//! committed, COPYs the rows in binary, inserts the dead-letter records, forwards them to the
-//! dead-letter queue (if any), and commits. Only then do the batch's acknowledgement tokens go to the
-//! acknowledger.
+//! A batch's transaction claims its messages in the source's commit record (the dedupe ledger skips
+//! the ones already committed), COPYs the rows in binary, inserts the dead-letter records, seals the
+//! record (checkpoints, positions), forwards the dead letters to the dead-letter queue (if any), and
+//! commits. Only then do the batch's acknowledgement tokens go on (see [`super::run_committer`]).
 //!
 //! Failures are sorted by [`classify`]: transient ones (connection lost, server restarting) keep the
 //! batch and retry it on a fresh connection with backoff, forever, so an outage stalls the pipeline
 //! (and, through the bounded channels, the source) instead of losing data. A data error means one row
 //! can never be written: the batch is split in halves until the row is alone, and that row becomes a
-//! dead-letter record carrying the database's error, while its neighbours load. Anything else (schema
-//! or permission trouble) stops the daemon without acknowledging the batch.
+//! dead-letter record carrying the database's error, while its neighbours load. A commit the source
+//! fences off is rolled back and committed again without the messages the fence names. Anything else
+//! (schema or permission trouble) stops the daemon without acknowledging the batch.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use backon::RetryableWithContext;
 use futures::SinkExt;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::envelope::{AckToken, Reject, Stage};
-use crate::pg;
-use crate::retry;
+use super::{Commit, CommitCounts, Committed, Committer, SinkError};
+use crate::envelope::{Meta, Reject, Stage};
+use crate::error_chain::Chain;
+use crate::pg::{ConnectError, Connector, PgError};
+use crate::retry::RetryPolicy;
 use crate::sink::batch::Batch;
+use crate::sink::commit_record::{CommitRecord, Entry, Fence, Outcome, RecordError, Statements};
 use crate::sink::copy_encode::{copy_statement, encode_rows};
 use crate::sink::dead_letter::DeadLetterWriter;
 use crate::sink::dead_letter_queue::DeadLetterQueue;
 use crate::sink::errors::{ErrorClass, classify};
-use crate::sink::ledger::Ledger;
-use crate::sink::schema::{DeadLetterColumns, Tables};
+use crate::sink::schema::DeadLetterColumns;
 use crate::stats::Stats;
+use crate::table_name::Tables;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("PostgreSQL sink stopped: {0}")]
-    Fatal(String),
-}
+/// A commit that fails for a passing reason is retried, with the batch in hand, for as long as the
+/// failure lasts.
+const COMMIT: RetryPolicy = RetryPolicy::FOREVER;
 
 /// Everything the sink needs, resolved from configuration.
 pub struct SinkSettings {
-    pub url: String,
-    pub connect_timeout: Duration,
+    pub connector: Connector,
     pub tables: Tables,
     pub dead_letter_columns: DeadLetterColumns,
-    /// Keep the dedupe ledger.
-    pub dedupe: bool,
     pub dead_letter_queue: Option<DeadLetterQueue>,
 }
 
@@ -52,8 +54,7 @@ pub struct SinkSettings {
 /// runs `sink.postgres.connections` of them side by side on one queue of batches, so one batch's
 /// COMMIT (waiting for the WAL to reach disk) overlaps the next batch's COPY.
 pub struct PgCopySink {
-    url: String,
-    connect_timeout: Duration,
+    connector: Connector,
     session: Option<Session>,
     /// A connection handed over at start, prepared on first use.
     spare: Option<Client>,
@@ -66,36 +67,72 @@ struct Session {
     client: Client,
     copy: Statement,
     dead_letters: Statement,
-    ledger: Option<Statement>,
+    /// The commit record's statements, prepared on first use.
+    record: Statements,
 }
 
 /// The statements and helpers every committer shares.
 struct CommitParts {
     copy: String,
-    ledger: Option<Ledger>,
     dead_letters: DeadLetterWriter,
     dead_letter_queue: Option<DeadLetterQueue>,
 }
 
-/// What one committed transaction held.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CommitCounts {
-    pub loaded: usize,
-    pub rejected: usize,
-    pub duplicates: usize,
-}
-
+/// How one piece of a batch ended.
 enum Attempt {
     /// Committed, with how long the successful transaction took.
     Committed(CommitCounts, Duration),
-    /// The database refused some row's data; the text is its error.
-    Refused(String),
+    /// The database refused some row's data.
+    Refused(tokio_postgres::Error),
+    /// The source fenced the commit off for the messages `Fence` names.
+    Fenced(Fence, Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why one try of a transaction failed.
+enum Failure {
+    Connect(ConnectError),
+    Db(tokio_postgres::Error),
+    Fenced(Fence, Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Failure {
+    fn is_transient(&self) -> bool {
+        match self {
+            Failure::Connect(e) => classify(e.driver()) == ErrorClass::Transient,
+            Failure::Db(e) => classify(e) == ErrorClass::Transient,
+            Failure::Fenced(..) => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "{}", Chain(e)),
+            Failure::Db(e) => f.write_str(&crate::pg::describe(e)),
+            Failure::Fenced(_, cause) => write!(f, "fenced off: {cause}"),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failure::Db(e)
+    }
+}
+
+impl From<RecordError> for Failure {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::Database(e) => Failure::Db(e),
+            RecordError::Fenced { fence, cause } => Failure::Fenced(fence, cause),
+        }
+    }
 }
 
 /// Builds the committers of one pipeline.
 pub struct PgCopySinkBuilder {
-    url: String,
-    connect_timeout: Duration,
+    connector: Connector,
     parts: Arc<CommitParts>,
     stats: Arc<Stats>,
 }
@@ -104,11 +141,9 @@ impl PgCopySinkBuilder {
     pub fn new(settings: SinkSettings, stats: Arc<Stats>) -> PgCopySinkBuilder {
         let tables = &settings.tables;
         PgCopySinkBuilder {
-            url: settings.url,
-            connect_timeout: settings.connect_timeout,
+            connector: settings.connector,
             parts: Arc::new(CommitParts {
                 copy: copy_statement(&tables.target),
-                ledger: settings.dedupe.then(|| Ledger::new(&tables.ledger)),
                 dead_letters: DeadLetterWriter::new(
                     &tables.dead_letter,
                     settings.dead_letter_columns,
@@ -122,8 +157,7 @@ impl PgCopySinkBuilder {
     /// A committer; `client` may be a connection already opened (to check the schema) at start.
     pub fn committer(&self, client: Option<Client>) -> PgCopySink {
         PgCopySink {
-            url: self.url.clone(),
-            connect_timeout: self.connect_timeout,
+            connector: self.connector.clone(),
             session: None,
             spare: client,
             parts: self.parts.clone(),
@@ -132,102 +166,118 @@ impl PgCopySinkBuilder {
     }
 }
 
-/// The queue of batches the committers of one pipeline take from.
-pub type SharedBatches = Arc<tokio::sync::Mutex<mpsc::Receiver<Batch>>>;
-
-impl PgCopySink {
-    /// The committer task: commits batches until the queue closes, and hands each committed batch's
-    /// acknowledgement tokens to the acknowledger.
-    pub async fn run(
-        mut self,
-        input: SharedBatches,
-        committed: mpsc::Sender<Vec<AckToken>>,
-    ) -> Result<(), SinkError> {
-        loop {
-            let next = input.lock().await.recv().await;
-            let Some(batch) = next else {
-                return Ok(());
-            };
-            for done in self.commit(batch).await? {
-                // Only the tokens travel on: the rows are dropped here, so a committed batch does
-                // not hold memory while it waits for its acknowledgement.
-                self.stats.observe_lag(done.sent_at_ms());
-                if committed.send(done.into_ack_tokens()).await.is_err() {
-                    return Err(SinkError::Fatal("the acknowledger stopped".into()));
+#[async_trait]
+impl Committer for PgCopySink {
+    /// Commits a batch, splitting it around rows the database refuses and dropping what a fence
+    /// names; returns what was committed (the batch itself, or the pieces it was split into).
+    async fn commit(
+        &mut self,
+        batch: Batch,
+        record: &dyn CommitRecord,
+    ) -> Result<Commit, SinkError> {
+        let mut commit = Commit::default();
+        let mut work = vec![batch];
+        while let Some(mut batch) = work.pop() {
+            let pending: Vec<&Meta> = work.iter().flat_map(Batch::metas).collect();
+            match self.commit_with_retry(&mut batch, record, &pending).await? {
+                Attempt::Committed(counts, took) => commit.committed.push(Committed {
+                    batch,
+                    counts,
+                    took,
+                }),
+                Attempt::Refused(error) => {
+                    let reason = crate::pg::describe(&error);
+                    match split(batch, &reason) {
+                        Some(pieces) => work.extend(pieces),
+                        None => return Err(SinkError::DeadLettersRefused(PgError(error))),
+                    }
+                }
+                Attempt::Fenced(fence, cause) => {
+                    let dropped = batch.drop_where(&fence)
+                        + work.iter_mut().map(|b| b.drop_where(&fence)).sum::<usize>();
+                    tracing::warn!(dropped, cause = %cause, "commit fenced off by the source; its messages there are dropped unloaded and read again by their new owner");
+                    commit.dropped += dropped;
+                    if !batch.is_empty() {
+                        work.push(batch);
+                    }
                 }
             }
         }
+        Ok(commit)
     }
+}
 
+impl PgCopySink {
     /// Connects and prepares the statements now, so that a setup that cannot work fails at start.
     pub async fn open(&mut self) -> Result<(), SinkError> {
         match self.session().await {
             Ok(_) => Ok(()),
-            Err(e) => Err(unusable(&e)),
+            Err(Failure::Connect(e)) => Err(SinkError::Connect(e)),
+            Err(Failure::Db(e)) => Err(SinkError::Prepare(PgError(e))),
+            Err(Failure::Fenced(..)) => unreachable!("opening a session writes no record"),
         }
     }
 
-    /// Commits a batch, splitting it around rows the database refuses; returns what was committed
-    /// (the batch itself, or the pieces it was split into).
-    pub async fn commit(&mut self, batch: Batch) -> Result<Vec<Batch>, SinkError> {
-        let mut done = Vec::with_capacity(1);
-        let mut work = vec![batch];
-        while let Some(mut batch) = work.pop() {
-            match self.commit_with_retry(&mut batch).await? {
-                Attempt::Committed(c, took) => {
-                    self.stats
-                        .record_commit(c.loaded, c.rejected, c.duplicates, took);
-                    done.push(batch);
-                }
-                Attempt::Refused(reason) => work.extend(split(batch, &reason)?),
-            }
+    /// One piece of a batch, tried until it commits or fails for a reason retrying cannot cure.
+    async fn commit_with_retry<'a>(
+        &'a mut self,
+        batch: &'a mut Batch,
+        record: &'a dyn CommitRecord,
+        pending: &'a [&'a Meta],
+    ) -> Result<Attempt, SinkError> {
+        let stats = self.stats.clone();
+        let messages = batch.len();
+        let attempt = |(this, batch): (&'a mut Self, &'a mut Batch)| async move {
+            let result = this.try_commit(batch, record, pending).await;
+            ((this, batch), result)
+        };
+        let (_, result) = attempt
+        .retry(COMMIT.backoff())
+        .context((self, batch))
+        .when(Failure::is_transient)
+        .notify(|failure, _| {
+            stats.commit_retries.inc();
+            tracing::warn!(error = %failure, messages, "commit failed; keeping the batch and retrying");
+        })
+        .await;
+        match result {
+            Ok((counts, took)) => Ok(Attempt::Committed(counts, took)),
+            Err(Failure::Db(e)) if classify(&e) == ErrorClass::Data => Ok(Attempt::Refused(e)),
+            Err(Failure::Db(e)) => Err(SinkError::Refused(PgError(e))),
+            Err(Failure::Connect(e)) => Err(SinkError::Connect(e)),
+            Err(Failure::Fenced(fence, cause)) => Ok(Attempt::Fenced(fence, cause)),
         }
-        Ok(done)
     }
 
-    /// The batch's encoded rows go to the first attempt and are freed as they are sent, so a batch
-    /// waiting for its COMMIT holds only its messages; a retry encodes them again.
-    async fn commit_with_retry(&mut self, batch: &mut Batch) -> Result<Attempt, SinkError> {
-        let mut pacing = retry::backoff();
+    /// One transaction. A connection found closed afterwards is dropped, so the next try opens a
+    /// fresh one.
+    async fn try_commit(
+        &mut self,
+        batch: &mut Batch,
+        record: &dyn CommitRecord,
+        pending: &[&Meta],
+    ) -> Result<(CommitCounts, Duration), Failure> {
         let parts = self.parts.clone();
-        loop {
-            let error = match self.session().await {
-                Err(e) if classify(&e) == ErrorClass::Fatal => {
-                    return Err(unusable(&e));
-                }
-                Err(e) => pg::describe(&e),
-                Ok(session) => {
-                    let started = std::time::Instant::now();
-                    let encoded = match std::mem::take(&mut batch.copy_data) {
-                        data if data.is_empty() => encode_rows(batch.row_count(), batch.rows()),
-                        data => data,
-                    };
-                    match parts.try_commit(session, batch, encoded).await {
-                        Ok(counts) => return Ok(Attempt::Committed(counts, started.elapsed())),
-                        Err(e) => match classify(&e) {
-                            ErrorClass::Data => return Ok(Attempt::Refused(pg::describe(&e))),
-                            ErrorClass::Fatal => return Err(SinkError::Fatal(pg::describe(&e))),
-                            ErrorClass::Transient => pg::describe(&e),
-                        },
-                    }
-                }
-            };
-            self.stats.commit_retries.inc();
-            if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
-                self.session = None;
-                self.stats.postgres_connections.dec();
-            }
-            tracing::warn!(
-                error,
-                messages = batch.len(),
-                "commit failed; keeping the batch and retrying"
-            );
-            retry::pause(&mut pacing).await;
+        let session = self.session().await?;
+        let started = Instant::now();
+        // The batch's encoded rows go to the first try and are freed as they are sent, so a batch
+        // waiting for its COMMIT holds only its messages; a retry encodes them again.
+        let encoded = match std::mem::take(&mut batch.copy_data) {
+            data if data.is_empty() => encode_rows(batch.row_count(), batch.rows()),
+            data => data,
+        };
+        let result = parts
+            .transaction(session, batch, encoded, record, pending)
+            .await;
+        if result.is_err() && self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+            self.session = None;
+            self.stats.postgres_connections.dec();
         }
+        result.map(|counts| (counts, started.elapsed()))
     }
 
     /// The open session, connecting and preparing the statements if there is none.
-    async fn session(&mut self) -> Result<&mut Session, tokio_postgres::Error> {
+    async fn session(&mut self) -> Result<&mut Session, Failure> {
         let session = match self.session.take() {
             Some(session) => session,
             None => self.new_session().await?,
@@ -236,31 +286,25 @@ impl PgCopySink {
     }
 
     /// Takes the connection handed over at start if it is still open, else connects; then prepares.
-    async fn new_session(&mut self) -> Result<Session, tokio_postgres::Error> {
+    async fn new_session(&mut self) -> Result<Session, Failure> {
         let client = match self.spare.take() {
             Some(client) if !client.is_closed() => client,
-            _ => pg::connect(&self.url, "sluice", self.connect_timeout).await?,
-        };
-        let parts = &self.parts;
-        let ledger = match &parts.ledger {
-            Some(ledger) => Some(client.prepare(ledger.sql()).await?),
-            None => None,
+            _ => self
+                .connector
+                .connect("sluice")
+                .await
+                .map_err(Failure::Connect)?,
         };
         let session = Session {
-            copy: client.prepare(&parts.copy).await?,
-            dead_letters: client.prepare(parts.dead_letters.sql()).await?,
-            ledger,
+            copy: client.prepare(&self.parts.copy).await?,
+            dead_letters: client.prepare(self.parts.dead_letters.sql()).await?,
+            record: Statements::default(),
             client,
         };
         tracing::debug!("PostgreSQL session ready");
         self.stats.postgres_connections.inc();
         Ok(session)
     }
-}
-
-/// A connection or preparation error that retrying cannot cure (bad credentials, missing database).
-fn unusable(e: &tokio_postgres::Error) -> SinkError {
-    SinkError::Fatal(format!("cannot use PostgreSQL: {}", pg::describe(e)))
 }
 
 impl Drop for PgCopySink {
@@ -273,25 +317,29 @@ impl Drop for PgCopySink {
 
 impl CommitParts {
     /// `encoded` is the batch's rows in COPY form.
-    async fn try_commit(
+    async fn transaction(
         &self,
         session: &mut Session,
         batch: &Batch,
         encoded: bytes::Bytes,
-    ) -> Result<CommitCounts, tokio_postgres::Error> {
+        record: &dyn CommitRecord,
+        pending: &[&Meta],
+    ) -> Result<CommitCounts, Failure> {
         let tx = session.client.transaction().await?;
-        let fresh = match (&self.ledger, &session.ledger) {
-            (Some(ledger), Some(statement)) => {
-                let keys: Vec<_> = batch
-                    .rows()
-                    .map(|r| r.event.meta.ledger_key())
-                    .chain(batch.rejects.iter().map(|r| r.meta.ledger_key()))
-                    .collect();
-                let keys: Vec<&str> = keys.iter().map(|k| k.as_ref()).collect();
-                ledger.record(&tx, statement, &keys).await?
-            }
-            _ => vec![true; batch.len()],
-        };
+        let entries: Vec<Entry<'_>> = batch
+            .rows()
+            .map(|r| Entry {
+                meta: &r.event.meta,
+                body: r.event.body(),
+                outcome: Outcome::Row,
+            })
+            .chain(batch.rejects.iter().map(|r| Entry {
+                meta: &r.meta,
+                body: &r.body,
+                outcome: Outcome::DeadLetter,
+            }))
+            .collect();
+        let fresh = record.claim(&tx, &mut session.record, &entries).await?;
         let (fresh_rows, fresh_rejects) = fresh.split_at(batch.row_count());
         let rejects: Vec<&Reject> = batch
             .rejects
@@ -312,6 +360,9 @@ impl CommitParts {
         let loaded = copy(&tx, &session.copy, data).await?;
         self.dead_letters
             .insert(&tx, &session.dead_letters, &rejects)
+            .await?;
+        record
+            .seal(&tx, &mut session.record, &entries, pending)
             .await?;
         // Last before commit, so a batch the database refuses is not forwarded twice. Forwarding
         // gives up what the queue will not take: it never holds up the commit for long.
@@ -344,14 +395,13 @@ async fn copy(
     sink.finish().await
 }
 
-/// Splits a batch the database refused: halves while it holds several rows, and a lone row becomes a
-/// dead-letter record with the database's reason. Returned in reverse order of processing.
-fn split(batch: Batch, reason: &str) -> Result<Vec<Batch>, SinkError> {
+/// Splits a batch the database refused for `reason`: halves while it holds several rows, and a lone
+/// row becomes a dead-letter record with the database's reason. Returned in reverse order of
+/// processing; `None` when there is no row left to blame (the dead letters themselves were refused).
+fn split(batch: Batch, reason: &str) -> Option<Vec<Batch>> {
     let (mut rows, rejects) = batch.into_parts();
     match rows.len() {
-        0 => Err(SinkError::Fatal(format!(
-            "PostgreSQL refused dead-letter records: {reason}"
-        ))),
+        0 => None,
         1 => {
             let (body, meta) = rows.remove(0).event.into_body_and_meta();
             tracing::warn!(message_id = %meta.message_id, reason, "PostgreSQL refused a row; dead-lettering it");
@@ -362,14 +412,56 @@ fn split(batch: Batch, reason: &str) -> Result<Vec<Batch>, SinkError> {
                 stage: Stage::Sink,
                 reason: format!("refused by PostgreSQL: {reason}"),
             });
-            Ok(vec![Batch::new(Vec::new(), rejects)])
+            Some(vec![Batch::new(Vec::new(), rejects)])
         }
         n => {
             let second = rows.split_off(n / 2);
-            Ok(vec![
+            Some(vec![
                 Batch::new(second, Vec::new()),
                 Batch::new(rows, rejects),
             ])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::batch::test_rows;
+
+    fn users(batch: &Batch) -> Vec<String> {
+        batch.rows().map(|r| r.event.user_id().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_refused_batch_is_halved_until_the_row_is_alone() {
+        let (rows, rejects) = test_rows(5, 1);
+        let pieces = split(Batch::new(rows, rejects), "no").expect("rows to split");
+        // Processed from the end: the first half (with the batch's dead letters) first.
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(users(&pieces[1]), ["u0", "u1"]);
+        assert_eq!(pieces[1].rejects.len(), 1);
+        assert_eq!(users(&pieces[0]), ["u2", "u3", "u4"]);
+        assert!(pieces[0].rejects.is_empty());
+    }
+
+    #[test]
+    fn a_lone_refused_row_becomes_a_dead_letter_with_the_reason() {
+        let (rows, rejects) = test_rows(1, 1);
+        let pieces = split(Batch::new(rows, rejects), "ERROR: check violation").expect("a row");
+        assert_eq!(pieces.len(), 1);
+        let piece = &pieces[0];
+        assert_eq!(piece.row_count(), 0);
+        assert_eq!(piece.rejects.len(), 2);
+        let last = &piece.rejects[1];
+        assert_eq!(last.stage, Stage::Sink);
+        assert_eq!(last.reason, "refused by PostgreSQL: ERROR: check violation");
+        assert!(last.body.contains("\"u0\""), "{}", last.body);
+    }
+
+    #[test]
+    fn dead_letters_alone_cannot_be_split() {
+        let (_, rejects) = test_rows(0, 2);
+        assert!(split(Batch::new(Vec::new(), rejects), "no").is_none());
     }
 }

@@ -1,52 +1,38 @@
 //! The tables sluice writes, created when missing and checked before the first batch.
 //!
-//! `user_logins` has a fixed DDL that sluice never alters. What it does instead is check, at start,
-//! that an existing table has the columns and types binary COPY will send, because a mismatch would
-//! otherwise surface as every row failing at runtime.
+//! `user_logins` has a fixed DDL ([`crate::login_table`]) that sluice never alters. What it does
+//! instead is check, at start, that an existing table has the columns and types binary COPY will
+//! send, because a mismatch would otherwise surface as every row failing at runtime. A ledger table
+//! of an earlier version (unscoped text keys) is recognised and refused, never converted.
 
 use tokio_postgres::Client;
 
-use crate::table_name::TableName;
-
-/// The three tables of one deployment.
-#[derive(Debug, Clone)]
-pub struct Tables {
-    pub target: TableName,
-    pub dead_letter: TableName,
-    pub ledger: TableName,
-}
+use crate::login_table::{self, TEXT_TYPES};
+use crate::pg::PgError;
+use crate::table_name::{TableName, Tables};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    #[error("{0}")]
-    Db(String),
+    #[error("reading or creating the tables")]
+    Db(#[from] PgError),
     #[error(
         "table {table} does not exist; run `sluice migrate` (or set `sink.postgres.create_tables = true`)"
     )]
     Missing { table: String },
     #[error("table {table}: {problem}")]
     Mismatch { table: String, problem: String },
+    #[error(
+        "table {table} is a dedupe ledger of an earlier sluice (text keys not scoped to their source); \
+         sluice leaves it unchanged and does not use it: point `sink.postgres.ledger_table` at a new \
+         table (the default is `sluice_ledger_v2`) and drop this one when you like"
+    )]
+    OldLedger { table: String },
 }
 
 impl From<tokio_postgres::Error> for SchemaError {
     fn from(e: tokio_postgres::Error) -> Self {
-        SchemaError::Db(crate::pg::describe(&e))
+        SchemaError::Db(PgError(e))
     }
-}
-
-/// The fixed DDL of the target table.
-pub fn target_ddl(table: &TableName) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {table}(
-    user_id             varchar(128),
-    device_type         varchar(32),
-    masked_ip           varchar(256),
-    masked_device_id    varchar(256),
-    locale              varchar(32),
-    app_version         integer,
-    create_date         date
-)"
-    )
 }
 
 /// Rejected messages with their reason, the stage that refused them and when.
@@ -64,13 +50,14 @@ pub fn dead_letter_ddl(table: &TableName) -> String {
     )
 }
 
-/// Keys of committed messages, for skipping redeliveries; pruned by `seen_at`. Keys arrive in time
-/// order, so a BRIN index finds the old ones for pruning at almost no cost per insert.
+/// Keys of committed messages (32-byte SHA-256 of source and key, see [`crate::sink::ledger`]), for
+/// skipping redeliveries; pruned by `seen_at`. Keys arrive in time order, so a BRIN index finds the
+/// old ones for pruning at almost no cost per insert.
 pub fn ledger_ddl(table: &TableName) -> Vec<String> {
     vec![
         format!(
             "CREATE TABLE IF NOT EXISTS {table}(
-    message_key  text PRIMARY KEY,
+    scoped_key   bytea PRIMARY KEY CHECK (length(scoped_key) = 32),
     seen_at      timestamptz NOT NULL DEFAULT now()
 )"
         ),
@@ -103,7 +90,7 @@ pub async fn migrate(
     .await?;
     let mut statuses = Vec::new();
     let mut plan: Vec<(&TableName, Vec<String>)> = vec![
-        (&tables.target, vec![target_ddl(&tables.target)]),
+        (&tables.target, vec![login_table::ddl(&tables.target)]),
         (
             &tables.dead_letter,
             vec![dead_letter_ddl(&tables.dead_letter)],
@@ -114,12 +101,14 @@ pub async fn migrate(
     }
     for (table, statements) in plan {
         let existed = exists(&tx, table).await?;
-        if let Some(schema) = &table.schema {
-            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-                .await?;
-        }
-        for statement in statements {
-            tx.batch_execute(&statement).await?;
+        if !existed {
+            if let Some(schema) = &table.schema {
+                tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                    .await?;
+            }
+            for statement in statements {
+                tx.batch_execute(&statement).await?;
+            }
         }
         statuses.push(TableStatus {
             table: table.to_string(),
@@ -159,20 +148,6 @@ async fn columns(
     Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
-const TEXT_TYPES: &[&str] = &["text", "character varying"];
-
-/// The target's columns as binary COPY needs them: text-like for strings, exactly `integer` and `date`
-/// for the others (binary COPY does not convert).
-const TARGET_COLUMNS: &[(&str, &[&str])] = &[
-    ("user_id", TEXT_TYPES),
-    ("device_type", TEXT_TYPES),
-    ("masked_ip", TEXT_TYPES),
-    ("masked_device_id", TEXT_TYPES),
-    ("locale", TEXT_TYPES),
-    ("app_version", &["integer"]),
-    ("create_date", &["date"]),
-];
-
 /// Which optional dead-letter columns an existing table has (a table made by hand may hold only the
 /// required four).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,7 +163,11 @@ pub async fn verify(
     with_ledger: bool,
 ) -> Result<DeadLetterColumns, SchemaError> {
     let target = require(client, &tables.target).await?;
-    check_columns(&tables.target, &target, TARGET_COLUMNS)?;
+    let wanted: Vec<(&str, &[&str])> = login_table::COLUMNS
+        .iter()
+        .map(|c| (c.name, c.ty.accepted()))
+        .collect();
+    check_columns(&tables.target, &target, &wanted)?;
 
     let dead_letter = require(client, &tables.dead_letter).await?;
     let ts: &[&str] = &["timestamp with time zone"];
@@ -210,10 +189,15 @@ pub async fn verify(
 
     if with_ledger {
         let ledger = require(client, &tables.ledger).await?;
+        if ledger.iter().any(|(name, _)| name == "message_key") {
+            return Err(SchemaError::OldLedger {
+                table: tables.ledger.to_string(),
+            });
+        }
         check_columns(
             &tables.ledger,
             &ledger,
-            &[("message_key", TEXT_TYPES), ("seen_at", ts)],
+            &[("scoped_key", &["bytea"]), ("seen_at", ts)],
         )?;
     }
     Ok(optional)
@@ -256,19 +240,6 @@ fn check_columns(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_target_ddl_is_the_fixed_one() {
-        let ddl = target_ddl(&TableName::unqualified("user_logins"));
-        assert!(ddl.starts_with("CREATE TABLE IF NOT EXISTS \"user_logins\"("));
-        for column in [
-            "user_id             varchar(128)",
-            "app_version         integer",
-            "create_date         date",
-        ] {
-            assert!(ddl.contains(column), "{column}");
-        }
-    }
 
     #[test]
     fn mismatches_name_the_column() {

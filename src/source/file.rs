@@ -4,20 +4,28 @@
 //!
 //! Reading is blocking I/O, so it runs on a blocking thread and hands chunks to the async pipeline
 //! with `blocking_send`: when the pipeline is full, the reader simply waits.
+//!
+//! With dedupe on, a message's ledger key is its file's identity, its position and its content
+//! ([`FileLedgerKeys`]): running the same file again skips what it loaded, while another file, or a
+//! line that was corrected since, loads. (Positions alone would make the first lines of any other
+//! file look like duplicates.)
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::envelope::{Chunk, Envelope, Meta, Reject, Stage};
+use crate::envelope::{Chunk, Envelope, MessageId, Meta, Reject, Stage};
 use crate::message_file::{self, FileMessage};
 use crate::shutdown::Shutdown;
+use crate::sink::commit_record::{CommitRecord, NoCommitRecord, Outcome};
+use crate::sink::ledger::{LedgerKey, LedgerKeys, LedgerRecord};
 use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
+use crate::table_name::TableName;
 
 pub struct FileSource {
     path: PathBuf,
@@ -26,7 +34,20 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    pub fn build(path: PathBuf, chunk_messages: usize, stats: Arc<Stats>) -> BuiltSource {
+    /// With `ledger`, each batch records its messages' keys there, scoped to this file.
+    pub fn build(
+        path: PathBuf,
+        chunk_messages: usize,
+        ledger: Option<&TableName>,
+        stats: Arc<Stats>,
+    ) -> BuiltSource {
+        let commit_record: Arc<dyn CommitRecord> = match ledger {
+            Some(table) => {
+                let keys = FileLedgerKeys::new(FileIdentity::of(&path));
+                Arc::new(LedgerRecord::new(table, Arc::new(keys)))
+            }
+            None => Arc::new(NoCommitRecord),
+        };
         BuiltSource {
             source: Box::new(FileSource {
                 path,
@@ -34,9 +55,56 @@ impl FileSource {
                 stats,
             }),
             acknowledger: Arc::new(NoAcknowledger),
+            commit_record,
             chunk_messages: chunk_messages.max(1),
             receive_allowance: std::time::Duration::ZERO,
         }
+    }
+}
+
+/// Which file messages come from: what scopes their ledger keys (and, for resumable loads, what a
+/// committed position would be recorded against).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileIdentity {
+    /// A file, by its canonical path (links resolved), or its absolute path if it cannot be
+    /// resolved (it is then unreadable anyway).
+    Path(PathBuf),
+    /// Standard input: no identity beyond its content.
+    StandardInput,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> FileIdentity {
+        if path.as_os_str() == "-" {
+            return FileIdentity::StandardInput;
+        }
+        FileIdentity::Path(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()))
+    }
+}
+
+/// Ledger keys of a file's messages: the file, the position and the content, for rows and dead
+/// letters alike.
+pub struct FileLedgerKeys {
+    scope: Vec<u8>,
+}
+
+impl FileLedgerKeys {
+    pub fn new(identity: FileIdentity) -> FileLedgerKeys {
+        let scope = match identity {
+            FileIdentity::Path(path) => path.into_os_string().into_encoded_bytes(),
+            FileIdentity::StandardInput => b"-".to_vec(),
+        };
+        FileLedgerKeys { scope }
+    }
+}
+
+impl LedgerKeys for FileLedgerKeys {
+    fn key(&self, meta: &Meta, body: &str, _outcome: Outcome) -> LedgerKey {
+        let position = match &meta.message_id {
+            MessageId::Position(n) => n.to_be_bytes().to_vec(),
+            MessageId::Text(id) => id.as_bytes().to_vec(),
+        };
+        LedgerKey::of(&[b"file", &self.scope, &position, body.as_bytes()])
     }
 }
 
@@ -48,14 +116,10 @@ impl Source for FileSource {
         shutdown: Shutdown,
     ) -> Result<(), SourceError> {
         let this = *self;
-        let name = this.path.display().to_string();
         tokio::task::spawn_blocking(move || this.read(out, shutdown))
             .await
-            .map_err(|e| SourceError::Fatal(format!("file reader stopped: {e}")))?
-            .map_err(|e| SourceError::Input {
-                path: name,
-                message: e.to_string(),
-            })
+            .map_err(SourceError::FileReader)??;
+        Ok(())
     }
 }
 
@@ -107,5 +171,31 @@ fn push(chunk: &mut Chunk<Envelope>, message: FileMessage, received_at: SystemTi
             stage: Stage::Source,
             reason: "body is not valid UTF-8".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_tell_files_positions_and_contents_apart() {
+        let a = FileLedgerKeys::new(FileIdentity::Path("/data/a.ndjson".into()));
+        let b = FileLedgerKeys::new(FileIdentity::Path("/data/b.ndjson".into()));
+        let at = |n| Meta::at_position(n, SystemTime::now());
+        let key = |keys: &FileLedgerKeys, n, body| keys.key(&at(n), body, Outcome::Row);
+        assert_eq!(
+            key(&a, 1, "{}"),
+            key(&a, 1, "{}"),
+            "the same line of the same file"
+        );
+        assert_ne!(key(&a, 1, "{}"), key(&b, 1, "{}"), "another file");
+        assert_ne!(key(&a, 1, "{}"), key(&a, 2, "{}"), "another line");
+        assert_ne!(key(&a, 1, "{}"), key(&a, 1, "{ }"), "a corrected line");
+        assert_eq!(
+            key(&a, 1, "x"),
+            a.key(&at(1), "x", Outcome::DeadLetter),
+            "a dead letter's redelivery is recognised"
+        );
     }
 }

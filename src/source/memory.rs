@@ -1,5 +1,6 @@
 //! A source that replays messages already in memory. It exists to measure the pipeline without any
-//! source's own cost (benchmarks) and to drive it from tests; it acknowledges nothing.
+//! source's own cost (benchmarks) and to drive it from tests, which may give it an acknowledger and a
+//! commit record of their own.
 
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use tokio::sync::mpsc;
 
 use crate::envelope::{Chunk, Envelope};
 use crate::shutdown::Shutdown;
-use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
+use crate::sink::commit_record::{CommitRecord, NoCommitRecord};
+use crate::source::{Acknowledger, BuiltSource, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
 
 pub struct MemorySource {
@@ -18,14 +20,33 @@ pub struct MemorySource {
 }
 
 impl MemorySource {
+    /// Acknowledges nothing and commits no record.
     pub fn build(messages: Vec<Envelope>, chunk_messages: usize, stats: Arc<Stats>) -> BuiltSource {
+        MemorySource::build_with(
+            messages,
+            chunk_messages,
+            stats,
+            Arc::new(NoAcknowledger),
+            Arc::new(NoCommitRecord),
+        )
+    }
+
+    /// With an acknowledger and a commit record of the caller's (tests of the delivery rules).
+    pub fn build_with(
+        messages: Vec<Envelope>,
+        chunk_messages: usize,
+        stats: Arc<Stats>,
+        acknowledger: Arc<dyn Acknowledger>,
+        commit_record: Arc<dyn CommitRecord>,
+    ) -> BuiltSource {
         BuiltSource {
             source: Box::new(MemorySource {
                 messages,
                 chunk_messages: chunk_messages.max(1),
                 stats,
             }),
-            acknowledger: Arc::new(NoAcknowledger),
+            acknowledger,
+            commit_record,
             chunk_messages: chunk_messages.max(1),
             receive_allowance: std::time::Duration::ZERO,
         }

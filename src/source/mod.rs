@@ -8,22 +8,41 @@ pub mod file;
 pub mod memory;
 pub mod sqs;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+use crate::aws::{AwsError, QueueError};
+use crate::config::{Config, SourceKind};
 use crate::envelope::{AckToken, Chunk, Envelope};
+use crate::message_file::MessageFileError;
 use crate::shutdown::Shutdown;
+use crate::sink::commit_record::CommitRecord;
+use crate::stats::Stats;
+
+use file::FileSource;
+use sqs::SqsSource;
 
 /// Errors that stop a source for good; transient trouble is retried inside the source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("{0}")]
-    Fatal(String),
-    #[error("cannot read {path}: {message}")]
-    Input { path: String, message: String },
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("receiving from SQS queue {queue_url}")]
+    Receive {
+        queue_url: String,
+        #[source]
+        source: AwsError,
+    },
+    #[error("an SQS poller stopped")]
+    Poller(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    File(#[from] MessageFileError),
+    #[error("the file reader stopped")]
+    FileReader(#[source] tokio::task::JoinError),
 }
 
 /// The receiving half of a source.
@@ -59,13 +78,34 @@ impl Acknowledger for NoAcknowledger {
     async fn acknowledge(&self, _tokens: Vec<AckToken>) {}
 }
 
-/// Both halves of a built source.
+/// Both halves of a built source, and what its batches commit for it.
 pub struct BuiltSource {
     pub source: Box<dyn Source>,
     pub acknowledger: Arc<dyn Acknowledger>,
+    /// What every batch of this source writes in its transaction (ledger keys, positions).
+    pub commit_record: Arc<dyn CommitRecord>,
     /// The most messages one chunk from this source holds, to size the channels in messages.
     pub chunk_messages: usize,
     /// How long receives in progress may take to return when a stop lets them finish (an idle
     /// exit): added to the drain timeout then, since that wait is not part of draining.
     pub receive_allowance: Duration,
+}
+
+/// Builds the configured source; with dedupe on, its batches record their keys in the ledger.
+pub async fn build_source(config: &Config, stats: Arc<Stats>) -> Result<BuiltSource, SourceError> {
+    let ledger = config.dedupe_enabled().then(|| config.tables().ledger);
+    match config.source.kind {
+        SourceKind::Sqs => SqsSource::build(&config.source.sqs, ledger.as_ref(), stats).await,
+        SourceKind::File => Ok(FileSource::build(
+            file_path(config),
+            config.source.file.chunk_messages,
+            ledger.as_ref(),
+            stats,
+        )),
+    }
+}
+
+/// `source.file.path`, already absolute (or `-`, standard input); validation guarantees it is set.
+pub fn file_path(config: &Config) -> PathBuf {
+    config.source.file.path.clone().unwrap_or_default()
 }

@@ -50,7 +50,7 @@ pub enum KeyError {
         "no masking key: set SLUICE_MASK_KEY or name a file in `mask.key_file` (the daemon refuses to store unmasked or weakly masked data)"
     )]
     Missing,
-    #[error("cannot read the masking key file {path}: {source}")]
+    #[error("cannot read the masking key file {path}")]
     Unreadable {
         path: PathBuf,
         source: std::io::Error,

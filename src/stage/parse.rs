@@ -17,9 +17,7 @@ use crate::envelope::{Chunk, Envelope, Meta, Reject, Stage};
 use crate::stats::Stats;
 
 /// Column limits of the fixed `user_logins` DDL, in characters.
-pub const USER_ID_MAX: usize = 128;
-pub const DEVICE_TYPE_MAX: usize = 32;
-pub const LOCALE_MAX: usize = 32;
+pub use crate::login_table::{DEVICE_TYPE_MAX, LOCALE_MAX, USER_ID_MAX};
 
 /// A validated login event. Its text fields point into the original body, which it owns, or, for the
 /// rare value written with JSON escapes, into `decoded`.

@@ -501,3 +501,30 @@ pub fn signal(child: &tokio::process::Child, name: &str) {
         .expect("kill");
     assert!(status.success(), "kill -{name} {pid} failed");
 }
+
+/// The ledger key sluice records for a message of `queue` (as the SQS source scopes it).
+pub async fn ledger_key(
+    queue: &TestQueue,
+    message_id: &str,
+    producer_key: Option<&str>,
+    outcome: sluice::sink::commit_record::Outcome,
+) -> sluice::sink::ledger::LedgerKey {
+    use sluice::envelope::{MessageId, Meta};
+    use sluice::sink::ledger::LedgerKeys;
+    let arn = queue
+        .client
+        .get_queue_attributes()
+        .queue_url(&queue.url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("queue attributes")
+        .attributes
+        .unwrap_or_default()
+        .remove(&QueueAttributeName::QueueArn)
+        .expect("the queue's ARN");
+    let mut meta = Meta::at_position(1, std::time::SystemTime::now());
+    meta.message_id = MessageId::Text(message_id.to_owned());
+    meta.dedupe_key = producer_key.map(str::to_owned);
+    sluice::source::sqs::SqsLedgerKeys::new(arn).key(&meta, "", outcome)
+}

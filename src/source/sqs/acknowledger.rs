@@ -5,29 +5,32 @@
 //! message is never deleted before its commit, whatever fails.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
-use futures::stream::{self, StreamExt};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::in_flight::InFlight;
-use crate::aws;
+use crate::aws::AwsError;
+use crate::aws::sqs_batch::{self, BatchCall, EntryFailure, entry_failures};
 use crate::envelope::AckToken;
-use crate::retry;
+use crate::error_chain::Chain;
+use crate::retry::RetryPolicy;
 use crate::source::Acknowledger;
 use crate::stats::Stats;
 
-/// SQS accepts at most 10 entries per batch call.
-const SQS_BATCH: usize = 10;
 /// Batch calls in flight at once per acknowledgement.
 const PARALLEL_CALLS: usize = 8;
-/// Attempts for a delete before leaving the message to redelivery and the ledger.
-const DELETE_ATTEMPTS: usize = 6;
+/// A delete that keeps failing is left to redelivery and the ledger after this many attempts.
+const DELETE: RetryPolicy = RetryPolicy::attempts(6);
+/// A visibility change is tried once: the extender tries again at its next tick, and a release that
+/// fails only means the message reappears when its timeout runs out.
+const CHANGE_VISIBILITY: RetryPolicy = RetryPolicy::attempts(1);
 
 pub struct SqsAcknowledger {
     client: aws_sdk_sqs::Client,
@@ -66,143 +69,126 @@ impl SqsAcknowledger {
     }
 
     async fn delete(&self, handles: Vec<String>) {
-        let mut pending = handles;
-        let mut pacing = retry::backoff();
-        for attempt in 1..=DELETE_ATTEMPTS {
-            let results: Vec<Vec<String>> = stream::iter(groups_of_ten(&pending))
-                .map(|group| delete_group(&self.client, &self.queue_url, group))
-                .buffer_unordered(PARALLEL_CALLS)
-                .collect()
-                .await;
-            pending = results.into_iter().flatten().collect();
-            if pending.is_empty() {
-                return;
-            }
-            if attempt < DELETE_ATTEMPTS {
-                retry::pause(&mut pacing).await;
-            }
+        let call = DeleteMessages {
+            client: &self.client,
+            queue_url: &self.queue_url,
+        };
+        let sent = sqs_batch::send_all(&call, handles, DELETE, PARALLEL_CALLS).await;
+        for (_, why) in &sent.refused {
+            // A stale receipt handle: the message was already handed out again.
+            tracing::debug!(error = %why, "SQS refused a delete; the message will come back");
         }
-        tracing::warn!(
-            count = pending.len(),
-            "could not delete committed SQS messages; they will be redelivered and skipped as duplicates"
-        );
+        if !sent.unsent.is_empty() {
+            tracing::warn!(
+                count = sent.unsent.len(),
+                error = sent.last_failure.as_ref().map(|e| Chain(e).to_string()),
+                "could not delete committed SQS messages; they will be redelivered and skipped as duplicates"
+            );
+        }
     }
 }
 
-/// Owned groups of at most 10 distinct handles, one per batch call. SQS refuses a whole batch call
-/// that names one receipt handle twice, and one message can reach the pipeline twice (a queue may
-/// hand it to two concurrent receives), so repeats are dropped here, keeping the first.
-fn groups_of_ten(handles: &[String]) -> Vec<Vec<String>> {
-    let mut seen = std::collections::HashSet::with_capacity(handles.len());
-    let distinct: Vec<String> = handles
-        .iter()
-        .filter(|h| seen.insert(h.as_str()))
-        .cloned()
-        .collect();
-    distinct.chunks(SQS_BATCH).map(<[String]>::to_vec).collect()
+/// DeleteMessageBatch: receipt handles, each once per call.
+struct DeleteMessages<'a> {
+    client: &'a aws_sdk_sqs::Client,
+    queue_url: &'a str,
 }
 
-/// Deletes up to 10 messages; returns the handles worth another attempt.
-async fn delete_group(
-    client: &aws_sdk_sqs::Client,
-    queue_url: &str,
-    handles: Vec<String>,
-) -> Vec<String> {
-    let entries: Vec<DeleteMessageBatchRequestEntry> = handles
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| {
-            DeleteMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(h)
-                .build()
-                .ok()
-        })
-        .collect();
-    match client
-        .delete_message_batch()
-        .queue_url(queue_url)
-        .set_entries(Some(entries))
-        .send()
-        .await
-    {
-        Ok(out) => out
-            .failed
-            .into_iter()
-            .filter_map(|f| {
-                if f.sender_fault {
-                    // A stale receipt handle: the message was already handed out again.
-                    tracing::debug!(
-                        code = f.code,
-                        "SQS refused a delete; the message will come back"
-                    );
-                    None
-                } else {
-                    f.id.parse::<usize>()
-                        .ok()
-                        .and_then(|i| handles.get(i).cloned())
-                }
+#[async_trait]
+impl BatchCall for DeleteMessages<'_> {
+    type Entry = String;
+
+    fn name(&self) -> &'static str {
+        "DeleteMessageBatch"
+    }
+
+    fn distinct_key<'a>(&self, handle: &'a String) -> Option<&'a str> {
+        Some(handle)
+    }
+
+    async fn call(&self, handles: &[&String]) -> Result<Vec<EntryFailure>, AwsError> {
+        let entries = handles
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(*h)
+                    .build()
+                    .ok()
             })
-            .collect(),
-        Err(e) if aws::is_malformed_batch(&e) && handles.len() > 1 => {
-            // Retrying the same call cannot cure it; one call per message always forms a valid batch.
-            tracing::debug!(error = %aws::describe(&e), "SQS refused a delete batch; deleting one by one");
-            let mut again = Vec::new();
-            for handle in handles {
-                again.extend(Box::pin(delete_group(client, queue_url, vec![handle])).await);
-            }
-            again
-        }
-        Err(e) => {
-            tracing::warn!(error = %aws::describe(&e), "SQS DeleteMessageBatch failed");
-            match aws::classify(&e) {
-                aws::AwsErrorClass::Transient if !aws::is_malformed_batch(&e) => handles,
-                _ => Vec::new(),
-            }
-        }
+            .collect();
+        let out = self
+            .client
+            .delete_message_batch()
+            .queue_url(self.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await?;
+        Ok(entry_failures(out.failed))
     }
 }
 
-/// Sets the visibility timeout of up to 10 messages; returns the handles that were changed.
+/// ChangeMessageVisibilityBatch: receipt handles, each once per call, to one timeout.
+struct ChangeVisibility<'a> {
+    client: &'a aws_sdk_sqs::Client,
+    queue_url: &'a str,
+    seconds: i32,
+}
+
+#[async_trait]
+impl BatchCall for ChangeVisibility<'_> {
+    type Entry = String;
+
+    fn name(&self) -> &'static str {
+        "ChangeMessageVisibilityBatch"
+    }
+
+    fn distinct_key<'a>(&self, handle: &'a String) -> Option<&'a str> {
+        Some(handle)
+    }
+
+    async fn call(&self, handles: &[&String]) -> Result<Vec<EntryFailure>, AwsError> {
+        let entries = handles
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(*h)
+                    .visibility_timeout(self.seconds)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let out = self
+            .client
+            .change_message_visibility_batch()
+            .queue_url(self.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await?;
+        Ok(entry_failures(out.failed))
+    }
+}
+
+/// Sets the visibility of `handles` to `seconds`; returns the handles that were changed.
 async fn change_visibility(
     client: &aws_sdk_sqs::Client,
     queue_url: &str,
     handles: Vec<String>,
     seconds: i32,
 ) -> Vec<String> {
-    let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = handles
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| {
-            ChangeMessageVisibilityBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(h)
-                .visibility_timeout(seconds)
-                .build()
-                .ok()
-        })
-        .collect();
-    match client
-        .change_message_visibility_batch()
-        .queue_url(queue_url)
-        .set_entries(Some(entries))
-        .send()
-        .await
-    {
-        Ok(out) => out
-            .successful
-            .into_iter()
-            .filter_map(|s| {
-                s.id.parse::<usize>()
-                    .ok()
-                    .and_then(|i| handles.get(i).cloned())
-            })
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error = %aws::describe(&e), "SQS ChangeMessageVisibilityBatch failed");
-            Vec::new()
-        }
+    let call = ChangeVisibility {
+        client,
+        queue_url,
+        seconds,
+    };
+    let sent = sqs_batch::send_all(&call, handles, CHANGE_VISIBILITY, PARALLEL_CALLS).await;
+    if let Some(e) = &sent.last_failure {
+        tracing::warn!(error = %Chain(e), "SQS ChangeMessageVisibilityBatch failed");
     }
+    sent.delivered
 }
 
 /// Keeps waiting messages invisible: every quarter of the timeout, any message due to reappear within
@@ -226,14 +212,7 @@ async fn extend_visibility(
             continue;
         }
         let requested_at = Instant::now();
-        let extended: Vec<String> = stream::iter(groups_of_ten(&due))
-            .map(|group| change_visibility(&client, &queue_url, group, seconds))
-            .buffer_unordered(PARALLEL_CALLS)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let extended = change_visibility(&client, &queue_url, due.clone(), seconds).await;
         tracing::debug!(
             due = due.len(),
             extended = extended.len(),
@@ -273,14 +252,7 @@ impl Acknowledger for SqsAcknowledger {
         }
         // Visibility 0: another consumer (or our next start) gets them at once instead of after the
         // timeout. Best effort: if this fails they reappear when the timeout runs out anyway.
-        let released: Vec<String> = stream::iter(groups_of_ten(&left))
-            .map(|group| change_visibility(&self.client, &self.queue_url, group, 0))
-            .buffer_unordered(PARALLEL_CALLS)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let released = change_visibility(&self.client, &self.queue_url, left.clone(), 0).await;
         let n = self.in_flight.finish(left.iter().map(String::as_str));
         self.stats.record_released(n);
         tracing::info!(
@@ -289,23 +261,5 @@ impl Acknowledger for SqsAcknowledger {
             "handed unprocessed SQS messages back to the queue"
         );
         n
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn groups_hold_each_handle_once_and_at_most_ten() {
-        let handles: Vec<String> = ["a", "b", "a", "c", "b"]
-            .into_iter()
-            .chain((0..20).map(|_| "d"))
-            .map(String::from)
-            .collect();
-        assert_eq!(groups_of_ten(&handles), vec![vec!["a", "b", "c", "d"]]);
-        let many: Vec<String> = (0..25).map(|i| i.to_string()).collect();
-        let sizes: Vec<usize> = groups_of_ten(&many).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [10, 10, 5]);
     }
 }

@@ -15,28 +15,38 @@
 
 mod acknowledger;
 pub mod in_flight;
+mod ledger_keys;
 
 pub use acknowledger::SqsAcknowledger;
+pub use ledger_keys::SqsLedgerKeys;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
+use backon::Retryable;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use crate::aws::{self, AwsErrorClass};
+use crate::aws::{self, AwsError};
 use crate::config::SqsConfig;
 use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta};
-use crate::retry;
+use crate::error_chain::Chain;
+use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
+use crate::sink::commit_record::{CommitRecord, NoCommitRecord};
+use crate::sink::ledger::LedgerRecord;
 use crate::source::{BuiltSource, Source, SourceError};
 use crate::stats::Stats;
+use crate::table_name::TableName;
 
 use in_flight::InFlight;
 
 /// How long a receive in progress may finish after shutdown begins.
 const RECEIVE_GRACE: Duration = Duration::from_secs(1);
+/// A receive that fails for a passing reason is tried again for as long as the failure lasts.
+const RECEIVE: RetryPolicy = RetryPolicy::FOREVER;
 
 pub struct SqsSource {
     client: aws_sdk_sqs::Client,
@@ -48,21 +58,43 @@ pub struct SqsSource {
 
 impl SqsSource {
     /// Connects, resolves the queue and checks it answers, so a wrong queue or bad credentials fail
-    /// at start rather than in a retry loop.
-    pub async fn build(cfg: &SqsConfig, stats: Arc<Stats>) -> Result<BuiltSource, SourceError> {
+    /// at start rather than in a retry loop. With `ledger`, each batch records its messages' keys
+    /// there, scoped to this queue.
+    pub async fn build(
+        cfg: &SqsConfig,
+        ledger: Option<&TableName>,
+        stats: Arc<Stats>,
+    ) -> Result<BuiltSource, SourceError> {
         let client = aws::sqs_client(cfg).await;
-        let queue_url = aws::resolve_queue_url(&client, cfg)
-            .await
-            .map_err(SourceError::Fatal)?;
-        client
-            .get_queue_attributes()
-            .queue_url(&queue_url)
-            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-            .send()
-            .await
-            .map_err(|e| {
-                SourceError::Fatal(format!("SQS queue {queue_url}: {}", aws::describe(&e)))
-            })?;
+        let queue_url = aws::resolve_queue_url(&client, cfg).await?;
+        let attributes = aws::queue_attributes(
+            &client,
+            &queue_url,
+            &[
+                QueueAttributeName::ApproximateNumberOfMessages,
+                QueueAttributeName::QueueArn,
+            ],
+        )
+        .await?;
+        let commit_record: Arc<dyn CommitRecord> = match ledger {
+            Some(table) => {
+                let queue = match attributes.get(&QueueAttributeName::QueueArn) {
+                    Some(arn) => arn.clone(),
+                    None => {
+                        tracing::warn!(
+                            queue_url,
+                            "the queue reports no ARN; ledger keys are scoped by its URL"
+                        );
+                        queue_url.clone()
+                    }
+                };
+                Arc::new(LedgerRecord::new(
+                    table,
+                    Arc::new(SqsLedgerKeys::new(queue)),
+                ))
+            }
+            None => Arc::new(NoCommitRecord),
+        };
         let in_flight = Arc::new(InFlight::new(cfg.max_in_flight));
         let visibility = Duration::from_secs(cfg.visibility_timeout_seconds as u64);
         let acknowledger = SqsAcknowledger::start(
@@ -82,6 +114,7 @@ impl SqsSource {
                 stats,
             }),
             acknowledger: Arc::new(acknowledger),
+            commit_record,
             chunk_messages: cfg.max_messages as usize,
             // A long poll returns within its wait time; the SDK's attempt timeout bounds it too.
             receive_allowance: aws::receive_attempt_timeout(cfg),
@@ -105,8 +138,7 @@ impl Source for SqsSource {
         drop(out);
         let mut result = Ok(());
         while let Some(joined) = pollers.join_next().await {
-            let outcome =
-                joined.unwrap_or_else(|e| Err(SourceError::Fatal(format!("poller panicked: {e}"))));
+            let outcome = joined.unwrap_or_else(|e| Err(SourceError::Poller(e)));
             if let Err(e) = outcome {
                 // One poller's fatal error (queue deleted, access revoked) stops them all.
                 shutdown.stop();
@@ -117,6 +149,13 @@ impl Source for SqsSource {
     }
 }
 
+/// Why a receive returned nothing.
+enum ReceiveFailure {
+    /// A stop was requested before it could start.
+    Stopped,
+    Failed(AwsError),
+}
+
 impl SqsSource {
     async fn poll(
         &self,
@@ -124,54 +163,56 @@ impl SqsSource {
         out: mpsc::Sender<Chunk<Envelope>>,
         shutdown: Shutdown,
     ) -> Result<(), SourceError> {
-        let mut pacing = retry::backoff();
         let max = self.cfg.max_messages as u32;
         loop {
             tokio::select! {
-                _ = self.in_flight.reserve(max) => {}
+                biased;
                 _ = shutdown.requested() => return Ok(()),
+                _ = self.in_flight.reserve(max) => {}
             }
-            let started = Instant::now();
-            let Some(result) = self.receive_until_shutdown(&shutdown).await else {
+            // A stop that came while waiting for room starts no new receive: after an idle stop,
+            // receives in progress may finish, but none may begin.
+            if shutdown.is_requested() {
                 self.in_flight.unreserve(max as usize);
                 return Ok(());
+            }
+            let started = Instant::now();
+            let result = self.receive_until_shutdown(id, &shutdown).await;
+            let messages = match result {
+                Some(Ok(messages)) => messages,
+                None | Some(Err(ReceiveFailure::Stopped)) => {
+                    self.in_flight.unreserve(max as usize);
+                    return Ok(());
+                }
+                Some(Err(ReceiveFailure::Failed(source))) => {
+                    self.in_flight.unreserve(max as usize);
+                    return Err(SourceError::Receive {
+                        queue_url: self.queue_url.clone(),
+                        source,
+                    });
+                }
             };
-            match result {
-                Ok(messages) => {
-                    pacing = retry::backoff();
-                    let (chunk, tracked) = self.to_chunk(messages, started);
-                    self.in_flight
-                        .unreserve((max as usize).saturating_sub(tracked));
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                    self.stats.record_received(chunk.len());
-                    if out.send(chunk).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Err((AwsErrorClass::Fatal, message)) => {
-                    self.in_flight.unreserve(max as usize);
-                    return Err(SourceError::Fatal(message));
-                }
-                Err((AwsErrorClass::Transient, message)) => {
-                    self.in_flight.unreserve(max as usize);
-                    tracing::warn!(poller = id, error = %message, "SQS receive failed; retrying");
-                    tokio::select! {
-                        _ = retry::pause(&mut pacing) => {}
-                        _ = shutdown.requested() => return Ok(()),
-                    }
-                }
+            let (chunk, tracked) = self.to_chunk(messages, started);
+            self.in_flight
+                .unreserve((max as usize).saturating_sub(tracked));
+            if chunk.is_empty() {
+                continue;
+            }
+            self.stats.record_received(chunk.len());
+            if out.send(chunk).await.is_err() {
+                return Ok(());
             }
         }
     }
 
-    /// One receive; `None` if shutdown came first and the grace ran out.
+    /// One receive, retried while it fails for a passing reason; `None` if shutdown came first and
+    /// the grace ran out.
     async fn receive_until_shutdown(
         &self,
+        id: usize,
         shutdown: &Shutdown,
-    ) -> Option<Result<Vec<Message>, (AwsErrorClass, String)>> {
-        let receive = self.receive();
+    ) -> Option<Result<Vec<Message>, ReceiveFailure>> {
+        let receive = self.receive_with_retries(id, shutdown);
         tokio::pin!(receive);
         tokio::select! {
             result = &mut receive => Some(result),
@@ -185,7 +226,41 @@ impl SqsSource {
         }
     }
 
-    async fn receive(&self) -> Result<Vec<Message>, (AwsErrorClass, String)> {
+    /// Receives, retrying transient failures; a stop ends the wait between attempts and starts no
+    /// new one.
+    async fn receive_with_retries(
+        &self,
+        id: usize,
+        shutdown: &Shutdown,
+    ) -> Result<Vec<Message>, ReceiveFailure> {
+        let stop = shutdown.clone();
+        let pause = move |delay: Duration| {
+            let stop = stop.clone();
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.requested() => {}
+                }
+            }
+        };
+        (|| async {
+            if shutdown.is_requested() {
+                return Err(ReceiveFailure::Stopped);
+            }
+            self.receive().await.map_err(ReceiveFailure::Failed)
+        })
+        .retry(RECEIVE.backoff())
+        .sleep(pause)
+        .when(|failure| matches!(failure, ReceiveFailure::Failed(e) if !e.is_fatal()))
+        .notify(|failure, _| {
+            if let ReceiveFailure::Failed(e) = failure {
+                tracing::warn!(poller = id, queue_url = self.queue_url, error = %Chain(e), "SQS receive failed; retrying");
+            }
+        })
+        .await
+    }
+
+    async fn receive(&self) -> Result<Vec<Message>, AwsError> {
         let mut request = self
             .client
             .receive_message()
@@ -198,13 +273,7 @@ impl SqsSource {
         if !self.cfg.dedupe_attribute.is_empty() {
             request = request.message_attribute_names(&self.cfg.dedupe_attribute);
         }
-        match request.send().await {
-            Ok(out) => Ok(out.messages.unwrap_or_default()),
-            Err(e) => Err((
-                aws::classify(&e),
-                format!("{}: {}", self.queue_url, aws::describe(&e)),
-            )),
-        }
+        Ok(request.send().await?.messages.unwrap_or_default())
     }
 
     /// The received messages as a chunk, and how many of them now occupy room in the in-flight
@@ -250,7 +319,7 @@ fn envelope_from(
         .and_then(|attrs| attrs.get(dedupe_attribute))
         .and_then(|value| value.string_value.as_deref())
         .filter(|key| !key.is_empty())
-        .map(ledger_sized);
+        .map(str::to_owned);
     Some(Envelope {
         body: message.body.unwrap_or_default(),
         meta: Meta {
@@ -263,23 +332,6 @@ fn envelope_from(
             ack: AckToken::Sqs { receipt_handle },
         },
     })
-}
-
-/// Longest producer key stored as given; a B-tree index entry must stay well under PostgreSQL's
-/// ~2.7 kB limit, and SQS attributes may be far longer.
-const MAX_KEY_BYTES: usize = 256;
-
-/// The key as given, or for an overlong one its SHA-256 (still unique, and the same for every resend).
-fn ledger_sized(key: &str) -> String {
-    if key.len() <= MAX_KEY_BYTES {
-        key.to_owned()
-    } else {
-        use sha2::Digest;
-        format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(key.as_bytes()))
-        )
-    }
 }
 
 #[cfg(test)]
@@ -309,7 +361,7 @@ mod tests {
         assert_eq!(e.meta.message_id, MessageId::Text("mid".into()));
         assert_eq!(e.meta.sent_at_ms, Some(1_709_337_600_000));
         assert_eq!(e.meta.receive_count, 3);
-        assert_eq!(e.meta.ledger_key(), "k1");
+        assert_eq!(e.meta.dedupe_key.as_deref(), Some("k1"));
         assert_eq!(
             e.meta.ack,
             AckToken::Sqs {
@@ -319,22 +371,13 @@ mod tests {
     }
 
     #[test]
-    fn overlong_producer_keys_are_hashed_consistently() {
-        let long = "k".repeat(MAX_KEY_BYTES + 1);
-        assert_eq!(ledger_sized("short"), "short");
-        assert_eq!(ledger_sized(&long), ledger_sized(&long));
-        assert!(ledger_sized(&long).starts_with("sha256:"));
-        assert_eq!(ledger_sized(&long).len(), 7 + 64);
-    }
-
-    #[test]
-    fn without_the_attribute_the_message_id_is_the_key() {
+    fn without_the_attribute_there_is_no_producer_key() {
         let message = Message::builder()
             .message_id("mid")
             .receipt_handle("rh")
             .build();
         let e = envelope_from(message, "dedupe_id", SystemTime::now()).expect("has a handle");
-        assert_eq!(e.meta.ledger_key(), "mid");
+        assert_eq!(e.meta.dedupe_key, None);
         assert_eq!(e.body, "");
         let no_handle = Message::builder().message_id("mid").build();
         assert!(envelope_from(no_handle, "dedupe_id", SystemTime::now()).is_none());

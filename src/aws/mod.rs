@@ -1,0 +1,329 @@
+//! What the SQS source, the dead-letter forwarder and `sluice seed` share about talking to AWS:
+//! building a client from configuration, telling a passing error from one that retrying cannot fix,
+//! and carrying a failed call as a typed [`AwsError`] that is described only when shown.
+
+pub mod sqs_batch;
+
+use std::fmt;
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::QueueAttributeName;
+
+use crate::config::SqsConfig;
+
+/// Whether an AWS error is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwsErrorClass {
+    /// Throttling, timeouts, connection trouble, 5xx: retry with backoff.
+    Transient,
+    /// Missing queue, bad credentials, access denied: retrying will not help.
+    Fatal,
+}
+
+/// Error codes that mean the request can never succeed as configured.
+const FATAL_CODES: &[&str] = &[
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "QueueDoesNotExist",
+    "AccessDenied",
+    "AccessDeniedException",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "InvalidAddress",
+    "InvalidSecurity",
+    "ResourceNotFoundException",
+];
+
+/// Codes by which SQS refuses a whole batch call for its shape (not for any one entry): sending the
+/// same call again can never succeed.
+const MALFORMED_BATCH_CODES: &[&str] = &[
+    "AWS.SimpleQueueService.BatchEntryIdsNotDistinct",
+    "BatchEntryIdsNotDistinct",
+    "AWS.SimpleQueueService.TooManyEntriesInBatchRequest",
+    "TooManyEntriesInBatchRequest",
+    "AWS.SimpleQueueService.EmptyBatchRequest",
+    "EmptyBatchRequest",
+    "AWS.SimpleQueueService.InvalidBatchEntryId",
+    "InvalidBatchEntryId",
+    "AWS.SimpleQueueService.BatchRequestTooLong",
+    "BatchRequestTooLong",
+];
+
+/// Whether SQS refused a batch call as a whole because of its shape.
+pub fn is_malformed_batch<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
+    match err {
+        SdkError::ServiceError(e) => e
+            .err()
+            .code()
+            .is_some_and(|code| MALFORMED_BATCH_CODES.contains(&code)),
+        _ => false,
+    }
+}
+
+pub fn classify<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> AwsErrorClass {
+    match err {
+        SdkError::ConstructionFailure(_) => AwsErrorClass::Fatal,
+        SdkError::ServiceError(e) => match e.err().code() {
+            Some(code) if FATAL_CODES.contains(&code) => AwsErrorClass::Fatal,
+            _ => AwsErrorClass::Transient,
+        },
+        _ => AwsErrorClass::Transient,
+    }
+}
+
+/// One line saying what went wrong: the service's code and message, or the transport error's chain
+/// (the SDK's own `Display` hides the cause).
+pub fn describe<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: fmt::Debug + 'static,
+{
+    match err {
+        SdkError::ServiceError(e) => {
+            let code = e.err().code().unwrap_or("service error");
+            match e.err().message() {
+                Some(message) => format!("{code}: {message}"),
+                None => code.to_owned(),
+            }
+        }
+        other => DisplayErrorContext(other).to_string(),
+    }
+}
+
+/// A failed AWS call, kept whole: its class is known at once, its text made only when shown.
+///
+/// The description covers the SDK error and everything it wraps, so an `AwsError` reports no
+/// source of its own: a printed chain shows each cause once.
+#[derive(Debug)]
+pub struct AwsError {
+    class: AwsErrorClass,
+    malformed_batch: bool,
+    cause: Cause,
+}
+
+#[derive(Debug)]
+enum Cause {
+    Sdk(Box<dyn SdkFailure>),
+    /// The call did not answer within sluice's own limit.
+    NoAnswer(Duration),
+}
+
+/// An SDK error of any operation, as [`describe`] shows it.
+trait SdkFailure: fmt::Debug + Send + Sync + 'static {
+    fn describe(&self) -> String;
+}
+
+impl<E, R> SdkFailure for SdkError<E, R>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: fmt::Debug + Send + Sync + 'static,
+{
+    fn describe(&self) -> String {
+        describe(self)
+    }
+}
+
+impl AwsError {
+    /// A call that did not answer within `limit` (worth another attempt).
+    pub fn no_answer(limit: Duration) -> AwsError {
+        AwsError {
+            class: AwsErrorClass::Transient,
+            malformed_batch: false,
+            cause: Cause::NoAnswer(limit),
+        }
+    }
+
+    pub fn class(&self) -> AwsErrorClass {
+        self.class
+    }
+
+    /// Retrying cannot help.
+    pub fn is_fatal(&self) -> bool {
+        self.class == AwsErrorClass::Fatal
+    }
+
+    /// SQS refused a batch call for its shape: its entries may go through one by one.
+    pub fn is_malformed_batch(&self) -> bool {
+        self.malformed_batch
+    }
+}
+
+impl<E, R> From<SdkError<E, R>> for AwsError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: fmt::Debug + Send + Sync + 'static,
+{
+    fn from(err: SdkError<E, R>) -> AwsError {
+        AwsError {
+            class: classify(&err),
+            malformed_batch: is_malformed_batch(&err),
+            cause: Cause::Sdk(Box::new(err)),
+        }
+    }
+}
+
+impl fmt::Display for AwsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cause {
+            Cause::Sdk(err) => f.write_str(&err.describe()),
+            Cause::NoAnswer(limit) => write!(f, "no answer within {limit:?}"),
+        }
+    }
+}
+
+impl std::error::Error for AwsError {}
+
+/// A queue that cannot be found or read.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot find SQS queue {name:?}")]
+    Lookup {
+        name: String,
+        #[source]
+        source: AwsError,
+    },
+    #[error("GetQueueUrl for {name:?} returned no URL")]
+    NoUrl { name: String },
+    #[error("SQS queue {url}")]
+    Attributes {
+        url: String,
+        #[source]
+        source: AwsError,
+    },
+}
+
+/// An SQS client for the configured region and endpoint. Credentials come from the standard chain
+/// (environment, profile, web identity, instance role).
+pub async fn sqs_client(cfg: &SqsConfig) -> aws_sdk_sqs::Client {
+    let shared = shared_config(cfg.region.as_deref()).await;
+    let mut builder = aws_sdk_sqs::config::Builder::from(&shared).timeout_config(
+        aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(receive_attempt_timeout(cfg))
+            .build(),
+    );
+    if let Some(endpoint) = &cfg.endpoint_url {
+        builder = builder.endpoint_url(endpoint);
+    }
+    aws_sdk_sqs::Client::from_conf(builder.build())
+}
+
+/// The longest one SQS call may take: a long poll legitimately takes `wait_time_seconds`.
+pub fn receive_attempt_timeout(cfg: &SqsConfig) -> Duration {
+    Duration::from_secs(cfg.wait_time_seconds.max(0) as u64 + 15)
+}
+
+async fn shared_config(region: Option<&str>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_owned()));
+    }
+    let shared = loader.load().await;
+    if shared.region().is_some() {
+        return shared;
+    }
+    shared
+        .into_builder()
+        .region(Region::new("us-east-1"))
+        .build()
+}
+
+/// The queue URL: as configured, or looked up by name.
+pub async fn resolve_queue_url(
+    client: &aws_sdk_sqs::Client,
+    cfg: &SqsConfig,
+) -> Result<String, QueueError> {
+    if let Some(url) = &cfg.queue_url {
+        return Ok(url.clone());
+    }
+    let name = cfg.queue_name.clone().unwrap_or_default();
+    let out = client
+        .get_queue_url()
+        .queue_name(&name)
+        .send()
+        .await
+        .map_err(|e| QueueError::Lookup {
+            name: name.clone(),
+            source: e.into(),
+        })?;
+    out.queue_url.ok_or(QueueError::NoUrl { name })
+}
+
+/// Reads some of a queue's attributes (which also proves it exists and these credentials reach it).
+pub async fn queue_attributes(
+    client: &aws_sdk_sqs::Client,
+    url: &str,
+    names: &[QueueAttributeName],
+) -> Result<std::collections::HashMap<QueueAttributeName, String>, QueueError> {
+    let out = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .set_attribute_names(Some(names.to_vec()))
+        .send()
+        .await
+        .map_err(|e| QueueError::Attributes {
+            url: url.to_owned(),
+            source: e.into(),
+        })?;
+    Ok(out.attributes.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_sqs::error::ErrorMetadata;
+    use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
+
+    fn service(code: &str) -> SdkError<SendMessageBatchError, ()> {
+        let meta = ErrorMetadata::builder()
+            .code(code)
+            .message("as the service says")
+            .build();
+        SdkError::service_error(SendMessageBatchError::generic(meta), ())
+    }
+
+    #[test]
+    fn errors_that_retrying_cannot_fix_are_fatal() {
+        for code in ["AWS.SimpleQueueService.NonExistentQueue", "AccessDenied"] {
+            assert_eq!(classify(&service(code)), AwsErrorClass::Fatal, "{code}");
+        }
+        let construction: SdkError<SendMessageBatchError, ()> =
+            SdkError::construction_failure("no region");
+        assert_eq!(classify(&construction), AwsErrorClass::Fatal);
+    }
+
+    #[test]
+    fn throttling_timeouts_and_unknown_codes_are_transient() {
+        for code in ["ThrottlingException", "ServiceUnavailable", "SomethingNew"] {
+            assert_eq!(classify(&service(code)), AwsErrorClass::Transient, "{code}");
+        }
+        let timeout: SdkError<SendMessageBatchError, ()> = SdkError::timeout_error("slow");
+        assert_eq!(classify(&timeout), AwsErrorClass::Transient);
+    }
+
+    #[test]
+    fn a_batch_refused_for_its_shape_is_recognised() {
+        for code in [
+            "AWS.SimpleQueueService.BatchEntryIdsNotDistinct",
+            "BatchRequestTooLong",
+            "TooManyEntriesInBatchRequest",
+        ] {
+            assert!(is_malformed_batch(&service(code)), "{code}");
+        }
+        assert!(!is_malformed_batch(&service("ThrottlingException")));
+        let timeout: SdkError<SendMessageBatchError, ()> = SdkError::timeout_error("slow");
+        assert!(!is_malformed_batch(&timeout));
+    }
+
+    #[test]
+    fn an_aws_error_keeps_its_class_and_describes_itself_once() {
+        let e = AwsError::from(service("AccessDenied"));
+        assert!(e.is_fatal());
+        assert_eq!(e.to_string(), "AccessDenied: as the service says");
+        assert!(std::error::Error::source(&e).is_none());
+        assert!(AwsError::from(service("BatchRequestTooLong")).is_malformed_batch());
+        assert!(!AwsError::no_answer(Duration::from_secs(5)).is_fatal());
+    }
+}

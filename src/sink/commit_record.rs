@@ -1,0 +1,149 @@
+//! A source's commit record: what a batch writes for its source in the batch's own transaction.
+//!
+//! A restart must neither lose nor repeat a message, so whatever a source needs to know after a
+//! crash is committed atomically with the rows and dead letters it is about: for SQS, the messages'
+//! keys in the dedupe ledger (a redelivery finds its key and is skipped); for Kinesis, each shard's
+//! checkpoint, fenced by the lease it was read under; for a file, its identity and the position
+//! committed. Each source brings its [`CommitRecord`]; the committer runs it at fixed points of the
+//! transaction and never interprets it, and the stages never see it.
+//!
+//! The points, in transaction order:
+//! 1. [`CommitRecord::claim`], before the rows: records the messages and says which are new. A
+//!    message committed before is skipped (only acknowledged). The dedupe ledger claims here: its
+//!    insert is what makes two committers that hold the same message wait for each other.
+//! 2. The rows (binary COPY) and dead-letter records.
+//! 3. [`CommitRecord::seal`], last before COMMIT: where the source resumes after this transaction
+//!    (checkpoints, positions). A batch the database refused is split and committed in pieces; a
+//!    piece's seal is told which messages of its batch later pieces still hold, so a position never
+//!    moves past a message that is not committed yet.
+//!
+//! Either point may answer that the source fenced the commit off (a Kinesis lease moved to another
+//! process): the committer then rolls the whole transaction back, drops the messages the fence names
+//! without loading or acknowledging them (their new owner reads them again) and commits the rest.
+//! A record whose positions must advance in delivery order says so with [`CommitRecord::ordered`];
+//! the pipeline then commits on one connection, so no batch can commit before the one ahead of it.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use tokio_postgres::{Statement, Transaction};
+
+use crate::envelope::Meta;
+
+/// What becomes of a message in this transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It is loaded as a row.
+    Row,
+    /// It is stored as a dead letter.
+    DeadLetter,
+}
+
+/// One message of a transaction, as its commit record sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub meta: &'a Meta,
+    /// The body as the source delivered it.
+    pub body: &'a str,
+    pub outcome: Outcome,
+}
+
+/// Prepared statements of one connection, by their SQL text: a record asks for its statements
+/// here, and each is prepared once per connection instead of once per batch.
+#[derive(Default)]
+pub struct Statements {
+    prepared: HashMap<String, Statement>,
+}
+
+impl Statements {
+    /// `sql`, prepared on this connection (now, if it was not yet).
+    pub async fn get(
+        &mut self,
+        tx: &Transaction<'_>,
+        sql: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = tx.prepare(sql).await?;
+        self.prepared.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+}
+
+/// Which messages a fenced-off commit must drop: those for which it returns true.
+pub type Fence = Box<dyn Fn(&Meta) -> bool + Send + Sync>;
+
+/// Why a commit record could not be written.
+#[derive(thiserror::Error)]
+pub enum RecordError {
+    /// The database failed; the committer treats it like any failure of the transaction (retry,
+    /// split, or stop).
+    #[error("writing the commit record")]
+    Database(#[source] tokio_postgres::Error),
+    /// The source no longer lets this process commit some of the messages: roll back, drop the
+    /// messages `fence` names, go on with the rest.
+    #[error("the commit is fenced off")]
+    Fenced {
+        fence: Fence,
+        #[source]
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl fmt::Debug for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordError::Database(e) => f.debug_tuple("Database").field(e).finish(),
+            RecordError::Fenced { cause, .. } => {
+                f.debug_struct("Fenced").field("cause", cause).finish()
+            }
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for RecordError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        RecordError::Database(e)
+    }
+}
+
+/// What a source writes in every batch's transaction (see the module's description).
+#[async_trait]
+pub trait CommitRecord: Send + Sync {
+    /// Before the rows: records `entries` and tells, per entry in order, whether it is new (load or
+    /// store it) or was committed before (skip it). An entry repeated within the list is new at
+    /// most once. By default every message is new.
+    async fn claim(
+        &self,
+        _tx: &Transaction<'_>,
+        _statements: &mut Statements,
+        entries: &[Entry<'_>],
+    ) -> Result<Vec<bool>, RecordError> {
+        Ok(vec![true; entries.len()])
+    }
+
+    /// Last before COMMIT: where the source resumes once `committing` is committed. `pending` are
+    /// the messages of the same batch that later transactions will commit. By default nothing.
+    async fn seal(
+        &self,
+        _tx: &Transaction<'_>,
+        _statements: &mut Statements,
+        _committing: &[Entry<'_>],
+        _pending: &[&Meta],
+    ) -> Result<(), RecordError> {
+        Ok(())
+    }
+
+    /// Whether batches must commit in the order the source delivered them.
+    fn ordered(&self) -> bool {
+        false
+    }
+}
+
+/// For sources with nothing to record: a file without dedupe, the in-memory source.
+pub struct NoCommitRecord;
+
+#[async_trait]
+impl CommitRecord for NoCommitRecord {}
