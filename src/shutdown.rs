@@ -97,13 +97,17 @@ pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<()> {
 /// since then, the source has delivered nothing for `idle` (see [`Stats::idle_for`]).
 pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
     tokio::spawn(async move {
+        // Idle time counts from the start of the run at the earliest: a slow start-up (connecting,
+        // resolving the queue) is not time in which the source found nothing.
+        let running_since = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.requested() => return,
             }
-            if stats.in_flight() == 0 && stats.idle_for() >= idle {
+            let idle_for = stats.idle_for().min(running_since.elapsed());
+            if stats.in_flight() == 0 && idle_for >= idle {
                 tracing::info!(
                     idle_seconds = idle.as_secs_f64(),
                     "source idle and everything acknowledged; stopping"

@@ -128,8 +128,15 @@ impl SqsSource {
         let max = self.cfg.max_messages as u32;
         loop {
             tokio::select! {
-                _ = self.in_flight.reserve(max) => {}
+                biased;
                 _ = shutdown.requested() => return Ok(()),
+                _ = self.in_flight.reserve(max) => {}
+            }
+            // A stop that came while waiting for room starts no new receive: after an idle stop,
+            // receives in progress may finish, but none may begin.
+            if shutdown.is_requested() {
+                self.in_flight.unreserve(max as usize);
+                return Ok(());
             }
             let started = Instant::now();
             let Some(result) = self.receive_until_shutdown(&shutdown).await else {
