@@ -97,13 +97,17 @@ pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<()> {
 /// since then, the source has delivered nothing for `idle` (see [`Stats::idle_for`]).
 pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
     tokio::spawn(async move {
+        // Idle time counts from the start of the run at the earliest: a slow start-up (connecting,
+        // resolving the queue) is not time in which the source found nothing.
+        let running_since = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.requested() => return,
             }
-            if stats.in_flight() == 0 && stats.idle_for() >= idle {
+            let idle_for = stats.idle_for().min(running_since.elapsed());
+            if stats.in_flight() == 0 && idle_for >= idle {
                 tracing::info!(
                     idle_seconds = idle.as_secs_f64(),
                     "source idle and everything acknowledged; stopping"
@@ -121,7 +125,7 @@ mod tests {
 
     /// A sink stall longer than the idle time must not end the run the moment it clears: the source
     /// was held back, not idle, and gets the full idle time to receive what is still queued.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_cleared_stall_does_not_count_as_idle() {
         let stats = Arc::new(Stats::default());
         let shutdown = Shutdown::new();
@@ -137,9 +141,15 @@ mod tests {
             !shutdown.is_requested(),
             "stopped as soon as the stall cleared"
         );
+        let cleared = tokio::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(5), shutdown.requested())
             .await
             .expect("stops once idle with nothing in flight");
+        let waited = cleared.elapsed() + Duration::from_millis(300);
+        assert!(
+            waited >= idle && waited <= idle + Duration::from_millis(100),
+            "stopped {waited:?} after the stall cleared"
+        );
         assert!(shutdown.finishes_receives());
     }
 }
