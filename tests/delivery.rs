@@ -362,7 +362,7 @@ async fn stuck_daemon(
     schema: &TestSchema,
     queue: &TestQueue,
     extra: &str,
-) -> (TestConfig, tokio::process::Child, tokio_postgres::Client) {
+) -> (TestConfig, Watched, tokio_postgres::Client) {
     let config = stuck_config(schema, queue, extra);
     migrate(&config.path).await;
     let locker = pg().await;
@@ -373,7 +373,7 @@ async fn stuck_daemon(
         ))
         .await
         .expect("lock");
-    let daemon = run_command(&config.path, None).spawn().expect("spawn");
+    let daemon = Watched::spawn(run_command(&config.path, None));
     let bodies: Vec<String> = (0..50).map(|i| login(&format!("stuck-{i}"))).collect();
     queue.send(&bodies).await;
     eventually(
@@ -397,8 +397,8 @@ async fn a_drain_that_cannot_finish_releases_held_messages() {
         "[pipeline]\nshutdown_timeout_seconds = 3\n",
     )
     .await;
-    signal(&daemon, "TERM");
-    let run = finish(daemon, Duration::from_secs(20)).await;
+    signal(&daemon.child, "TERM");
+    let run = daemon.finish(Duration::from_secs(20)).await;
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("did not drain"), "{}", run.stderr);
     assert!(
@@ -423,10 +423,12 @@ async fn a_second_signal_exits_at_once_and_acknowledges_nothing_uncommitted() {
     let schema = TestSchema::new().await;
     let queue = TestQueue::new().await;
     let (config, daemon, locker) = stuck_daemon(&schema, &queue, "").await;
-    signal(&daemon, "TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&daemon, "INT");
-    let run = finish(daemon, Duration::from_secs(5)).await;
+    signal(&daemon.child, "TERM");
+    daemon
+        .line_containing("shutting down", Duration::from_secs(10))
+        .await;
+    signal(&daemon.child, "INT");
+    let run = daemon.finish(Duration::from_secs(5)).await;
     assert_eq!(run.code, Some(130), "{}", run.stderr);
     let (visible, in_flight) = queue.depth().await;
     assert_eq!(visible + in_flight, 50, "nothing may have been deleted");

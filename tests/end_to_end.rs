@@ -399,15 +399,18 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
 async fn the_operations_endpoint_reports_counts_and_readiness() {
     let schema = TestSchema::new().await;
     let queue = TestQueue::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let extra = format!("[metrics]\nlisten = \"{addr}\"\n");
-    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", &extra));
-    let daemon = run_command(&config.path, None).spawn().expect("spawn");
+    // Port 0: the daemon listens wherever it can and says where.
+    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", extra));
+    let daemon = Watched::spawn(run_command(&config.path, None));
+    let line = daemon
+        .line_containing("serving /metrics", Duration::from_secs(30))
+        .await;
+    let addr = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("listen="))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
     queue.send(&[login("m-1"), login("m-2"), "{}".into()]).await;
 
     eventually(
@@ -444,8 +447,9 @@ async fn the_operations_endpoint_reports_counts_and_readiness() {
         (200, "ready\n".to_owned())
     );
 
-    signal(&daemon, "TERM");
-    finish(daemon, Duration::from_secs(30))
+    signal(&daemon.child, "TERM");
+    daemon
+        .finish(Duration::from_secs(30))
         .await
         .assert_success();
 }

@@ -528,3 +528,57 @@ pub async fn ledger_key(
     meta.dedupe_key = producer_key.map(str::to_owned);
     sluice::source::sqs::SqsLedgerKeys::new(arn).key(&meta, "", outcome)
 }
+
+/// A running `sluice` whose log (stderr) is read as it is written, so a test can wait for what
+/// the daemon says instead of sleeping.
+pub struct Watched {
+    pub child: tokio::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Watched {
+    pub fn spawn(mut cmd: tokio::process::Command) -> Watched {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = cmd.spawn().expect("spawn sluice");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        let reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().expect("log");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Watched { child, log, reader }
+    }
+
+    /// The first log line containing `needle`, waiting for it at most `limit`.
+    pub async fn line_containing(&self, needle: &str, limit: Duration) -> String {
+        let find = || {
+            let log = self.log.lock().expect("log");
+            log.lines().find(|l| l.contains(needle)).map(str::to_owned)
+        };
+        eventually(limit, &format!("a log line with {needle:?}"), || async {
+            find().is_some()
+        })
+        .await;
+        find().unwrap_or_default()
+    }
+
+    pub async fn finish(self, limit: Duration) -> Finished {
+        let output = tokio::time::timeout(limit, self.child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("sluice did not finish within {limit:?}"))
+            .expect("wait for sluice");
+        let _ = self.reader.await;
+        let stderr = self.log.lock().expect("log").clone();
+        Finished {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr,
+        }
+    }
+}
