@@ -72,17 +72,13 @@ pub struct SourceConfig {
 #[serde(deny_unknown_fields)]
 pub struct SqsConfig {
     /// Full queue URL. Either this or `queue_name` (env `SLUICE_SQS_QUEUE_URL` overrides).
-    #[serde(default)]
     pub queue_url: Option<String>,
     /// Queue name, resolved to a URL with GetQueueUrl at start.
-    #[serde(default)]
     pub queue_name: Option<String>,
     /// Custom endpoint, for emulators such as moto or LocalStack (env `SLUICE_SQS_ENDPOINT_URL`).
     /// Default: AWS.
-    #[serde(default)]
     pub endpoint_url: Option<String>,
     /// AWS region. Default: the standard chain (`AWS_REGION`, profile), else `us-east-1`.
-    #[serde(default)]
     pub region: Option<String>,
     /// Concurrent long-polling receivers. Default 4.
     #[serde(default = "default_pollers")]
@@ -131,7 +127,6 @@ fn default_dedupe_attribute() -> String {
 pub struct FileConfig {
     /// NDJSON or a JSON array, gzip when the name ends in `.gz`, `-` for standard input; relative to
     /// the config file (made absolute at load). Required when `source.kind = "file"`.
-    #[serde(default)]
     pub path: Option<PathBuf>,
     /// Messages per chunk handed to the parse stage. Default 256.
     #[serde(default = "default_chunk_messages")]
@@ -176,7 +171,6 @@ pub struct SinkConfig {
 pub struct PostgresConfig {
     /// Connection URL, e.g. `postgres://user@host:5432/db`. Required; env `SLUICE_DATABASE_URL`
     /// overrides (and is where a password belongs).
-    #[serde(default)]
     pub url: Option<String>,
     /// Target table, optionally schema-qualified. Default `user_logins`.
     #[serde(default = "default_table")]
@@ -197,7 +191,6 @@ pub struct PostgresConfig {
     pub ledger_retention_hours: u64,
     /// Record every message in the ledger and skip ones seen before. Default: on for sources that
     /// redeliver (SQS), off for files.
-    #[serde(default)]
     pub dedupe: Option<bool>,
     /// Create missing tables at start (never alters existing ones). Default true.
     #[serde(default = "default_create_tables")]
@@ -261,7 +254,6 @@ pub struct MaskConfig {
     pub mode: MaskMode,
     /// File holding the key; relative to the config file (made absolute at load).
     /// `SLUICE_MASK_KEY` overrides it. Default: none.
-    #[serde(default)]
     pub key_file: Option<PathBuf>,
 }
 
@@ -288,7 +280,6 @@ pub struct DeadLetterConfig {
     pub table: TableName,
     /// Also forward every reject to this SQS queue (body unchanged, reason as message attributes).
     /// Default: none.
-    #[serde(default)]
     pub sqs_queue_url: Option<String>,
 }
 
@@ -324,7 +315,6 @@ fn default_log_level() -> String {
 pub struct MetricsConfig {
     /// Address for `/metrics`, `/healthz` and `/readyz`, e.g. `"127.0.0.1:9187"` (port 0: any free
     /// port, logged at start). Default: off.
-    #[serde(default)]
     pub listen: Option<SocketAddr>,
     /// `/readyz` fails when messages are waiting and nothing has been committed or acknowledged for
     /// this long. Default 120.

@@ -1,14 +1,17 @@
 //! Wiring the stages into a running pipeline, and taking it down cleanly.
 //!
 //! ```text
-//! source ─▶ parse ─▶ mask/transform ─▶ batcher ─▶ PgCopySink ─▶ acknowledger
+//! source ─▶ parse ─▶ mask/transform ─▶ batcher ─▶ committers ─▶ acknowledger
 //! ```
 //!
 //! Each arrow is a bounded channel (capacity `pipeline.channel_capacity` chunks; one batch between
-//! batcher and sink, so the next batch is encoded while the current one commits). When any stage is
-//! slower, the channels in front of it fill and everything upstream waits, down to the source, which
-//! stops receiving. Rejects ride along in the same chunks as good rows, so one transaction commits
-//! both and one rule covers acknowledgement: after commit, never before.
+//! batcher and committers, so the next batch is encoded while the current one commits). When any
+//! stage is slower, the channels in front of it fill and everything upstream waits, down to the
+//! source, which stops receiving. Rejects ride along in the same chunks as good rows, so one
+//! transaction commits both and one rule covers acknowledgement: after commit, never before. The
+//! committers (PostgreSQL's, or a fake in tests) write each batch with the source's commit record;
+//! the pipeline only hands it over, and commits on one connection when the record needs its
+//! batches in order.
 //!
 //! [`Pipeline::run`] supervises the tasks: the first fatal error stops the source, and the rest drain
 //! as in a graceful shutdown. A drain that exceeds `pipeline.shutdown_timeout_seconds` is abandoned:

@@ -255,20 +255,22 @@ impl Stats {
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
-        r.register(
+        let mut histogram =
+            |name: &str, help: &str, h: &Histogram| r.register(name, help, h.clone());
+        histogram(
             "batch_messages",
             "Messages per committed transaction",
-            self.batch_messages.clone(),
+            &self.batch_messages,
         );
-        r.register(
+        histogram(
             "commit_seconds",
             "Time from BEGIN to COMMIT of a batch",
-            self.commit_seconds.clone(),
+            &self.commit_seconds,
         );
-        r.register(
+        histogram(
             "end_to_end_seconds",
             "Time from the source accepting a message to the commit of its row or dead-letter record",
-            self.end_to_end_seconds.clone(),
+            &self.end_to_end_seconds,
         );
         r.register(
             "postgres_connections",

@@ -100,6 +100,8 @@ where
 pub struct AwsError {
     class: AwsErrorClass,
     malformed_batch: bool,
+    /// The service's error code, if the service answered.
+    code: Option<String>,
     cause: Cause,
 }
 
@@ -131,6 +133,7 @@ impl AwsError {
         AwsError {
             class: AwsErrorClass::Transient,
             malformed_batch: false,
+            code: None,
             cause: Cause::NoAnswer(limit),
         }
     }
@@ -148,6 +151,14 @@ impl AwsError {
     pub fn is_malformed_batch(&self) -> bool {
         self.malformed_batch
     }
+
+    /// The queue does not exist.
+    pub fn is_missing_queue(&self) -> bool {
+        matches!(
+            self.code.as_deref(),
+            Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
+        )
+    }
 }
 
 impl<E, R> From<SdkError<E, R>> for AwsError
@@ -156,9 +167,14 @@ where
     R: fmt::Debug + Send + Sync + 'static,
 {
     fn from(err: SdkError<E, R>) -> AwsError {
+        let code = match &err {
+            SdkError::ServiceError(e) => e.err().code().map(str::to_owned),
+            _ => None,
+        };
         AwsError {
             class: classify(&err),
             malformed_batch: is_malformed_batch(&err),
+            code,
             cause: Cause::Sdk(Box::new(err)),
         }
     }
@@ -178,20 +194,29 @@ impl std::error::Error for AwsError {}
 /// A queue that cannot be found or read.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("cannot find SQS queue {name:?}")]
-    Lookup {
-        name: String,
+    /// `queue` is the queue's name (looking it up) or URL (reading it).
+    #[error("SQS queue {queue}")]
+    Call {
+        queue: String,
         #[source]
         source: AwsError,
     },
     #[error("GetQueueUrl for {name:?} returned no URL")]
     NoUrl { name: String },
-    #[error("SQS queue {url}")]
-    Attributes {
-        url: String,
-        #[source]
-        source: AwsError,
-    },
+}
+
+impl QueueError {
+    fn call(queue: &str) -> impl FnOnce(AwsError) -> QueueError + '_ {
+        move |source| QueueError::Call {
+            queue: queue.to_owned(),
+            source,
+        }
+    }
+
+    /// The queue does not exist.
+    pub fn is_missing_queue(&self) -> bool {
+        matches!(self, QueueError::Call { source, .. } if source.is_missing_queue())
+    }
 }
 
 /// An SQS client for the configured region and endpoint. Credentials come from the standard chain
@@ -239,15 +264,12 @@ pub async fn resolve_queue_url(
         return Ok(url.clone());
     }
     let name = cfg.queue_name.clone().unwrap_or_default();
-    let out = client
-        .get_queue_url()
-        .queue_name(&name)
+    let request = client.get_queue_url().queue_name(&name);
+    let out = request
         .send()
         .await
-        .map_err(|e| QueueError::Lookup {
-            name: name.clone(),
-            source: e.into(),
-        })?;
+        .map_err(AwsError::from)
+        .map_err(QueueError::call(&name))?;
     out.queue_url.ok_or(QueueError::NoUrl { name })
 }
 
@@ -257,17 +279,26 @@ pub async fn queue_attributes(
     url: &str,
     names: &[QueueAttributeName],
 ) -> Result<std::collections::HashMap<QueueAttributeName, String>, QueueError> {
-    let out = client
-        .get_queue_attributes()
-        .queue_url(url)
+    let request = client.get_queue_attributes().queue_url(url);
+    let out = request
         .set_attribute_names(Some(names.to_vec()))
         .send()
         .await
-        .map_err(|e| QueueError::Attributes {
-            url: url.to_owned(),
-            source: e.into(),
-        })?;
+        .map_err(AwsError::from)
+        .map_err(QueueError::call(url))?;
     Ok(out.attributes.unwrap_or_default())
+}
+
+/// How many messages wait in a queue and how many are in flight, as SQS estimates them.
+pub async fn queue_depth(
+    client: &aws_sdk_sqs::Client,
+    url: &str,
+) -> Result<(String, String), QueueError> {
+    let waiting = QueueAttributeName::ApproximateNumberOfMessages;
+    let in_flight = QueueAttributeName::ApproximateNumberOfMessagesNotVisible;
+    let attributes = queue_attributes(client, url, &[waiting.clone(), in_flight.clone()]).await?;
+    let get = |name| attributes.get(&name).cloned().unwrap_or_else(|| "?".into());
+    Ok((get(waiting), get(in_flight)))
 }
 
 #[cfg(test)]

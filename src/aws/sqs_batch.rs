@@ -15,8 +15,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use backon::RetryableWithContext;
 use futures::stream::{self, Stream, StreamExt};
 
@@ -64,6 +67,66 @@ pub struct EntryFailure {
     pub sender_fault: bool,
     pub code: String,
     pub message: Option<String>,
+}
+
+/// A message for SendMessageBatch, its size as SQS counts it (body and attributes), and what the
+/// caller knows it by.
+pub struct Outgoing<T> {
+    /// Its id is set per call.
+    pub entry: SendMessageBatchRequestEntry,
+    pub bytes: usize,
+    pub tag: T,
+}
+
+/// SendMessageBatch of prepared messages, within a byte limit per call, each call answered within
+/// an optional time limit (a stuck queue must not hold up its caller for long).
+pub struct SendMessages<'a, T> {
+    pub client: &'a aws_sdk_sqs::Client,
+    pub queue_url: &'a str,
+    pub max_call_bytes: usize,
+    pub timeout: Option<Duration>,
+    pub tag: PhantomData<fn() -> T>,
+}
+
+#[async_trait]
+impl<T: Send + Sync> BatchCall for SendMessages<'_, T> {
+    type Entry = Outgoing<T>;
+
+    fn name(&self) -> &'static str {
+        "SendMessageBatch"
+    }
+
+    fn size(&self, message: &Outgoing<T>) -> usize {
+        message.bytes
+    }
+
+    fn max_call_bytes(&self) -> usize {
+        self.max_call_bytes
+    }
+
+    async fn call(&self, messages: &[&Outgoing<T>]) -> Result<Vec<EntryFailure>, AwsError> {
+        let entries = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut entry = m.entry.clone();
+                entry.id = i.to_string();
+                entry
+            })
+            .collect();
+        let request = self.client.send_message_batch();
+        let call = request
+            .queue_url(self.queue_url)
+            .set_entries(Some(entries))
+            .send();
+        let out = match self.timeout {
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| AwsError::no_answer(limit))??,
+            None => call.await?,
+        };
+        Ok(entry_failures(out.failed))
+    }
 }
 
 /// SQS's failed entries, by position (the ids sluice gives are positions).

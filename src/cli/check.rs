@@ -72,21 +72,8 @@ async fn check_queue(config: &Config, findings: &mut Findings) {
     let client = aws::sqs_client(cfg).await;
     let depth = probe(async {
         let url = aws::resolve_queue_url(&client, cfg).await?;
-        let attrs = aws::queue_attributes(
-            &client,
-            &url,
-            &[
-                QueueAttributeName::ApproximateNumberOfMessages,
-                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-            ],
-        )
-        .await?;
-        let get = |name| attrs.get(&name).cloned().unwrap_or_else(|| "?".into());
-        Ok(format!(
-            "{url}: ~{} waiting, ~{} in flight",
-            get(QueueAttributeName::ApproximateNumberOfMessages),
-            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        ))
+        let (waiting, in_flight) = aws::queue_depth(&client, &url).await?;
+        Ok(format!("{url}: ~{waiting} waiting, ~{in_flight} in flight"))
     })
     .await;
     match depth {

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use aws_sdk_sqs::types::QueueAttributeName;
 use sluice::aws;
 use sluice::config::{Config, SourceKind};
 use sluice::pg::{Connector, PgError};
@@ -95,20 +94,10 @@ async fn print_queue(config: &Config) {
     let Ok(url) = aws::resolve_queue_url(&client, cfg).await else {
         return println!("queue: not reachable");
     };
-    let attrs = aws::queue_attributes(
-        &client,
-        &url,
-        &[
-            QueueAttributeName::ApproximateNumberOfMessages,
-            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-        ],
-    )
-    .await
-    .unwrap_or_default();
-    let get = |n| attrs.get(&n).cloned().unwrap_or_else(|| "?".into());
-    println!(
-        "queue {url}: {} waiting, {} in flight",
-        get(QueueAttributeName::ApproximateNumberOfMessages),
-        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-    );
+    match aws::queue_depth(&client, &url).await {
+        Ok((waiting, in_flight)) => {
+            println!("queue {url}: {waiting} waiting, {in_flight} in flight")
+        }
+        Err(_) => println!("queue {url}: depth not readable"),
+    }
 }

@@ -3,15 +3,14 @@
 //! a callback with the running total; showing it is the caller's business.
 
 use std::io::Write;
+use std::marker::PhantomData;
 use std::path::Path;
 
-use async_trait::async_trait;
-use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use futures::StreamExt;
 
-use crate::aws::AwsError;
-use crate::aws::sqs_batch::{self, BatchCall, BatchFailure, EntryFailure, entry_failures};
+use crate::aws::sqs_batch::{self, BatchFailure, Outgoing, SendMessages};
+use crate::aws::{self, AwsError, QueueError};
 use crate::config::SqsConfig;
 use crate::retry::RetryPolicy;
 
@@ -24,20 +23,16 @@ pub struct SeedMessage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
-    #[error("cannot look up queue {name:?}")]
-    Lookup {
-        name: String,
-        #[source]
-        source: AwsError,
-    },
+    #[error(transparent)]
+    Queue(#[from] QueueError),
     #[error("cannot create queue {name:?}")]
     Create {
         name: String,
         #[source]
         source: AwsError,
     },
-    #[error("{call} returned no queue URL")]
-    NoUrl { call: &'static str },
+    #[error("CreateQueue returned no queue URL")]
+    NoUrl,
     #[error("SQS refused message #{position}")]
     Refused {
         position: usize,
@@ -68,44 +63,24 @@ pub async fn ensure_queue(
     client: &aws_sdk_sqs::Client,
     cfg: &SqsConfig,
 ) -> Result<String, SeedError> {
-    if let Some(url) = &cfg.queue_url {
-        return Ok(url.clone());
-    }
-    let name = cfg.queue_name.clone().unwrap_or_default();
-    match client.get_queue_url().queue_name(&name).send().await {
-        Ok(out) => {
-            return out.queue_url.ok_or(SeedError::NoUrl {
-                call: "GetQueueUrl",
-            });
+    match aws::resolve_queue_url(client, cfg).await {
+        Ok(url) => Ok(url),
+        Err(e) if e.is_missing_queue() => {
+            let name = cfg.queue_name.clone().unwrap_or_default();
+            let out = client
+                .create_queue()
+                .queue_name(&name)
+                .send()
+                .await
+                .map_err(|e| SeedError::Create {
+                    name: name.clone(),
+                    source: e.into(),
+                })?;
+            tracing::info!(queue = name, "created SQS queue");
+            out.queue_url.ok_or(SeedError::NoUrl)
         }
-        Err(e) if is_missing_queue(&e) => {}
-        Err(e) => {
-            return Err(SeedError::Lookup {
-                name,
-                source: e.into(),
-            });
-        }
+        Err(e) => Err(e.into()),
     }
-    let out = client
-        .create_queue()
-        .queue_name(&name)
-        .send()
-        .await
-        .map_err(|e| SeedError::Create {
-            name: name.clone(),
-            source: e.into(),
-        })?;
-    tracing::info!(queue = name, "created SQS queue");
-    out.queue_url.ok_or(SeedError::NoUrl {
-        call: "CreateQueue",
-    })
-}
-
-fn is_missing_queue<E: ProvideErrorMetadata, R>(e: &aws_sdk_sqs::error::SdkError<E, R>) -> bool {
-    matches!(
-        e.as_service_error().and_then(|s| s.code()),
-        Some("AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist")
-    )
 }
 
 /// Sends every message; returns how many were sent. `progress` is told the running total.
@@ -116,13 +91,19 @@ pub async fn send_to_queue(
     messages: impl Iterator<Item = SeedMessage> + Send,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<u64, SeedError> {
-    let call = SendSeeds {
+    let call = SendMessages {
         client,
         queue_url,
-        dedupe_attribute,
+        max_call_bytes: usize::MAX,
+        timeout: None,
+        tag: PhantomData,
     };
-    // 1-based positions, to name a message the queue refuses.
-    let numbered = messages.enumerate().map(|(i, m)| (i + 1, m));
+    // Tagged with 1-based positions, to name a message the queue refuses.
+    let numbered = messages.enumerate().map(|(i, m)| Outgoing {
+        entry: entry(&m, dedupe_attribute),
+        bytes: 0,
+        tag: i + 1,
+    });
     let mut groups = std::pin::pin!(sqs_batch::send_groups(
         &call,
         numbered,
@@ -131,15 +112,15 @@ pub async fn send_to_queue(
     ));
     let mut sent = 0;
     while let Some(group) = groups.next().await {
-        if let Some(((position, _), why)) = group.refused.into_iter().next() {
+        if let Some((Outgoing { tag: position, .. }, why)) = group.refused.into_iter().next() {
             return Err(SeedError::Refused {
                 position,
                 source: why,
             });
         }
-        if let Some((position, _)) = group.unsent.first() {
+        if let Some(unsent) = group.unsent.first() {
             return Err(SeedError::Unsent {
-                position: *position,
+                position: unsent.tag,
                 queue_url: queue_url.to_owned(),
                 source: group.last_failure,
             });
@@ -150,45 +131,10 @@ pub async fn send_to_queue(
     Ok(sent)
 }
 
-/// SendMessageBatch of seed messages, each with its dedupe id as a message attribute.
-struct SendSeeds<'a> {
-    client: &'a aws_sdk_sqs::Client,
-    queue_url: &'a str,
-    dedupe_attribute: &'a str,
-}
-
-#[async_trait]
-impl BatchCall for SendSeeds<'_> {
-    type Entry = (usize, SeedMessage);
-
-    fn name(&self) -> &'static str {
-        "SendMessageBatch"
-    }
-
-    async fn call(&self, entries: &[&(usize, SeedMessage)]) -> Result<Vec<EntryFailure>, AwsError> {
-        let entries = entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (_, message))| entry(i, message, self.dedupe_attribute))
-            .collect();
-        let out = self
-            .client
-            .send_message_batch()
-            .queue_url(self.queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await?;
-        Ok(entry_failures(out.failed))
-    }
-}
-
-fn entry(
-    i: usize,
-    message: &SeedMessage,
-    dedupe_attribute: &str,
-) -> Option<SendMessageBatchRequestEntry> {
+/// The entry for one message, its dedupe id as a message attribute; its id is set per call.
+fn entry(message: &SeedMessage, dedupe_attribute: &str) -> SendMessageBatchRequestEntry {
     let mut entry = SendMessageBatchRequestEntry::builder()
-        .id(i.to_string())
+        .id("-")
         .message_body(&message.body);
     if let Some(key) = message
         .dedupe_id
@@ -199,10 +145,12 @@ fn entry(
             .data_type("String")
             .string_value(key)
             .build()
-            .ok()?;
+            .unwrap_or_else(|_| unreachable!("data_type is set"));
         entry = entry.message_attributes(dedupe_attribute, value);
     }
-    entry.build().ok()
+    entry
+        .build()
+        .unwrap_or_else(|_| unreachable!("id and body are set"))
 }
 
 /// Writes the messages as NDJSON (gzip when the name ends in `.gz`) for a file source. Without

@@ -90,6 +90,10 @@ pub enum RecordError {
         #[source]
         cause: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The record cannot be written and retrying cannot cure it (a checkpoint that would move
+    /// backwards): the committer stops without committing or acknowledging.
+    #[error("the commit record cannot be written")]
+    Broken(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl fmt::Debug for RecordError {
@@ -99,6 +103,7 @@ impl fmt::Debug for RecordError {
             RecordError::Fenced { cause, .. } => {
                 f.debug_struct("Fenced").field("cause", cause).finish()
             }
+            RecordError::Broken(cause) => f.debug_tuple("Broken").field(cause).finish(),
         }
     }
 }

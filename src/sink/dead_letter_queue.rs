@@ -11,15 +11,15 @@
 //! Calls respect SQS's limits: at most ten entries and the queue's size limit per call, each entry
 //! (body and attributes) within the queue's `MaximumMessageSize`.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use sha2::{Digest, Sha256};
 
-use crate::aws::sqs_batch::{self, BatchCall, EntryFailure, entry_failures};
-use crate::aws::{self, AwsError};
+use crate::aws;
+use crate::aws::sqs_batch::{self, Outgoing, SendMessages};
 use crate::envelope::Reject;
 use crate::error_chain::Chain;
 use crate::retry::RetryPolicy;
@@ -60,12 +60,6 @@ pub struct DeadLetterQueue {
     queue_url: String,
     limits: Limits,
     stats: Arc<Stats>,
-}
-
-/// One dead letter as it will be sent.
-struct Outgoing {
-    entry: SendMessageBatchRequestEntry,
-    bytes: usize,
 }
 
 impl DeadLetterQueue {
@@ -132,7 +126,13 @@ impl DeadLetterQueue {
                 outgoing.push(message);
             }
         }
-        let call = SendDeadLetters { queue: self };
+        let call = SendMessages {
+            client: &self.client,
+            queue_url: &self.queue_url,
+            max_call_bytes: self.limits.batch_bytes,
+            timeout: Some(CALL_TIMEOUT),
+            tag: PhantomData,
+        };
         let sent = sqs_batch::send_all(&call, outgoing, FORWARD, 1).await;
         let failed = sent.refused.len() + sent.unsent.len();
         let not_forwarded = oversize + failed;
@@ -155,7 +155,7 @@ impl DeadLetterQueue {
         }
     }
 
-    fn outgoing(&self, i: usize, reject: &Reject) -> Outgoing {
+    fn outgoing(&self, i: usize, reject: &Reject) -> Outgoing<()> {
         let body = if reject.body.is_empty() {
             "(empty body)".to_owned()
         } else {
@@ -191,51 +191,7 @@ impl DeadLetterQueue {
                 .build()
                 .unwrap_or_else(|_| unreachable!("id and body are set")),
             bytes,
-        }
-    }
-}
-
-/// SendMessageBatch of dead letters, within the queue's size limit.
-struct SendDeadLetters<'a> {
-    queue: &'a DeadLetterQueue,
-}
-
-#[async_trait]
-impl BatchCall for SendDeadLetters<'_> {
-    type Entry = Outgoing;
-
-    fn name(&self) -> &'static str {
-        "SendMessageBatch"
-    }
-
-    fn size(&self, entry: &Outgoing) -> usize {
-        entry.bytes
-    }
-
-    fn max_call_bytes(&self) -> usize {
-        self.queue.limits.batch_bytes
-    }
-
-    async fn call(&self, entries: &[&Outgoing]) -> Result<Vec<EntryFailure>, AwsError> {
-        let entries: Vec<SendMessageBatchRequestEntry> = entries
-            .iter()
-            .enumerate()
-            .map(|(i, o)| {
-                let mut entry = o.entry.clone();
-                entry.id = i.to_string();
-                entry
-            })
-            .collect();
-        let call = self
-            .queue
-            .client
-            .send_message_batch()
-            .queue_url(&self.queue.queue_url)
-            .set_entries(Some(entries))
-            .send();
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Err(_) => Err(AwsError::no_answer(CALL_TIMEOUT)),
-            Ok(result) => Ok(entry_failures(result?.failed)),
+            tag: (),
         }
     }
 }

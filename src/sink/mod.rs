@@ -50,6 +50,8 @@ pub enum SinkError {
     DeadLettersRefused(#[source] PgError),
     #[error("the acknowledger stopped")]
     AcknowledgerStopped,
+    #[error("the source's commit record")]
+    Record(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What one committed transaction held.

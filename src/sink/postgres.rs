@@ -93,6 +93,7 @@ enum Failure {
     Connect(ConnectError),
     Db(tokio_postgres::Error),
     Fenced(Fence, Box<dyn std::error::Error + Send + Sync>),
+    Record(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Failure {
@@ -100,7 +101,7 @@ impl Failure {
         match self {
             Failure::Connect(e) => classify(e.driver()) == ErrorClass::Transient,
             Failure::Db(e) => classify(e) == ErrorClass::Transient,
-            Failure::Fenced(..) => false,
+            Failure::Fenced(..) | Failure::Record(_) => false,
         }
     }
 }
@@ -111,6 +112,7 @@ impl std::fmt::Display for Failure {
             Failure::Connect(e) => write!(f, "{}", Chain(e)),
             Failure::Db(e) => f.write_str(&crate::pg::describe(e)),
             Failure::Fenced(_, cause) => write!(f, "fenced off: {cause}"),
+            Failure::Record(cause) => write!(f, "commit record: {cause}"),
         }
     }
 }
@@ -126,6 +128,7 @@ impl From<RecordError> for Failure {
         match e {
             RecordError::Database(e) => Failure::Db(e),
             RecordError::Fenced { fence, cause } => Failure::Fenced(fence, cause),
+            RecordError::Broken(cause) => Failure::Record(cause),
         }
     }
 }
@@ -214,7 +217,9 @@ impl PgCopySink {
             Ok(_) => Ok(()),
             Err(Failure::Connect(e)) => Err(SinkError::Connect(e)),
             Err(Failure::Db(e)) => Err(SinkError::Prepare(PgError(e))),
-            Err(Failure::Fenced(..)) => unreachable!("opening a session writes no record"),
+            Err(Failure::Fenced(..) | Failure::Record(_)) => {
+                unreachable!("opening a session writes no record")
+            }
         }
     }
 
@@ -246,6 +251,7 @@ impl PgCopySink {
             Err(Failure::Db(e)) => Err(SinkError::Refused(PgError(e))),
             Err(Failure::Connect(e)) => Err(SinkError::Connect(e)),
             Err(Failure::Fenced(fence, cause)) => Ok(Attempt::Fenced(fence, cause)),
+            Err(Failure::Record(cause)) => Err(SinkError::Record(cause)),
         }
     }
 

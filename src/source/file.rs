@@ -23,7 +23,7 @@ use crate::message_file::{self, FileMessage};
 use crate::shutdown::Shutdown;
 use crate::sink::commit_record::{CommitRecord, NoCommitRecord, Outcome};
 use crate::sink::ledger::{LedgerKey, LedgerKeys, LedgerRecord};
-use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
+use crate::source::{BuiltSource, Delivery, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
 use crate::table_name::TableName;
 
@@ -110,11 +110,7 @@ impl LedgerKeys for FileLedgerKeys {
 
 #[async_trait]
 impl Source for FileSource {
-    async fn run(
-        self: Box<Self>,
-        out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: Shutdown,
-    ) -> Result<(), SourceError> {
+    async fn run(self: Box<Self>, out: Delivery, shutdown: Shutdown) -> Result<(), SourceError> {
         let this = *self;
         tokio::task::spawn_blocking(move || this.read(out, shutdown))
             .await

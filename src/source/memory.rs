@@ -5,12 +5,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
 
 use crate::envelope::{Chunk, Envelope};
 use crate::shutdown::Shutdown;
 use crate::sink::commit_record::{CommitRecord, NoCommitRecord};
-use crate::source::{Acknowledger, BuiltSource, NoAcknowledger, Source, SourceError};
+use crate::source::{Acknowledger, BuiltSource, Delivery, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
 
 pub struct MemorySource {
@@ -55,11 +54,7 @@ impl MemorySource {
 
 #[async_trait]
 impl Source for MemorySource {
-    async fn run(
-        self: Box<Self>,
-        out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: Shutdown,
-    ) -> Result<(), SourceError> {
+    async fn run(self: Box<Self>, out: Delivery, shutdown: Shutdown) -> Result<(), SourceError> {
         let mut messages = self.messages.into_iter().peekable();
         while messages.peek().is_some() {
             let chunk = Chunk::new(messages.by_ref().take(self.chunk_messages).collect());

@@ -45,16 +45,15 @@ pub enum SourceError {
     FileReader(#[source] tokio::task::JoinError),
 }
 
+/// Where a source delivers its chunks: the channel into the parse stage.
+pub type Delivery = mpsc::Sender<Chunk<Envelope>>;
+
 /// The receiving half of a source.
 #[async_trait]
 pub trait Source: Send {
     /// Delivers chunks until the source is exhausted or `shutdown` fires. Returning closes `out`,
     /// which is how the stages downstream learn to drain and stop.
-    async fn run(
-        self: Box<Self>,
-        out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: Shutdown,
-    ) -> Result<(), SourceError>;
+    async fn run(self: Box<Self>, out: Delivery, shutdown: Shutdown) -> Result<(), SourceError>;
 }
 
 /// The acknowledging half of a source.

@@ -69,9 +69,10 @@ impl SqsAcknowledger {
     }
 
     async fn delete(&self, handles: Vec<String>) {
-        let call = DeleteMessages {
+        let call = HandleCall {
             client: &self.client,
             queue_url: &self.queue_url,
+            action: HandleAction::Delete,
         };
         let sent = sqs_batch::send_all(&call, handles, DELETE, PARALLEL_CALLS).await;
         for (_, why) in &sent.refused {
@@ -88,18 +89,30 @@ impl SqsAcknowledger {
     }
 }
 
-/// DeleteMessageBatch: receipt handles, each once per call.
-struct DeleteMessages<'a> {
+/// What to do with a batch of receipt handles.
+#[derive(Clone, Copy)]
+enum HandleAction {
+    Delete,
+    /// Set the visibility timeout to this many seconds.
+    ChangeVisibility(i32),
+}
+
+/// DeleteMessageBatch or ChangeMessageVisibilityBatch: receipt handles, each once per call.
+struct HandleCall<'a> {
     client: &'a aws_sdk_sqs::Client,
     queue_url: &'a str,
+    action: HandleAction,
 }
 
 #[async_trait]
-impl BatchCall for DeleteMessages<'_> {
+impl BatchCall for HandleCall<'_> {
     type Entry = String;
 
     fn name(&self) -> &'static str {
-        "DeleteMessageBatch"
+        match self.action {
+            HandleAction::Delete => "DeleteMessageBatch",
+            HandleAction::ChangeVisibility(_) => "ChangeMessageVisibilityBatch",
+        }
     }
 
     fn distinct_key<'a>(&self, handle: &'a String) -> Option<&'a str> {
@@ -107,69 +120,46 @@ impl BatchCall for DeleteMessages<'_> {
     }
 
     async fn call(&self, handles: &[&String]) -> Result<Vec<EntryFailure>, AwsError> {
-        let entries = handles
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| {
-                DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(*h)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        let out = self
-            .client
-            .delete_message_batch()
-            .queue_url(self.queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await?;
-        Ok(entry_failures(out.failed))
+        let ids = (0..handles.len()).map(|i| i.to_string());
+        let failed = match self.action {
+            HandleAction::Delete => {
+                let entries = ids.zip(handles).filter_map(delete_entry).collect();
+                let request = self.client.delete_message_batch();
+                let out = request.queue_url(self.queue_url).set_entries(Some(entries));
+                out.send().await?.failed
+            }
+            HandleAction::ChangeVisibility(seconds) => {
+                let entries = ids
+                    .zip(handles)
+                    .filter_map(|(id, h)| visibility_entry(id, h, seconds));
+                let request = self.client.change_message_visibility_batch();
+                let out = request.queue_url(self.queue_url);
+                out.set_entries(Some(entries.collect()))
+                    .send()
+                    .await?
+                    .failed
+            }
+        };
+        Ok(entry_failures(failed))
     }
 }
 
-/// ChangeMessageVisibilityBatch: receipt handles, each once per call, to one timeout.
-struct ChangeVisibility<'a> {
-    client: &'a aws_sdk_sqs::Client,
-    queue_url: &'a str,
+fn delete_entry((id, handle): (String, &&String)) -> Option<DeleteMessageBatchRequestEntry> {
+    let entry = DeleteMessageBatchRequestEntry::builder().id(id);
+    entry.receipt_handle(*handle).build().ok()
+}
+
+fn visibility_entry(
+    id: String,
+    handle: &str,
     seconds: i32,
-}
-
-#[async_trait]
-impl BatchCall for ChangeVisibility<'_> {
-    type Entry = String;
-
-    fn name(&self) -> &'static str {
-        "ChangeMessageVisibilityBatch"
-    }
-
-    fn distinct_key<'a>(&self, handle: &'a String) -> Option<&'a str> {
-        Some(handle)
-    }
-
-    async fn call(&self, handles: &[&String]) -> Result<Vec<EntryFailure>, AwsError> {
-        let entries = handles
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| {
-                ChangeMessageVisibilityBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(*h)
-                    .visibility_timeout(self.seconds)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        let out = self
-            .client
-            .change_message_visibility_batch()
-            .queue_url(self.queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await?;
-        Ok(entry_failures(out.failed))
-    }
+) -> Option<ChangeMessageVisibilityBatchRequestEntry> {
+    let entry = ChangeMessageVisibilityBatchRequestEntry::builder().id(id);
+    entry
+        .receipt_handle(handle)
+        .visibility_timeout(seconds)
+        .build()
+        .ok()
 }
 
 /// Sets the visibility of `handles` to `seconds`; returns the handles that were changed.
@@ -179,10 +169,10 @@ async fn change_visibility(
     handles: Vec<String>,
     seconds: i32,
 ) -> Vec<String> {
-    let call = ChangeVisibility {
+    let call = HandleCall {
         client,
         queue_url,
-        seconds,
+        action: HandleAction::ChangeVisibility(seconds),
     };
     let sent = sqs_batch::send_all(&call, handles, CHANGE_VISIBILITY, PARALLEL_CALLS).await;
     if let Some(e) = &sent.last_failure {

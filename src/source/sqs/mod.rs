@@ -37,7 +37,7 @@ use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::commit_record::{CommitRecord, NoCommitRecord};
 use crate::sink::ledger::LedgerRecord;
-use crate::source::{BuiltSource, Source, SourceError};
+use crate::source::{BuiltSource, Delivery, Source, SourceError};
 use crate::stats::Stats;
 use crate::table_name::TableName;
 
@@ -124,11 +124,7 @@ impl SqsSource {
 
 #[async_trait]
 impl Source for SqsSource {
-    async fn run(
-        self: Box<Self>,
-        out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: Shutdown,
-    ) -> Result<(), SourceError> {
+    async fn run(self: Box<Self>, out: Delivery, shutdown: Shutdown) -> Result<(), SourceError> {
         let this = Arc::new(*self);
         let mut pollers = tokio::task::JoinSet::new();
         for id in 0..this.cfg.pollers {
