@@ -24,40 +24,41 @@ pub use crate::login_table::{DEVICE_TYPE_MAX, LOCALE_MAX, USER_ID_MAX};
 #[derive(Debug, Clone)]
 pub struct LoginEvent {
     body: String,
-    /// Decoded values of escaped fields, one after another; empty (no allocation) for most events.
-    decoded: String,
     pub meta: Meta,
-    user_id: Text,
-    device_type: Text,
-    device_id: Text,
-    locale: Option<Text>,
-    app_version: Text,
-    create_date: Option<Text>,
+    fields: Fields,
     /// Parsed here so that the mask stage works on the address, not on how it was written.
     pub ip: IpAddr,
 }
 
 impl LoginEvent {
     pub fn user_id(&self) -> &str {
-        self.user_id.get(&self.body, &self.decoded)
+        self.fields.user_id.get(&self.body, &self.fields.decoded)
     }
     pub fn device_type(&self) -> &str {
-        self.device_type.get(&self.body, &self.decoded)
+        self.fields
+            .device_type
+            .get(&self.body, &self.fields.decoded)
     }
     pub fn device_id(&self) -> &str {
-        self.device_id.get(&self.body, &self.decoded)
+        self.fields.device_id.get(&self.body, &self.fields.decoded)
     }
     pub fn locale(&self) -> Option<&str> {
-        self.locale.map(|t| t.get(&self.body, &self.decoded))
+        self.fields
+            .locale
+            .map(|t| t.get(&self.body, &self.fields.decoded))
     }
     /// Syntactically valid: dot-separated decimal parts. Whether it fits an integer is the transform's
     /// concern, since that depends on the configured encoding.
     pub fn app_version(&self) -> &str {
-        self.app_version.get(&self.body, &self.decoded)
+        self.fields
+            .app_version
+            .get(&self.body, &self.fields.decoded)
     }
     /// The body's own `create_date` string, if it had one (unvalidated: the transform decides).
     pub fn create_date(&self) -> Option<&str> {
-        self.create_date.map(|t| t.get(&self.body, &self.decoded))
+        self.fields
+            .create_date
+            .map(|t| t.get(&self.body, &self.fields.decoded))
     }
     pub fn body(&self) -> &str {
         &self.body
@@ -153,23 +154,20 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 /// A failure hands the envelope back (boxed: the failure path is the rare one) for its dead letter.
 pub fn parse_login(envelope: Envelope) -> Result<LoginEvent, Box<(Envelope, ParseError)>> {
     match validate(&envelope.body) {
-        Ok(fields) => Ok(LoginEvent {
+        Ok((fields, ip)) => Ok(LoginEvent {
             body: envelope.body,
-            decoded: fields.decoded,
             meta: envelope.meta,
-            user_id: fields.user_id,
-            device_type: fields.device_type,
-            device_id: fields.device_id,
-            locale: fields.locale,
-            app_version: fields.app_version,
-            create_date: fields.create_date,
-            ip: fields.ip,
+            fields,
+            ip,
         }),
         Err(e) => Err(Box::new((envelope, e))),
     }
 }
 
+/// The validated fields, as ranges of the body (or of `decoded`).
+#[derive(Debug, Clone)]
 struct Fields {
+    /// Decoded values of escaped fields, one after another; empty (no allocation) for most events.
     decoded: String,
     user_id: Text,
     device_type: Text,
@@ -177,10 +175,9 @@ struct Fields {
     locale: Option<Text>,
     app_version: Text,
     create_date: Option<Text>,
-    ip: IpAddr,
 }
 
-fn validate(body: &str) -> Result<Fields, ParseError> {
+fn validate(body: &str) -> Result<(Fields, IpAddr), ParseError> {
     match body.trim_start().as_bytes().first() {
         None => return Err(ParseError::EmptyBody),
         Some(b'{') => {}
@@ -219,7 +216,7 @@ fn validate(body: &str) -> Result<Fields, ParseError> {
     let device_id = at(device_id);
     let locale = locale.map(&mut at);
     let app_version = at(app_version);
-    Ok(Fields {
+    let fields = Fields {
         decoded,
         user_id,
         device_type,
@@ -227,8 +224,8 @@ fn validate(body: &str) -> Result<Fields, ParseError> {
         locale,
         app_version,
         create_date,
-        ip,
-    })
+    };
+    Ok((fields, ip))
 }
 
 fn required<'a>(
@@ -289,22 +286,17 @@ fn is_version(s: &str) -> bool {
     after_digit
 }
 
-/// The fields sluice reads; everything else in the body is skipped without being built.
-#[derive(Deserialize)]
+/// The fields sluice reads; everything else in the body is skipped without being built. A field
+/// that is absent stays [`JsonValue::Missing`]; strings borrow from the body where they can.
+#[derive(Deserialize, Default)]
+#[serde(default, bound(deserialize = "'de: 'a"))]
 struct RawLogin<'a> {
-    #[serde(borrow, default)]
     user_id: JsonValue<'a>,
-    #[serde(borrow, default)]
     device_type: JsonValue<'a>,
-    #[serde(borrow, default)]
     ip: JsonValue<'a>,
-    #[serde(borrow, default)]
     device_id: JsonValue<'a>,
-    #[serde(borrow, default)]
     locale: JsonValue<'a>,
-    #[serde(borrow, default)]
     app_version: JsonValue<'a>,
-    #[serde(borrow, default)]
     create_date: JsonValue<'a>,
 }
 
