@@ -17,7 +17,7 @@ BENCH_MEMORY_SMALL := 250000
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-up: ## start the local stack: moto (SQS/Kinesis) on 4566 and PostgreSQL
+up: ## start the local stack: moto (SQS) on 4566, kinesis-mock (Kinesis) on 4567, PostgreSQL
 	@$(STACK) up
 
 start: up ## same as up

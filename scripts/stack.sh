@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Local dependency stack for sluice's integration tests: an SQS/Kinesis
-# emulator and a PostgreSQL server.
+# Local dependency stack for sluice's integration tests: an SQS emulator, a
+# Kinesis emulator and a PostgreSQL server.
 #
 # Usage: scripts/stack.sh up|down|status|env
 #
@@ -18,6 +18,11 @@
 #      engine answers and SLUICE_STACK_USE_DOCKER is not 0;
 #   3. moto_server from a project-local virtualenv (.stack/venv) built from
 #      scripts/requirements-moto.txt.
+# Kinesis emulator, first match wins:
+#   1. LocalStack on the emulator port (it serves Kinesis too);
+#   2. anything that answers /healthcheck on 127.0.0.1:$SLUICE_KINESIS_PORT;
+#   3. kinesis-mock (npm package kinesis-local, pinned below) run with Node.js
+#      from a project-local install (.stack/kinesis), plain HTTP.
 # PostgreSQL, first match wins:
 #   1. $SLUICE_DATABASE_URL, used as is;
 #   2. a server on 127.0.0.1:5432 that accepts user postgres;
@@ -27,6 +32,7 @@
 #
 # Environment knobs (all optional):
 #   SLUICE_AWS_PORT                emulator port (default 4566)
+#   SLUICE_KINESIS_PORT            kinesis-mock's plain HTTP port (default 4567)
 #   SLUICE_PRIVATE_PG_PORT         private cluster port (default 54329)
 #   SLUICE_DATABASE_URL            use this database instead of looking for one
 #   SLUICE_STACK_USE_DOCKER=0      never use Docker
@@ -47,6 +53,12 @@ VENV="$STACK_DIR/venv"
 VENV_STAMP="$VENV/.requirements.sha256"
 MOTO_PID_FILE="$STACK_DIR/moto.pid"
 MOTO_LOG="$STACK_DIR/moto.log"
+# kinesis-mock, installed from the npm registry into .stack/kinesis.
+KINESIS_MOCK_VERSION=0.6.2
+KINESIS_DIR="$STACK_DIR/kinesis"
+KINESIS_PACKAGE="$KINESIS_DIR/node_modules/kinesis-local"
+KINESIS_PID_FILE="$STACK_DIR/kinesis.pid"
+KINESIS_LOG="$STACK_DIR/kinesis.log"
 # Names of docker compose services started by `up`, one per line.
 DOCKER_RECORD="$STACK_DIR/docker-services"
 # Data directory of the private cluster, written when `up` first uses it.
@@ -58,14 +70,18 @@ DB_URL_RECORD="$STACK_DIR/database-urls"
 LOCAL_HOST=127.0.0.1
 AWS_PORT="${SLUICE_AWS_PORT:-4566}"
 AWS_ENDPOINT="http://$LOCAL_HOST:$AWS_PORT"
+KINESIS_PORT="${SLUICE_KINESIS_PORT:-4567}"
 SYSTEM_PG_PORT=5432
 PRIVATE_PG_PORT="${SLUICE_PRIVATE_PG_PORT:-54329}"
 MOTO_START_TIMEOUT=30
+KINESIS_START_TIMEOUT=60
 LOCALSTACK_START_TIMEOUT=180
 PG_START_TIMEOUT=60
 
 # Filled in by ensure_emulator / ensure_postgres for the summary.
 EMULATOR_DESC=""
+KINESIS_ENDPOINT=""
+KINESIS_DESC=""
 DB_URL=""
 DB_DESC=""
 DB_VIA_COMPOSE=0
@@ -81,7 +97,7 @@ usage() {
     sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
 
-for port_var in AWS_PORT PRIVATE_PG_PORT; do
+for port_var in AWS_PORT KINESIS_PORT PRIVATE_PG_PORT; do
     if ! [[ ${!port_var} =~ ^[0-9]+$ ]] || ((${!port_var} < 1 || ${!port_var} > 65535)); then
         die "$port_var must be a TCP port number, got '${!port_var}'"
     fi
@@ -159,16 +175,20 @@ pid_cmdline() {
     fi
 }
 
-# Prints the pid of the moto_server started by `up`, if it is still alive.
-our_moto_pid() {
+# our_pid PID_FILE WORD: prints the pid recorded by `up` if that process is
+# still alive and its command line contains WORD.
+our_pid() {
     local pid
-    [[ -f $MOTO_PID_FILE ]] || return 1
-    pid="$(cat "$MOTO_PID_FILE" 2>/dev/null || true)"
+    [[ -f $1 ]] || return 1
+    pid="$(cat "$1" 2>/dev/null || true)"
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
-    [[ "$(pid_cmdline "$pid" || true)" == *moto_server* ]] || return 1
+    [[ "$(pid_cmdline "$pid" || true)" == *"$2"* ]] || return 1
     printf '%s\n' "$pid"
 }
+
+our_moto_pid() { our_pid "$MOTO_PID_FILE" moto_server; }
+our_kinesis_pid() { our_pid "$KINESIS_PID_FILE" kinesis-local; }
 
 stop_pid() {
     local pid="$1" i
@@ -349,6 +369,93 @@ ensure_emulator() {
     else
         start_moto
     fi
+}
+
+# ---------------------------------------------------------------------------
+# Kinesis emulator
+
+kinesis_installed_version() {
+    sed -n 's/^ *"version" *: *"\([^"]*\)".*/\1/p' "$KINESIS_PACKAGE/package.json" 2>/dev/null
+}
+
+# Installs kinesis-local@$KINESIS_MOCK_VERSION into .stack/kinesis unless that
+# version is already there.
+ensure_kinesis_installed() {
+    [[ "$(kinesis_installed_version)" == "$KINESIS_MOCK_VERSION" && -f $KINESIS_PACKAGE/main.js ]] && return 0
+    have node && have npm ||
+        die "kinesis-mock needs Node.js (20 or later) and npm (Debian/Ubuntu: apt-get install -y nodejs npm)"
+    say "installing kinesis-local@$KINESIS_MOCK_VERSION into $KINESIS_DIR ..."
+    mkdir -p "$KINESIS_DIR"
+    npm install --prefix "$KINESIS_DIR" --no-audit --no-fund --loglevel=error \
+        "kinesis-local@$KINESIS_MOCK_VERSION" >/dev/null ||
+        die "npm install kinesis-local@$KINESIS_MOCK_VERSION failed"
+}
+
+start_kinesis() {
+    ensure_kinesis_installed
+    rm -f "$KINESIS_PID_FILE"
+    printf '\n==== %s: kinesis-local %s on port %s\n' "$(date '+%F %T')" "$KINESIS_MOCK_VERSION" "$KINESIS_PORT" >>"$KINESIS_LOG"
+    local launcher=()
+    have setsid && launcher=(setsid)
+    # Plain HTTP on $KINESIS_PORT. kinesis-mock always opens a TLS listener as
+    # well; port 0 lets the system pick a free one, since nothing uses it.
+    # Stream state changes (create, delete, split, merge) complete at once,
+    # and nothing is persisted: a restart starts empty.
+    # shellcheck disable=SC2016
+    nohup "${launcher[@]}" sh -c 'echo "$$" >"$1"; shift; exec "$@"' sh "$KINESIS_PID_FILE" \
+        env KINESIS_MOCK_PLAIN_PORT="$KINESIS_PORT" KINESIS_MOCK_TLS_PORT=0 \
+        KINESIS_MOCK_CERT_PATH="$KINESIS_PACKAGE/server.json" \
+        CREATE_STREAM_DURATION=0ms DELETE_STREAM_DURATION=0ms \
+        SPLIT_SHARD_DURATION=0ms MERGE_SHARDS_DURATION=0ms UPDATE_SHARD_COUNT_DURATION=0ms \
+        SHOULD_PERSIST_DATA=false LOG_LEVEL=WARN \
+        node "$KINESIS_PACKAGE/main.js" \
+        </dev/null >>"$KINESIS_LOG" 2>&1 9>&- &
+
+    local deadline=$((SECONDS + KINESIS_START_TIMEOUT)) pid=""
+    while ((SECONDS < deadline)); do
+        if [[ -z $pid && -s $KINESIS_PID_FILE ]]; then
+            pid="$(cat "$KINESIS_PID_FILE")"
+        fi
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            rm -f "$KINESIS_PID_FILE"
+            tail -n 30 "$KINESIS_LOG" >&2 || true
+            die "kinesis-mock exited during startup (log: $KINESIS_LOG)"
+        fi
+        if [[ -n $pid ]] && http_get "$KINESIS_ENDPOINT/healthcheck" >/dev/null; then
+            KINESIS_DESC="kinesis-mock $KINESIS_MOCK_VERSION (started, pid $pid, log .stack/kinesis.log)"
+            return 0
+        fi
+        sleep 0.3
+    done
+    [[ -n $pid ]] && stop_pid "$pid"
+    rm -f "$KINESIS_PID_FILE"
+    tail -n 30 "$KINESIS_LOG" >&2 || true
+    die "kinesis-mock did not answer on $KINESIS_ENDPOINT within ${KINESIS_START_TIMEOUT}s (log: $KINESIS_LOG)"
+}
+
+ensure_kinesis() {
+    local pid
+    if localstack_ready; then
+        KINESIS_ENDPOINT="$AWS_ENDPOINT"
+        KINESIS_DESC="LocalStack, on the emulator port"
+        return 0
+    fi
+    KINESIS_ENDPOINT="http://$LOCAL_HOST:$KINESIS_PORT"
+    if pid="$(our_kinesis_pid)"; then
+        if [[ "$(kinesis_installed_version)" == "$KINESIS_MOCK_VERSION" ]] &&
+            http_get "$KINESIS_ENDPOINT/healthcheck" >/dev/null; then
+            KINESIS_DESC="kinesis-mock $KINESIS_MOCK_VERSION (already running, pid $pid)"
+            return 0
+        fi
+        # Another version (the pin changed), another port, or hung.
+        say "stopping kinesis-mock (pid $pid) to start kinesis-local@$KINESIS_MOCK_VERSION on port $KINESIS_PORT"
+        stop_pid "$pid"
+    elif http_get "$KINESIS_ENDPOINT/healthcheck" >/dev/null; then
+        KINESIS_DESC="existing server, not managed by stack.sh"
+        return 0
+    fi
+    rm -f "$KINESIS_PID_FILE"
+    start_kinesis
 }
 
 # ---------------------------------------------------------------------------
@@ -698,9 +805,11 @@ write_env_file() {
         printf '# Written by scripts/stack.sh up; regenerated on every run.\n'
         printf '# Source it: . .stack/env\n'
         printf '# emulator: %s\n' "$EMULATOR_DESC"
+        printf '# kinesis:  %s\n' "$KINESIS_DESC"
         printf '# database: %s\n' "$DB_DESC"
         printf 'export SLUICE_TEST_DATABASE_URL=%s\n' "$(single_quoted "$DB_URL")"
         printf 'export SLUICE_TEST_AWS_ENDPOINT=%s\n' "$(single_quoted "$AWS_ENDPOINT")"
+        printf 'export SLUICE_TEST_KINESIS_ENDPOINT=%s\n' "$(single_quoted "$KINESIS_ENDPOINT")"
         export_default_line AWS_ACCESS_KEY_ID test
         export_default_line AWS_SECRET_ACCESS_KEY test
         export_default_line AWS_REGION us-east-1
@@ -709,6 +818,7 @@ write_env_file() {
         printf 'export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$AWS_REGION}"\n'
         export_default_line SLUICE_DATABASE_URL "$DB_URL"
         export_default_line SLUICE_SQS_ENDPOINT_URL "$AWS_ENDPOINT"
+        export_default_line SLUICE_KINESIS_ENDPOINT_URL "$KINESIS_ENDPOINT"
     } >"$tmp"
     mv -f "$tmp" "$ENV_FILE"
     if [[ $DB_DESC != "SLUICE_DATABASE_URL from the environment" ]] &&
@@ -724,10 +834,12 @@ cmd_up() {
     take_lock
     PGCRYPTO_DESC=""
     ensure_emulator
+    ensure_kinesis
     ensure_postgres
     ensure_pgcrypto
     write_env_file
     say "emulator  $AWS_ENDPOINT  $EMULATOR_DESC"
+    say "kinesis   $KINESIS_ENDPOINT  $KINESIS_DESC"
     say "postgres  $DB_URL  $DB_DESC"
     say "pgcrypto  $PGCRYPTO_DESC"
     say "env file  $ENV_FILE  (load with: . .stack/env)"
@@ -761,6 +873,11 @@ cmd_down() {
         stop_pid "$pid"
     fi
     rm -f "$MOTO_PID_FILE"
+    if pid="$(our_kinesis_pid)"; then
+        say "stopping kinesis-mock (pid $pid) ..."
+        stop_pid "$pid"
+    fi
+    rm -f "$KINESIS_PID_FILE"
 
     if [[ -s $DOCKER_RECORD ]]; then
         mapfile -t services <"$DOCKER_RECORD"
@@ -794,6 +911,19 @@ cmd_status() {
         fi
     else
         say "emulator  $AWS_ENDPOINT  does NOT answer"
+        ok=0
+    fi
+
+    if localstack_ready; then
+        say "kinesis   $AWS_ENDPOINT  LocalStack"
+    elif http_get "http://$LOCAL_HOST:$KINESIS_PORT/healthcheck" >/dev/null; then
+        if pid="$(our_kinesis_pid)"; then
+            say "kinesis   http://$LOCAL_HOST:$KINESIS_PORT  answers: kinesis-mock started by stack.sh (pid $pid)"
+        else
+            say "kinesis   http://$LOCAL_HOST:$KINESIS_PORT  answers: not managed by stack.sh"
+        fi
+    else
+        say "kinesis   http://$LOCAL_HOST:$KINESIS_PORT  does NOT answer"
         ok=0
     fi
 
