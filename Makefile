@@ -41,21 +41,21 @@ demo: up build ## load the 100 demo messages end to end and show what landed
 
 lint: ## formatting and clippy, warnings are errors
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 unit: ## unit tests only (no services needed)
-	cargo nextest run --lib --bins
+	cargo nextest run --workspace --lib --bins
 
 test: up lint ## everything the tests need, then the whole suite (and the benchmarks must build)
-	$(WITH_STACK) cargo nextest run --no-fail-fast
+	$(WITH_STACK) cargo nextest run --workspace --no-fail-fast
 	cargo bench --no-run
 
-bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (2-7 min)
+bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (5-10 min)
 	@mkdir -p $(BENCH_OUT) && date +%s > $(BENCH_OUT)/started-at && cp /proc/loadavg $(BENCH_OUT)/loadavg-at-start
 	cargo build --release --bins
 	$(WITH_STACK) cargo bench --bench stages --bench postgres
-	$(WITH_STACK) scripts/bench-memory.sh $(BENCH_MEMORY_LARGE) $(BENCH_MEMORY_SMALL)
-	python3 scripts/capacity_report.py --since "$$(cat $(BENCH_OUT)/started-at)" --command "make bench" \
+	$(WITH_STACK) cargo xtask memory-runs $(BENCH_MEMORY_LARGE) $(BENCH_MEMORY_SMALL)
+	cargo xtask capacity-report --since "$$(cat $(BENCH_OUT)/started-at)" --command "make bench" \
 		--memory-large $(BENCH_MEMORY_LARGE) --memory-small $(BENCH_MEMORY_SMALL)
 
 clean: ## remove build output (not the stack)
