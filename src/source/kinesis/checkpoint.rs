@@ -195,7 +195,7 @@ pub async fn finish(
     let sql = format!(
         "UPDATE {t} SET finished = true, updated_at = now()
          WHERE application = $1 AND stream = $2 AND shard_id = $3 AND owner = $4 AND epoch = $5
-           AND checkpoint IS NOT DISTINCT FROM $6::numeric",
+           AND checkpoint IS NOT DISTINCT FROM $6::text::numeric",
         t = scope.table
     );
     let expected = last_read.map(SequenceNumber::as_str);

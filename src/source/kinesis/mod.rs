@@ -12,6 +12,8 @@
 pub mod api;
 pub mod balance;
 pub mod checkpoint;
+#[cfg(test)]
+mod fake;
 pub mod kpl;
 pub mod lease;
 pub mod position;

@@ -450,3 +450,429 @@ async fn pause_or_stop(
         _ = stop.requested() => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::kinesis::fake::FakeKinesis;
+    use crate::source::kinesis::kpl::{UserRecord, aggregate};
+    use crate::source::kinesis::lease::LeaseScope;
+    use crate::table_name::TableName;
+
+    const SHARD: &str = "shardId-000000000000";
+
+    fn lease() -> Arc<LeaseClaim> {
+        Arc::new(LeaseClaim {
+            scope: Arc::new(LeaseScope {
+                table: TableName::unqualified("leases"),
+                application: "app".into(),
+                stream: "logins".into(),
+            }),
+            shard_id: SHARD.into(),
+            owner: Arc::from("me"),
+            epoch: 1,
+        })
+    }
+
+    fn settings(limit: i32) -> ReaderSettings {
+        ReaderSettings {
+            max_records_per_call: limit,
+            idle_poll_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn reader(api: &Arc<FakeKinesis>, start: StartPosition, limit: i32) -> ShardReader {
+        ShardReader::new(
+            api.clone(),
+            StreamRef::Name("logins".into()),
+            lease(),
+            start,
+            settings(limit),
+        )
+    }
+
+    fn ack(meta: &Meta) -> &KinesisAck {
+        match &meta.ack {
+            AckToken::Kinesis(ack) => ack,
+            other => panic!("not a Kinesis token: {other:?}"),
+        }
+    }
+
+    /// Receives chunks until `n` messages came; returns their bodies and acks in order.
+    async fn receive(
+        rx: &mut mpsc::Receiver<Chunk<Envelope>>,
+        n: usize,
+    ) -> Vec<(String, KinesisAck)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let chunk = rx.recv().await.expect("reader still sending");
+            got.extend(chunk.items.into_iter().map(|e| {
+                let a = ack(&e.meta).clone();
+                (e.body, a)
+            }));
+        }
+        got
+    }
+
+    fn bodies(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{{\"n\":{i}}}")).collect()
+    }
+
+    /// No window of one second holds more than five calls.
+    fn assert_within_five_calls_a_second(calls: &[Instant]) {
+        for window in calls.windows(6) {
+            let span = window[5] - window[0];
+            assert!(
+                span >= Duration::from_secs(1),
+                "six calls within {span:?}: {:?}",
+                window.iter().map(|t| *t - calls[0]).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_record_arrives_once_in_order_across_pages() {
+        let api = FakeKinesis::new();
+        let sent = bodies(25);
+        let sequences: Vec<SequenceNumber> =
+            sent.iter().map(|b| api.put(SHARD, b.as_bytes())).collect();
+        let (tx, mut rx) = mpsc::channel(4);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
+
+        let got = receive(&mut rx, 25).await;
+        assert_eq!(got.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), sent);
+        let got_sequences: Vec<SequenceNumber> =
+            got.iter().map(|(_, a)| a.sequence.clone()).collect();
+        assert_eq!(got_sequences, sequences);
+        assert!(got.iter().all(|(_, a)| a.completes_record && !a.ends_shard));
+
+        stop.stop();
+        assert_eq!(task.await.expect("join").expect("read"), ReadEnd::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_carry_their_shard_sequence_and_arrival_time() {
+        let api = FakeKinesis::new();
+        let sequence = api.put(SHARD, br#"{"user_id":"u1"}"#);
+        let (tx, mut rx) = mpsc::channel(4);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
+        let chunk = rx.recv().await.expect("a chunk");
+        let meta = &chunk.items[0].meta;
+        assert_eq!(
+            meta.message_id,
+            MessageId::Text(format!("{SHARD}/{sequence}"))
+        );
+        assert_eq!(meta.sent_at_ms, Some(1_700_000_000_001));
+        assert_eq!(*ack(meta).lease, *lease());
+        stop.stop();
+        task.await.expect("join").expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_and_expired_iterators_lose_nothing_and_keep_within_five_calls_a_second() {
+        let api = FakeKinesis::new();
+        let sent = bodies(60);
+        for body in &sent {
+            api.put(SHARD, body.as_bytes());
+        }
+        api.close(SHARD);
+        let throttled = || Some(KinesisError::Throttled("Rate exceeded for shard".into()));
+        let expired = || Some(KinesisError::ExpiredIterator("Iterator expired".into()));
+        api.script([
+            throttled(),
+            throttled(),
+            throttled(),
+            None,
+            expired(),
+            None,
+            throttled(),
+            None,
+            expired(),
+            expired(),
+            None,
+            None,
+            throttled(),
+            throttled(),
+        ]);
+        let (tx, mut rx) = mpsc::channel(2);
+        let task =
+            tokio::spawn(reader(&api, StartPosition::TrimHorizon, 7).run(tx, Shutdown::new()));
+
+        let got = receive(&mut rx, 60).await;
+        assert_eq!(got.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), sent);
+        let end = task.await.expect("join").expect("read");
+        assert_eq!(
+            end,
+            ReadEnd::ShardEnded {
+                last_read: Some(got[59].1.sequence.clone()),
+                end_delivered: true
+            }
+        );
+        assert!(rx.recv().await.is_none(), "nothing after the shard's end");
+        let calls = api.get_records_calls();
+        assert_eq!(calls.len(), 9 + 9, "nine pages and nine failed calls");
+        assert_within_five_calls_a_second(&calls);
+        // Each expired iterator was replaced by one right after the last record fetched.
+        let requests = api.iterator_requests();
+        assert_eq!(requests[0], StartPosition::TrimHorizon);
+        assert_eq!(requests.len(), 4);
+        assert_eq!(
+            requests[1],
+            StartPosition::AfterSequence(got[6].1.sequence.clone())
+        );
+        assert!(
+            requests[2..]
+                .iter()
+                .all(|r| *r == StartPosition::AfterSequence(got[20].1.sequence.clone()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_iterator_that_expires_before_any_record_restarts_from_the_checkpoint() {
+        let api = FakeKinesis::new();
+        let checkpoint = api.put(SHARD, b"committed before");
+        api.put(SHARD, b"next");
+        api.script([Some(KinesisError::ExpiredIterator("expired".into()))]);
+        let (tx, mut rx) = mpsc::channel(2);
+        let stop = Shutdown::new();
+        let start = StartPosition::AfterSequence(checkpoint.clone());
+        let task = tokio::spawn(reader(&api, start.clone(), 10).run(tx, stop.clone()));
+        let got = receive(&mut rx, 1).await;
+        assert_eq!(got[0].0, "next");
+        assert_eq!(api.iterator_requests(), [start.clone(), start]);
+        stop.stop();
+        task.await.expect("join").expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_end_on_an_empty_page_is_left_to_a_separate_finish() {
+        let api = FakeKinesis::new();
+        for body in bodies(3) {
+            api.put(SHARD, body.as_bytes());
+        }
+        api.close(SHARD);
+        api.end_on_empty_page();
+        let (tx, mut rx) = mpsc::channel(4);
+        let end = reader(&api, StartPosition::TrimHorizon, 10)
+            .run(tx, Shutdown::new())
+            .await
+            .expect("read");
+        let got = receive(&mut rx, 3).await;
+        assert!(got.iter().all(|(_, a)| !a.ends_shard));
+        assert_eq!(
+            end,
+            ReadEnd::ShardEnded {
+                last_read: Some(got[2].1.sequence.clone()),
+                end_delivered: false
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_shard_read_up_to_its_checkpoint_ends_without_delivering() {
+        let api = FakeKinesis::new();
+        let last = api.put(SHARD, b"already committed");
+        api.close(SHARD);
+        let (tx, mut rx) = mpsc::channel(4);
+        let end = reader(&api, StartPosition::AfterSequence(last.clone()), 10)
+            .run(tx, Shutdown::new())
+            .await
+            .expect("read");
+        assert_eq!(
+            end,
+            ReadEnd::ShardEnded {
+                last_read: Some(last),
+                end_delivered: false
+            }
+        );
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_message_of_a_closed_shard_says_so() {
+        let api = FakeKinesis::new();
+        for body in bodies(3) {
+            api.put(SHARD, body.as_bytes());
+        }
+        api.close(SHARD);
+        let (tx, mut rx) = mpsc::channel(4);
+        let end = reader(&api, StartPosition::TrimHorizon, 10)
+            .run(tx, Shutdown::new())
+            .await
+            .expect("read");
+        let got = receive(&mut rx, 3).await;
+        let ends: Vec<bool> = got.iter().map(|(_, a)| a.ends_shard).collect();
+        assert_eq!(ends, [false, false, true]);
+        assert!(matches!(
+            end,
+            ReadEnd::ShardEnded {
+                end_delivered: true,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caught_up_reader_polls_at_the_idle_interval_and_sees_new_records() {
+        let api = FakeKinesis::new();
+        api.add_shard(SHARD);
+        let (tx, mut rx) = mpsc::channel(4);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader(&api, StartPosition::Latest, 10).run(tx, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(10_500)).await;
+        let idle_calls = api.get_records_calls().len();
+        assert!(
+            (10..=12).contains(&idle_calls),
+            "{idle_calls} calls in 10.5 s"
+        );
+
+        api.put(SHARD, b"late");
+        let got = receive(&mut rx, 1).await;
+        assert_eq!(got[0].0, "late");
+        stop.stop();
+        task.await.expect("join").expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn large_pages_keep_the_reader_within_two_megabytes_a_second() {
+        let api = FakeKinesis::new();
+        let megabyte = vec![b'x'; 1_000_000];
+        for _ in 0..8 {
+            api.put(SHARD, &megabyte);
+        }
+        api.close(SHARD);
+        let (tx, mut rx) = mpsc::channel(8);
+        let start = Instant::now();
+        reader(&api, StartPosition::TrimHorizon, 2)
+            .run(tx, Shutdown::new())
+            .await
+            .expect("read");
+        assert_eq!(receive(&mut rx, 8).await.len(), 8);
+        let calls = api.get_records_calls();
+        assert_eq!(calls.len(), 4);
+        for pair in calls.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_secs(1),
+                "2 MB read faster than in 1 s"
+            );
+        }
+        assert!(Instant::now() - start >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_channel_holds_the_reader_until_there_is_room() {
+        let api = FakeKinesis::new();
+        let sent = bodies(100);
+        for body in &sent {
+            api.put(SHARD, body.as_bytes());
+        }
+        let (tx, mut rx) = mpsc::channel(1);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            api.get_records_calls().len(),
+            2,
+            "one page in the channel, one in hand, no more"
+        );
+        let got = receive(&mut rx, 100).await;
+        assert_eq!(got.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(), sent);
+        stop.stop();
+        task.await.expect("join").expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_releases_a_reader_blocked_on_a_full_channel() {
+        let api = FakeKinesis::new();
+        for body in bodies(30) {
+            api.put(SHARD, body.as_bytes());
+        }
+        let (tx, _rx) = mpsc::channel(1);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.stop();
+        let end = tokio::time::timeout(Duration::from_millis(10), task)
+            .await
+            .expect("stops at once")
+            .expect("join")
+            .expect("read");
+        assert_eq!(end, ReadEnd::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kpl_aggregate_becomes_one_message_per_user_record() {
+        let api = FakeKinesis::new();
+        let users: Vec<UserRecord> = ["a", "b", "c"]
+            .iter()
+            .map(|u| UserRecord {
+                partition_key: (*u).into(),
+                explicit_hash_key: None,
+                data: format!("{{\"user_id\":\"{u}\"}}").into_bytes(),
+            })
+            .collect();
+        let aggregated = api.put(SHARD, &aggregate(&users));
+        let plain = api.put(SHARD, b"{\"user_id\":\"d\"}");
+        let (tx, mut rx) = mpsc::channel(4);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
+        let chunk = rx.recv().await.expect("one chunk for the page");
+        let ids: Vec<String> = chunk
+            .items
+            .iter()
+            .map(|e| e.meta.message_id.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                format!("{SHARD}/{aggregated}:0"),
+                format!("{SHARD}/{aggregated}:1"),
+                format!("{SHARD}/{aggregated}:2"),
+                format!("{SHARD}/{plain}"),
+            ]
+        );
+        let bodies: Vec<&str> = chunk.items.iter().map(|e| e.body.as_str()).collect();
+        assert_eq!(bodies[1], r#"{"user_id":"b"}"#);
+        let completes: Vec<bool> = chunk
+            .items
+            .iter()
+            .map(|e| ack(&e.meta).completes_record)
+            .collect();
+        assert_eq!(completes, [false, false, true, true]);
+        stop.stop();
+        task.await.expect("join").expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn data_that_is_not_text_is_rejected_with_its_reason() {
+        let api = FakeKinesis::new();
+        api.put(SHARD, &[0xFF, 0xFE, b'x']);
+        let (tx, mut rx) = mpsc::channel(4);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
+        let chunk = rx.recv().await.expect("a chunk");
+        assert!(chunk.items.is_empty());
+        assert_eq!(chunk.rejects.len(), 1);
+        assert_eq!(chunk.rejects[0].stage, Stage::Source);
+        assert_eq!(chunk.rejects[0].reason, "record data is not UTF-8 text");
+        assert!(ack(&chunk.rejects[0].meta).completes_record);
+        stop.stop();
+        task.await.expect("join").expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fatal_error_ends_the_reader_with_it() {
+        let api = FakeKinesis::new();
+        api.put(SHARD, b"x");
+        api.script([Some(KinesisError::Fatal("stream deleted".into()))]);
+        let (tx, _rx) = mpsc::channel(4);
+        let err = reader(&api, StartPosition::TrimHorizon, 10)
+            .run(tx, Shutdown::new())
+            .await
+            .expect_err("fatal");
+        assert_eq!(err.shard, SHARD);
+        assert_eq!(err.source, KinesisError::Fatal("stream deleted".into()));
+    }
+}
