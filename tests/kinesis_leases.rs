@@ -493,7 +493,9 @@ async fn an_expired_lease_nobody_took_still_commits_and_renews() {
         .await
         .expect("the epoch has not moved, so nobody else read the shard");
     assert_eq!(
-        a.renew(f.client(), &[held.clone()]).await.expect("renew"),
+        a.renew(f.client(), std::slice::from_ref(&held))
+            .await
+            .expect("renew"),
         [held]
     );
 }

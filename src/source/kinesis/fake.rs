@@ -178,7 +178,8 @@ impl KinesisApi for FakeKinesis {
         let end = (index + limit as usize).min(shard.records.len());
         let records = shard.records[index..end].to_vec();
         let at_end = end == shard.records.len();
-        let shard_over = shard.closed && at_end && !(end_on_empty_page && !records.is_empty());
+        // With `end_on_empty_page`, a page that brings the last records still has a next iterator.
+        let shard_over = shard.closed && at_end && (records.is_empty() || !end_on_empty_page);
         Ok(RecordsPage {
             records,
             next_iterator: (!shard_over).then(|| iterator(&shard_id, end)),
