@@ -6,6 +6,7 @@
 //! - [`reader`]: one shard's `GetRecords` loop: pacing, backoff, iterator renewal, shard end.
 //! - [`kpl`]: de-aggregation of KPL records into user records.
 //! - [`lease`] and [`balance`]: who reads which shard, with expiry by the database's clock.
+//! - [`keeper`]: the task that renews this process's leases and takes its share, as events.
 //! - [`checkpoint`] and [`progress`]: what a committed batch writes per shard, fenced by the lease.
 //! - [`position`] and [`sequence`]: where a shard's reading starts; sequence numbers as numbers.
 
@@ -14,6 +15,7 @@ pub mod balance;
 pub mod checkpoint;
 #[cfg(test)]
 mod fake;
+pub mod keeper;
 pub mod kpl;
 pub mod lease;
 pub mod position;
