@@ -118,7 +118,7 @@ fn by_scope(checkpoints: &[ShardCheckpoint]) -> Vec<(Arc<LeaseScope>, Vec<&Shard
         };
         let shards = &mut groups[index].1;
         let slot = shards.entry(entry.lease.shard_id.as_str()).or_insert(entry);
-        if (entry.sequence.clone(), entry.finished) > (slot.sequence.clone(), slot.finished) {
+        if (&entry.sequence, entry.finished) > (&slot.sequence, slot.finished) {
             *slot = entry;
         }
     }

@@ -32,7 +32,9 @@ pub struct KinesisAck {
 /// The checkpoints a committed batch writes: per shard (and lease epoch), the furthest completed
 /// record, finished if that record ended the shard. Messages of other sources are ignored.
 pub fn checkpoints<'a>(tokens: impl IntoIterator<Item = &'a AckToken>) -> Vec<ShardCheckpoint> {
-    let mut furthest: HashMap<(&str, i64), &KinesisAck> = HashMap::new();
+    // Keyed by lease scope, shard and epoch: records read under an older epoch of the same shard
+    // are checkpointed (and fenced) under that epoch.
+    let mut furthest: HashMap<(&str, &str, &str, i64), &KinesisAck> = HashMap::new();
     for token in tokens {
         let AckToken::Kinesis(ack) = token else {
             continue;
@@ -40,7 +42,7 @@ pub fn checkpoints<'a>(tokens: impl IntoIterator<Item = &'a AckToken>) -> Vec<Sh
         if !ack.completes_record {
             continue;
         }
-        let key = (ack.lease.shard_id.as_str(), ack.lease.epoch);
+        let key = lease_key(&ack.lease);
         let slot = furthest.entry(key).or_insert(ack);
         if (&ack.sequence, ack.ends_shard) > (&slot.sequence, slot.ends_shard) {
             *slot = ack;
@@ -54,8 +56,18 @@ pub fn checkpoints<'a>(tokens: impl IntoIterator<Item = &'a AckToken>) -> Vec<Sh
             finished: ack.ends_shard,
         })
         .collect();
-    out.sort_by(|a, b| (&a.lease.shard_id, a.lease.epoch).cmp(&(&b.lease.shard_id, b.lease.epoch)));
+    out.sort_by(|a, b| lease_key(&a.lease).cmp(&lease_key(&b.lease)));
     out
+}
+
+/// Application, stream, shard and epoch of a lease.
+fn lease_key(lease: &LeaseClaim) -> (&str, &str, &str, i64) {
+    (
+        &lease.scope.application,
+        &lease.scope.stream,
+        &lease.shard_id,
+        lease.epoch,
+    )
 }
 
 #[cfg(test)]
@@ -122,6 +134,21 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].sequence.as_str(), "6");
         assert!(got[0].finished);
+    }
+
+    #[test]
+    fn records_read_under_two_epochs_of_one_shard_are_checkpointed_under_each() {
+        let old = lease("a");
+        let new = Arc::new(LeaseClaim {
+            epoch: 4,
+            ..(*old).clone()
+        });
+        let tokens = [ack(&old, "5", true, false), ack(&new, "9", true, false)];
+        let got: Vec<(i64, String)> = checkpoints(&tokens)
+            .into_iter()
+            .map(|c| (c.lease.epoch, c.sequence.to_string()))
+            .collect();
+        assert_eq!(got, [(3, "5".into()), (4, "9".into())]);
     }
 
     #[test]
