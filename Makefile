@@ -17,7 +17,7 @@ BENCH_MEMORY_SMALL := 250000
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-up: ## start the local stack: moto (SQS/Kinesis) on 4566 and PostgreSQL
+up: ## start the local stack: moto (SQS) on 4566, kinesis-mock (Kinesis) on 4567, PostgreSQL
 	@$(STACK) up
 
 start: up ## same as up
@@ -39,23 +39,24 @@ demo: up build ## load the 100 demo messages end to end and show what landed
 	@$(WITH_STACK) $(SLUICE) run --config $(DEMO_CONFIG) --exit-when-idle 3
 	@$(WITH_STACK) $(SLUICE) report --config $(DEMO_CONFIG)
 
+# Clippy checks every target of the workspace, the benchmarks and xtask included, in the dev
+# profile; the release profile (LTO, one codegen unit) is built only by `make bench`.
 lint: ## formatting and clippy, warnings are errors
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 unit: ## unit tests only (no services needed)
-	cargo nextest run --lib --bins
+	cargo nextest run --workspace --lib --bins
 
-test: up lint ## everything the tests need, then the whole suite (and the benchmarks must build)
-	$(WITH_STACK) cargo nextest run --no-fail-fast
-	cargo bench --no-run
+test: up lint ## everything the tests need, then the whole suite (lint has checked that the benchmarks compile)
+	$(WITH_STACK) cargo nextest run --workspace --no-fail-fast
 
-bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (2-7 min)
+bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (5-10 min)
 	@mkdir -p $(BENCH_OUT) && date +%s > $(BENCH_OUT)/started-at && cp /proc/loadavg $(BENCH_OUT)/loadavg-at-start
 	cargo build --release --bins
 	$(WITH_STACK) cargo bench --bench stages --bench postgres
-	$(WITH_STACK) scripts/bench-memory.sh $(BENCH_MEMORY_LARGE) $(BENCH_MEMORY_SMALL)
-	python3 scripts/capacity_report.py --since "$$(cat $(BENCH_OUT)/started-at)" --command "make bench" \
+	$(WITH_STACK) cargo xtask memory-runs $(BENCH_MEMORY_LARGE) $(BENCH_MEMORY_SMALL)
+	cargo xtask capacity-report --since "$$(cat $(BENCH_OUT)/started-at)" --command "make bench" \
 		--memory-large $(BENCH_MEMORY_LARGE) --memory-small $(BENCH_MEMORY_SMALL)
 
 clean: ## remove build output (not the stack)

@@ -1,859 +1,429 @@
 #!/usr/bin/env bash
-# Local dependency stack for sluice's integration tests: an SQS/Kinesis
-# emulator and a PostgreSQL server.
+# The local stack sluice's tests, demo and benchmarks run against: an SQS
+# emulator, a Kinesis emulator and a PostgreSQL server.
 #
-# Usage: scripts/stack.sh up|down|status|env
+# Usage: scripts/stack.sh up|down|status
 #
-#   up      Make sure an emulator answers on 127.0.0.1:$SLUICE_AWS_PORT and a
-#           PostgreSQL server answers, then write .stack/env (export lines
-#           meant to be sourced: `. .stack/env`). Reuses whatever already
-#           runs; starts only what is missing. Idempotent.
-#   down    Stop what `up` started (never a server it merely reused).
-#   status  Show what answers where.
-#   env     Print the path of .stack/env (exit 1 if `up` has not run).
+#   up      Reuse what already answers, start what is missing, then write
+#           .stack/env (sourced by make: `set -a && . .stack/env && set +a`).
+#           Idempotent.
+#   down    Stop what `up` started; never a server it merely reused.
+#   status  Show what answers where, and what `up` started.
 #
-# Emulator, first match wins:
-#   1. anything that already answers HTTP on 127.0.0.1:$SLUICE_AWS_PORT;
-#   2. LocalStack via `docker compose` (docker-compose.yml) when a Docker
-#      engine answers and SLUICE_STACK_USE_DOCKER is not 0;
-#   3. moto_server from a project-local virtualenv (.stack/venv) built from
-#      scripts/requirements-moto.txt.
-# PostgreSQL, first match wins:
-#   1. $SLUICE_DATABASE_URL, used as is;
-#   2. a server on 127.0.0.1:5432 that accepts user postgres;
-#   3. the postgres service of docker-compose.yml (same Docker rules as above);
-#   4. a private throwaway cluster on 127.0.0.1:$SLUICE_PRIVATE_PG_PORT.
-#   SLUICE_STACK_FORCE_PRIVATE_PG=1 skips straight to 4.
+# SQS, first match wins: anything answering on 127.0.0.1:$SLUICE_AWS_PORT;
+#   LocalStack from docker-compose.yml when a Docker engine answers; moto from
+#   a virtualenv built from scripts/requirements-moto.txt (.stack/venv).
+# Kinesis: LocalStack when it is the SQS emulator (it serves both); else
+#   anything answering on 127.0.0.1:$SLUICE_KINESIS_PORT; else kinesis-mock
+#   (npm package kinesis-local, pinned below, in .stack/kinesis) on Node.js.
+# PostgreSQL, first match wins: $SLUICE_DATABASE_URL; a server on
+#   127.0.0.1:5432 accepting user postgres; the postgres service of
+#   docker-compose.yml; a private throwaway cluster made with the installed
+#   initdb on 127.0.0.1:$SLUICE_PRIVATE_PG_PORT.
 #
-# Environment knobs (all optional):
-#   SLUICE_AWS_PORT                emulator port (default 4566)
-#   SLUICE_PRIVATE_PG_PORT         private cluster port (default 54329)
-#   SLUICE_DATABASE_URL            use this database instead of looking for one
-#   SLUICE_STACK_USE_DOCKER=0      never use Docker
-#   SLUICE_STACK_FORCE_PRIVATE_PG=1  always use the private cluster
-#   SLUICE_PYTHON                  Python (>= 3.11) used to build .stack/venv
+# Knobs: SLUICE_AWS_PORT (4566), SLUICE_KINESIS_PORT (4567),
+#   SLUICE_PRIVATE_PG_PORT (54329), SLUICE_STACK_USE_DOCKER=0 (never Docker),
+#   SLUICE_STACK_FORCE_PRIVATE_PG=1 (always the private cluster),
+#   SLUICE_PYTHON (a Python >= 3.11 for the moto virtualenv).
 
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-cd "$ROOT"
-
-STACK_DIR="$ROOT/.stack"
-ENV_FILE="$STACK_DIR/env"
-LOCK_FILE="$STACK_DIR/lock"
+STACK="$ROOT/.stack"
+ENV_FILE="$STACK/env"
 COMPOSE_FILE="$ROOT/docker-compose.yml"
-REQUIREMENTS="$ROOT/scripts/requirements-moto.txt"
-VENV="$STACK_DIR/venv"
-VENV_STAMP="$VENV/.requirements.sha256"
-MOTO_PID_FILE="$STACK_DIR/moto.pid"
-MOTO_LOG="$STACK_DIR/moto.log"
-# Names of docker compose services started by `up`, one per line.
-DOCKER_RECORD="$STACK_DIR/docker-services"
-# Data directory of the private cluster, written when `up` first uses it.
-PRIVATE_PG_RECORD="$STACK_DIR/private-pg-datadir"
-# Every database URL `up` has written to .stack/env, so that a shell that
-# sourced an older .stack/env is not mistaken for a user's own setting.
-DB_URL_RECORD="$STACK_DIR/database-urls"
+# docker compose services `up` started, one per line.
+DOCKER_RECORD="$STACK/docker-services"
 
-LOCAL_HOST=127.0.0.1
+HOST=127.0.0.1
 AWS_PORT="${SLUICE_AWS_PORT:-4566}"
-AWS_ENDPOINT="http://$LOCAL_HOST:$AWS_PORT"
-SYSTEM_PG_PORT=5432
+AWS_ENDPOINT="http://$HOST:$AWS_PORT"
+KINESIS_PORT="${SLUICE_KINESIS_PORT:-4567}"
 PRIVATE_PG_PORT="${SLUICE_PRIVATE_PG_PORT:-54329}"
-MOTO_START_TIMEOUT=30
-LOCALSTACK_START_TIMEOUT=180
-PG_START_TIMEOUT=60
 
-# Filled in by ensure_emulator / ensure_postgres for the summary.
-EMULATOR_DESC=""
-DB_URL=""
-DB_DESC=""
-DB_VIA_COMPOSE=0
+REQUIREMENTS="$ROOT/scripts/requirements-moto.txt"
+VENV="$STACK/venv"
+KINESIS_MOCK_VERSION=0.6.2
+KINESIS_PACKAGE="$STACK/kinesis/node_modules/kinesis-local"
 
 say() { printf 'stack: %s\n' "$*"; }
-warn() { printf 'stack: warning: %s\n' "$*" >&2; }
 die() {
     printf 'stack: error: %s\n' "$*" >&2
     exit 1
 }
-
-usage() {
-    sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
-}
-
-for port_var in AWS_PORT PRIVATE_PG_PORT; do
-    if ! [[ ${!port_var} =~ ^[0-9]+$ ]] || ((${!port_var} < 1 || ${!port_var} > 65535)); then
-        die "$port_var must be a TCP port number, got '${!port_var}'"
-    fi
-done
-unset port_var
-
 have() { command -v "$1" >/dev/null 2>&1; }
+have curl || die "needs curl (Debian/Ubuntu: apt-get install -y curl)"
 
-sha256_of_file() {
-    if have sha256sum; then
-        sha256sum "$1" | cut -d' ' -f1
-    else
-        shasum -a 256 "$1" | cut -d' ' -f1
-    fi
-}
-
-sha256_of_string() {
-    if have sha256sum; then
-        printf '%s' "$1" | sha256sum | cut -d' ' -f1
-    else
-        printf '%s' "$1" | shasum -a 256 | cut -d' ' -f1
-    fi
-}
-
-# Serialise concurrent `up`/`down` runs. Background servers are started with
-# fd 9 closed so that they do not keep holding the lock.
-take_lock() {
-    mkdir -p "$STACK_DIR"
-    if have flock; then
-        exec 9>"$LOCK_FILE"
-        flock -w 600 9 || die "could not lock $LOCK_FILE (another stack.sh still running?)"
-    fi
-}
+# True if the URL gives any HTTP answer at all.
+http_answers() { curl --noproxy '*' -s -o /dev/null --connect-timeout 2 --max-time 5 "$1"; }
+http_ok() { curl --noproxy '*' -fs -o /dev/null --connect-timeout 2 --max-time 5 "$1"; }
 
 # ---------------------------------------------------------------------------
-# HTTP / process helpers
+# Processes started by `up`: .stack/NAME.pid and .stack/NAME.log
 
-# True if anything answers HTTP at the URL (any status code counts).
-http_answers() {
-    if have curl; then
-        curl --noproxy '*' -s -o /dev/null --connect-timeout 2 --max-time 5 "$1"
-    elif have python3; then
-        python3 - "$1" <<'PY'
-import sys, urllib.error, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-try:
-    opener.open(sys.argv[1], timeout=5)
-except urllib.error.HTTPError:
-    pass
-except Exception:
-    sys.exit(1)
-PY
-    else
-        die "need curl (or python3) to probe $1"
-    fi
-}
+# alive PID WORD: the process runs and its command line contains WORD (so a
+# stale pid file never names an unrelated process that reuses the number).
+alive() { [[ $1 =~ ^[0-9]+$ ]] && [[ "$(ps -o args= -p "$1" 2>/dev/null)" == *"$2"* ]]; }
 
-http_get() {
-    if have curl; then
-        curl --noproxy '*' -fsS --connect-timeout 2 --max-time 5 "$1" 2>/dev/null
-    else
-        python3 - "$1" 2>/dev/null <<'PY'
-import sys, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-sys.stdout.write(opener.open(sys.argv[1], timeout=5).read().decode())
-PY
-    fi
-}
-
-pid_cmdline() {
-    if [[ -r /proc/$1/cmdline ]]; then
-        tr '\0' ' ' <"/proc/$1/cmdline"
-    else
-        ps -p "$1" -o args= 2>/dev/null
-    fi
-}
-
-# Prints the pid of the moto_server started by `up`, if it is still alive.
-our_moto_pid() {
+# Prints the pid of NAME if `up` started it and it still runs.
+our_pid() {
     local pid
-    [[ -f $MOTO_PID_FILE ]] || return 1
-    pid="$(cat "$MOTO_PID_FILE" 2>/dev/null || true)"
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    [[ "$(pid_cmdline "$pid" || true)" == *moto_server* ]] || return 1
-    printf '%s\n' "$pid"
+    pid="$(cat "$STACK/$1.pid" 2>/dev/null)" && alive "$pid" "$STACK/" && printf '%s\n' "$pid"
 }
 
-stop_pid() {
-    local pid="$1" i
-    kill "$pid" 2>/dev/null || return 0
+stop_pid() { # stop_pid PID [SIGNAL]: waits up to 10 s, then kills
+    local i
+    kill -"${2:-TERM}" "$1" 2>/dev/null || return 0
     for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        kill -0 "$1" 2>/dev/null || return 0
         sleep 0.2
     done
-    kill -9 "$pid" 2>/dev/null || true
+    kill -9 "$1" 2>/dev/null || true
 }
 
-# ---------------------------------------------------------------------------
-# Docker
-
-DOCKER_STATE=""
-docker_usable() {
-    if [[ -z $DOCKER_STATE ]]; then
-        DOCKER_STATE=no
-        if [[ ${SLUICE_STACK_USE_DOCKER:-1} != 0 ]] && have docker && [[ -f $COMPOSE_FILE ]]; then
-            local info_ok=1
-            if have timeout; then
-                timeout 20 docker info >/dev/null 2>&1 || info_ok=0
-            else
-                docker info >/dev/null 2>&1 || info_ok=0
-            fi
-            if ((info_ok)) && compose version >/dev/null 2>&1; then
-                DOCKER_STATE=yes
-            fi
-        fi
+stop_ours() { # stop_ours NAME
+    local pid
+    if pid="$(our_pid "$1")"; then
+        say "stopping $1 (pid $pid)"
+        stop_pid "$pid"
     fi
-    [[ $DOCKER_STATE == yes ]]
+    rm -f "$STACK/$1.pid"
 }
 
-compose() {
-    if docker compose version >/dev/null 2>&1; then
-        docker compose -f "$COMPOSE_FILE" "$@"
-    elif have docker-compose; then
-        docker-compose -f "$COMPOSE_FILE" "$@"
-    else
-        return 127
-    fi
-}
-
-record_docker_service() {
-    touch "$DOCKER_RECORD"
-    grep -qx "$1" "$DOCKER_RECORD" || printf '%s\n' "$1" >>"$DOCKER_RECORD"
-}
-
-docker_service_recorded() {
-    [[ -f $DOCKER_RECORD ]] && grep -qx "$1" "$DOCKER_RECORD"
-}
-
-# ---------------------------------------------------------------------------
-# Emulator
-
-localstack_ready() {
-    local health
-    health="$(http_get "$AWS_ENDPOINT/_localstack/health")" || return 1
-    grep -Eq '"sqs": *"(available|running)"' <<<"$health" &&
-        grep -Eq '"kinesis": *"(available|running)"' <<<"$health"
-}
-
-start_localstack() {
-    say "starting LocalStack with docker compose ..."
-    compose up -d localstack
-    record_docker_service localstack
-    local deadline=$((SECONDS + LOCALSTACK_START_TIMEOUT))
-    until localstack_ready; do
-        if ((SECONDS >= deadline)); then
-            compose logs --tail 40 localstack >&2 || true
-            die "LocalStack did not become ready on $AWS_ENDPOINT within ${LOCALSTACK_START_TIMEOUT}s"
-        fi
-        sleep 1
-    done
-    EMULATOR_DESC="LocalStack (docker compose, started)"
-}
-
-find_python() {
-    local candidate
-    for candidate in ${SLUICE_PYTHON:-} python3 python3.13 python3.12 python3.11; do
-        have "$candidate" || continue
-        # Print the real interpreter (not a pyenv-style shim).
-        if "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-            "$candidate" -c 'import sys; print(sys.executable)'
-            return 0
-        fi
-    done
-    return 1
-}
-
-venv_current() {
-    [[ -x $VENV/bin/python && -x $VENV/bin/moto_server && -f $VENV_STAMP ]] || return 1
-    [[ "$(cat "$VENV_STAMP")" == "$(sha256_of_file "$REQUIREMENTS")" ]] || return 1
-    "$VENV/bin/python" -c 'import moto.server' >/dev/null 2>&1
-}
-
-# (Re)builds .stack/venv when it is missing, incomplete or built from another
-# version of the requirements file. The stamp is written last, so an
-# interrupted build is redone from scratch on the next run.
-ensure_venv() {
-    venv_current && return 0
-    local python
-    python="$(find_python)" ||
-        die "moto needs Python >= 3.11 with the venv module (Debian/Ubuntu: apt-get install -y python3 python3-venv), or set SLUICE_PYTHON"
-    say "building $VENV from scripts/requirements-moto.txt with $python ..."
-    rm -rf "$VENV"
-    "$python" -m venv "$VENV" ||
-        { rm -rf "$VENV"; die "could not create a virtualenv (Debian/Ubuntu: apt-get install -y python3-venv)"; }
-    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input -q -r "$REQUIREMENTS" ||
-        { rm -rf "$VENV"; die "pip install -r scripts/requirements-moto.txt failed"; }
-    sha256_of_file "$REQUIREMENTS" >"$VENV_STAMP"
-}
-
-start_moto() {
-    ensure_venv
-    rm -f "$MOTO_PID_FILE"
-    printf '\n==== %s: moto_server -H %s -p %s\n' "$(date '+%F %T')" "$LOCAL_HOST" "$AWS_PORT" >>"$MOTO_LOG"
-    local launcher=()
-    have setsid && launcher=(setsid)
-    # The inner shell records its own pid and then execs moto_server, so the
-    # pid file names the server whether or not setsid had to fork.
+# start_server NAME PROBE_URL COMMAND...: starts COMMAND in the background, in
+# its own session, and waits until PROBE_URL answers. The pid file names the
+# server itself (the inner shell execs it).
+start_server() {
+    local name="$1" url="$2" pid="" deadline=$((SECONDS + 60))
+    shift 2
+    rm -f "$STACK/$name.pid"
+    printf '\n==== %s: %s\n' "$(date '+%F %T')" "$*" >>"$STACK/$name.log"
     # shellcheck disable=SC2016
-    nohup "${launcher[@]}" sh -c 'echo "$$" >"$1"; shift; exec "$@"' sh "$MOTO_PID_FILE" \
-        "$VENV/bin/moto_server" -H "$LOCAL_HOST" -p "$AWS_PORT" \
-        </dev/null >>"$MOTO_LOG" 2>&1 9>&- &
-
-    local deadline=$((SECONDS + MOTO_START_TIMEOUT)) pid=""
-    while ((SECONDS < deadline)); do
-        if [[ -z $pid && -s $MOTO_PID_FILE ]]; then
-            pid="$(cat "$MOTO_PID_FILE")"
-        fi
-        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
-            rm -f "$MOTO_PID_FILE"
-            tail -n 30 "$MOTO_LOG" >&2 || true
-            die "moto_server exited during startup (log: $MOTO_LOG)"
-        fi
-        if [[ -n $pid ]] && http_answers "$AWS_ENDPOINT/"; then
-            EMULATOR_DESC="moto $("$VENV/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null || true) (started, pid $pid, log .stack/moto.log)"
-            return 0
+    setsid sh -c 'echo "$$" >"$1"; shift; exec "$@"' sh "$STACK/$name.pid" "$@" \
+        </dev/null >>"$STACK/$name.log" 2>&1 9>&- &
+    until [[ -n $pid ]] && http_answers "$url"; do
+        pid="$(cat "$STACK/$name.pid" 2>/dev/null || true)"
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null || ((SECONDS > deadline)); then
+            [[ -n $pid ]] && stop_pid "$pid"
+            tail -n 20 "$STACK/$name.log" >&2
+            die "$name did not answer on $url (log: .stack/$name.log)"
         fi
         sleep 0.3
     done
-    [[ -n $pid ]] && stop_pid "$pid"
-    rm -f "$MOTO_PID_FILE"
-    tail -n 30 "$MOTO_LOG" >&2 || true
-    die "moto_server did not answer on $AWS_ENDPOINT within ${MOTO_START_TIMEOUT}s (log: $MOTO_LOG)"
+    say "started $name (pid $pid, log .stack/$name.log)"
 }
 
-ensure_emulator() {
-    local pid
-    if http_answers "$AWS_ENDPOINT/"; then
-        if pid="$(our_moto_pid)"; then
-            EMULATOR_DESC="moto (already running, pid $pid)"
-        elif docker_service_recorded localstack; then
-            EMULATOR_DESC="LocalStack (docker compose, already running)"
-        else
-            EMULATOR_DESC="existing server, not managed by stack.sh"
-        fi
-        return 0
-    fi
-    # Nothing answers there: a moto_server left by a previous `up` is either
-    # hung or serving another port (SLUICE_AWS_PORT changed). The stack has
-    # one emulator, so replace it.
-    if pid="$(our_moto_pid)"; then
-        local old_port
-        old_port="$(pid_cmdline "$pid" | sed -n 's/.* -p \([0-9]*\).*/\1/p')"
-        if [[ -n $old_port && $old_port != "$AWS_PORT" ]]; then
-            say "stopping moto_server (pid $pid) on port $old_port to start it on $AWS_PORT"
-        else
-            warn "moto_server pid $pid does not answer on $AWS_ENDPOINT; restarting it"
-        fi
-        stop_pid "$pid"
-    fi
-    rm -f "$MOTO_PID_FILE"
+# ---------------------------------------------------------------------------
+# Docker: used only when nothing answers and an engine does
 
-    if docker_usable; then
-        start_localstack
-    else
-        start_moto
+docker_usable() {
+    if [[ -z ${DOCKER_USABLE:-} ]]; then
+        DOCKER_USABLE=no
+        if [[ ${SLUICE_STACK_USE_DOCKER:-1} != 0 ]] && have docker &&
+            timeout 20 docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; then
+            DOCKER_USABLE=yes
+        fi
     fi
+    [[ $DOCKER_USABLE == yes ]]
+}
+
+compose() { docker compose -f "$COMPOSE_FILE" "$@"; }
+
+compose_start() { # compose_start SERVICE: waits for its healthcheck
+    say "starting $1 with docker compose ..."
+    compose up -d --wait "$1"
+    grep -qsx "$1" "$DOCKER_RECORD" || printf '%s\n' "$1" >>"$DOCKER_RECORD"
+}
+
+localstack_ready() {
+    local health
+    health="$(curl --noproxy '*' -fs --max-time 5 "$AWS_ENDPOINT/_localstack/health")" &&
+        grep -Eq '"sqs": *"(available|running)"' <<<"$health" &&
+        grep -Eq '"kinesis": *"(available|running)"' <<<"$health"
+}
+
+# ---------------------------------------------------------------------------
+# SQS: moto
+
+# The venv is current when it was built from this requirements file.
+moto_installed() {
+    [[ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" == "$(sha256sum <"$REQUIREMENTS" | cut -d' ' -f1)" ]]
+}
+
+install_moto() {
+    local python="" candidate
+    for candidate in ${SLUICE_PYTHON:-} python3 python3.13 python3.12 python3.11; do
+        if have "$candidate" && "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            python="$candidate"
+            break
+        fi
+    done
+    [[ -n $python ]] ||
+        die "moto needs Python >= 3.11 with venv (Debian/Ubuntu: apt-get install -y python3 python3-venv), or set SLUICE_PYTHON"
+    say "building .stack/venv from scripts/requirements-moto.txt with $python ..."
+    rm -rf "$VENV"
+    if ! "$python" -m venv "$VENV" ||
+        ! "$VENV/bin/pip" install --disable-pip-version-check --no-input -q -r "$REQUIREMENTS"; then
+        rm -rf "$VENV"
+        die "could not build .stack/venv"
+    fi
+    # Written last: an interrupted build is redone on the next run.
+    sha256sum <"$REQUIREMENTS" | cut -d' ' -f1 >"$VENV/.requirements.sha256"
+}
+
+ensure_sqs() {
+    if http_answers "$AWS_ENDPOINT/"; then
+        SQS_DESC="$(our_pid moto >/dev/null && echo "moto, started by make up" || echo "already running")"
+        return
+    fi
+    stop_ours moto # hung, or serving another port
+    if docker_usable; then
+        compose_start localstack
+        SQS_DESC="LocalStack (docker compose)"
+    else
+        moto_installed || install_moto
+        start_server moto "$AWS_ENDPOINT/" "$VENV/bin/moto_server" -H "$HOST" -p "$AWS_PORT"
+        SQS_DESC="moto, started by make up"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Kinesis: kinesis-mock
+
+kinesis_installed() {
+    grep -qs "\"version\" *: *\"$KINESIS_MOCK_VERSION\"" "$KINESIS_PACKAGE/package.json"
+}
+
+install_kinesis() {
+    if ! have node || ! have npm; then
+        die "kinesis-mock needs Node.js >= 20 and npm (Debian/Ubuntu: apt-get install -y nodejs npm)"
+    fi
+    say "installing kinesis-local@$KINESIS_MOCK_VERSION into .stack/kinesis ..."
+    npm install --prefix "$STACK/kinesis" --no-audit --no-fund --loglevel=error \
+        "kinesis-local@$KINESIS_MOCK_VERSION" >/dev/null || die "npm install failed"
+}
+
+ensure_kinesis() {
+    if localstack_ready; then
+        KINESIS_ENDPOINT="$AWS_ENDPOINT"
+        KINESIS_DESC="LocalStack"
+        return
+    fi
+    KINESIS_ENDPOINT="http://$HOST:$KINESIS_PORT"
+    if our_pid kinesis >/dev/null && ! kinesis_installed; then
+        stop_ours kinesis # the pin changed
+    fi
+    if http_ok "$KINESIS_ENDPOINT/healthcheck"; then
+        KINESIS_DESC="$(our_pid kinesis >/dev/null && echo "kinesis-mock, started by make up" || echo "already running")"
+        return
+    fi
+    stop_ours kinesis
+    kinesis_installed || install_kinesis
+    # Plain HTTP on KINESIS_PORT; the TLS listener it always opens gets any
+    # free port (0). Stream changes (create, delete, split, merge) complete at
+    # once so tests need not wait; nothing is persisted across restarts.
+    start_server kinesis "$KINESIS_ENDPOINT/healthcheck" env \
+        KINESIS_MOCK_PLAIN_PORT="$KINESIS_PORT" KINESIS_MOCK_TLS_PORT=0 \
+        KINESIS_MOCK_CERT_PATH="$KINESIS_PACKAGE/server.json" \
+        CREATE_STREAM_DURATION=0ms DELETE_STREAM_DURATION=0ms SPLIT_SHARD_DURATION=0ms \
+        MERGE_SHARDS_DURATION=0ms UPDATE_SHARD_COUNT_DURATION=0ms \
+        SHOULD_PERSIST_DATA=false LOG_LEVEL=WARN \
+        node "$KINESIS_PACKAGE/main.js"
+    KINESIS_DESC="kinesis-mock $KINESIS_MOCK_VERSION, started by make up"
 }
 
 # ---------------------------------------------------------------------------
 # PostgreSQL
 
-pg_major_of() { # pg_major_of /path/to/pg_ctl -> 15
-    "$1" --version 2>/dev/null | awk '{print $3}' | sed 's/[^0-9].*//'
+pg_accepts() { # pg_accepts URL
+    PGCONNECT_TIMEOUT=3 psql "$1" -XAtqc 'select 1' >/dev/null 2>&1
 }
 
-pg_bin_candidates() {
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+# The private cluster's data directory. initdb refuses to run as root, so as
+# root the cluster belongs to the postgres user, under /tmp (the checkout may
+# sit where that user cannot go).
+if ((EUID == 0)); then
+    PG_DATA="/tmp/sluice-pg-$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)/data"
+else
+    PG_DATA="$STACK/pgdata"
+fi
+PG_LOG="$(dirname "$PG_DATA")/postgres.log"
+
+as_pg_owner() {
+    if ((EUID == 0)); then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
+}
+
+# The private cluster's postmaster pid, if it runs.
+private_pg_pid() {
+    local pid
+    pid="$(head -n 1 "$PG_DATA/postmaster.pid" 2>/dev/null)" && alive "$pid" "$PG_DATA" && printf '%s\n' "$pid"
+}
+
+stop_private_pg() {
+    local pid
+    pid="$(private_pg_pid)" || return 0
+    say "stopping the private PostgreSQL cluster (pid $pid)"
+    stop_pid "$pid" INT # fast shutdown
+}
+
+# The directory of initdb and pg_ctl: from PATH, else the newest installed.
+pg_bin_dir() {
     local d
-    if have initdb; then dirname "$(command -v initdb)"; fi
-    for d in /usr/lib/postgresql/*/bin /usr/pgsql-*/bin /usr/local/pgsql/bin \
-        /opt/homebrew/opt/postgresql@*/bin /usr/local/opt/postgresql@*/bin; do
-        [[ -d $d ]] && printf '%s\n' "$d"
-    done | sort -V -r
-}
-
-# Prints a directory holding initdb and pg_ctl; of major version $1 if given.
-find_pg_bin_dir() {
-    local want="${1:-}" d
-    while IFS= read -r d; do
-        [[ -x $d/initdb && -x $d/pg_ctl ]] || continue
-        if [[ -n $want && "$(pg_major_of "$d/pg_ctl")" != "$want" ]]; then
-            continue
-        fi
-        printf '%s\n' "$d"
-        return 0
-    done < <(pg_bin_candidates)
+    for d in "$(dirname "$(command -v initdb || echo /none/initdb)")" \
+        $(printf '%s\n' /usr/lib/postgresql/*/bin /usr/pgsql-*/bin | sort -V -r); do
+        [[ -x $d/initdb && -x $d/pg_ctl ]] && { printf '%s\n' "$d"; return; }
+    done
     return 1
-}
-
-# Client tools (psql, pg_isready): PATH first, then the server bin dirs.
-find_pg_tool() {
-    local d
-    if have "$1"; then
-        command -v "$1"
-        return 0
-    fi
-    while IFS= read -r d; do
-        if [[ -x $d/$1 ]]; then
-            printf '%s\n' "$d/$1"
-            return 0
-        fi
-    done < <(pg_bin_candidates)
-    return 1
-}
-
-PSQL="$(find_pg_tool psql || true)"
-PG_ISREADY="$(find_pg_tool pg_isready || true)"
-
-pg_answers() { # pg_answers HOST PORT
-    if [[ -n $PG_ISREADY ]]; then
-        "$PG_ISREADY" -q -h "$1" -p "$2" -t 3
-    elif [[ -n $PSQL ]]; then
-        PGCONNECT_TIMEOUT=3 "$PSQL" -X -Atq -h "$1" -p "$2" -U postgres -d postgres -c 'select 1' >/dev/null 2>&1
-    else
-        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
-    fi
-}
-
-psql_connects() { # psql_connects URL
-    [[ -n $PSQL ]] || return 2
-    PGCONNECT_TIMEOUT=5 "$PSQL" "$1" -X -Atq -c 'select 1' >/dev/null 2>&1
-}
-
-# psql against the chosen database: host psql, else psql inside the compose
-# postgres container.
-db_psql() {
-    if [[ -n $PSQL ]]; then
-        PGCONNECT_TIMEOUT=5 "$PSQL" "$DB_URL" -X "$@"
-    elif ((DB_VIA_COMPOSE)); then
-        compose exec -T postgres psql -U postgres -d postgres -X "$@"
-    else
-        return 127
-    fi
-}
-
-no_postgres_binaries() {
-    local why="no PostgreSQL server answers on $LOCAL_HOST:$SYSTEM_PG_PORT"
-    [[ ${SLUICE_STACK_FORCE_PRIVATE_PG:-0} == 1 ]] && why="SLUICE_STACK_FORCE_PRIVATE_PG=1 is set"
-    cat >&2 <<EOF
-stack: error: $why, and no PostgreSQL binaries
-stack: (initdb, pg_ctl) were found to start a private cluster.
-stack: Either install PostgreSQL:
-stack:     Debian/Ubuntu:  apt-get install -y postgresql
-stack: or point the stack at a reachable server:
-stack:     export SLUICE_DATABASE_URL=postgres://USER:PASSWORD@HOST:PORT/DB
-EOF
-    exit 1
-}
-
-# Sets PG_AS_ROOT, PG_DATA, PG_LOG, PG_BASE for the private cluster.
-private_pg_layout() {
-    if ((EUID == 0)); then
-        # initdb refuses to run as root: run the cluster as the postgres
-        # user, in a directory that user can reach (the checkout may live
-        # under a home directory it cannot traverse).
-        PG_AS_ROOT=1
-        PG_BASE="/tmp/sluice-pg-$(sha256_of_string "$ROOT" | cut -c1-12)"
-        PG_DATA="$PG_BASE/data"
-        PG_LOG="$PG_BASE/postgres.log"
-    else
-        PG_AS_ROOT=0
-        PG_BASE=""
-        PG_DATA="$STACK_DIR/pgdata"
-        PG_LOG="$STACK_DIR/postgres.log"
-    fi
-}
-
-# Runs a PostgreSQL server-side command as the cluster owner.
-pg_run() {
-    if ((PG_AS_ROOT)); then
-        if have runuser; then
-            (cd / && runuser -u postgres -- "$@")
-        else
-            local cmd
-            printf -v cmd '%q ' "$@"
-            (cd / && su -s /bin/sh postgres -c "$cmd")
-        fi
-    else
-        "$@"
-    fi
-}
-
-prepare_root_pg_base() {
-    id -u postgres >/dev/null 2>&1 ||
-        die "running as root needs a 'postgres' system user to own the private cluster (useradd --system postgres), or set SLUICE_DATABASE_URL"
-    if [[ -L $PG_BASE ]]; then
-        die "$PG_BASE is a symlink; refusing to use it"
-    fi
-    if [[ ! -d $PG_BASE ]]; then
-        mkdir -m 700 "$PG_BASE"
-        chown postgres: "$PG_BASE"
-    fi
-    [[ "$(stat -c %U "$PG_BASE")" == postgres ]] ||
-        die "$PG_BASE is not owned by postgres; remove it and retry"
-}
-
-# Socket directory inside the data directory, unless the path would exceed
-# the unix socket path limit; then TCP only.
-private_pg_socket_dir() {
-    local sock="$PG_DATA/.s.PGSQL.$PRIVATE_PG_PORT"
-    if ((${#sock} < 100)) && [[ $PG_DATA != *"'"* ]]; then
-        printf '%s\n' "$PG_DATA"
-    fi
-}
-
-private_pg_initdb() {
-    local bindir="$1" tmp="$PG_DATA.init" out
-    say "initialising a private PostgreSQL cluster in $PG_DATA ..."
-    rm -rf "$tmp" "$PG_DATA"
-    out="$STACK_DIR/initdb.out"
-    if ! pg_run "$bindir/initdb" -D "$tmp" -U postgres --auth=trust -E UTF8 --no-locale >"$out" 2>&1; then
-        cat "$out" >&2
-        rm -rf "$tmp"
-        die "initdb failed"
-    fi
-    # A throwaway test cluster: trade durability for speed.
-    cat >>"$tmp/postgresql.conf" <<EOF
-
-# Added by scripts/stack.sh (throwaway test cluster). Port and socket
-# directory are passed on the pg_ctl command line.
-listen_addresses = '$LOCAL_HOST'
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-EOF
-    mv "$tmp" "$PG_DATA"
-    rm -f "$out"
-}
-
-# pg_ctl status: 0 running, 3 not running, 4 no usable data directory.
-private_pg_status() {
-    local bindir="$1" rc=0
-    pg_run "$bindir/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1 || rc=$?
-    return "$rc"
-}
-
-private_pg_start() {
-    local bindir="$1" sockdir opts out
-    sockdir="$(private_pg_socket_dir)"
-    opts="-p $PRIVATE_PG_PORT -k '$sockdir'"
-    out="$STACK_DIR/pg_ctl.out"
-    if ! pg_run "$bindir/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t "$PG_START_TIMEOUT" -o "$opts" start \
-        >"$out" 2>&1 9>&-; then
-        cat "$out" >&2
-        tail -n 30 "$PG_LOG" >&2 2>/dev/null || true
-        rm -f "$out"
-        die "could not start the private PostgreSQL cluster (log: $PG_LOG)"
-    fi
-    rm -f "$out"
 }
 
 ensure_private_pg() {
-    local bindir version started=0
-    private_pg_layout
-    ((PG_AS_ROOT)) && prepare_root_pg_base
-    mkdir -p "$(dirname "$PG_DATA")"
-    if [[ -f $PG_DATA/PG_VERSION ]]; then
-        version="$(cat "$PG_DATA/PG_VERSION")"
-        bindir="$(find_pg_bin_dir "$version")" ||
-            die "$PG_DATA was created by PostgreSQL $version but no PostgreSQL $version binaries were found; install them or delete that directory"
-    else
-        bindir="$(find_pg_bin_dir)" || no_postgres_binaries
-        private_pg_initdb "$bindir"
-    fi
-    printf '%s\n' "$PG_DATA" >"$PRIVATE_PG_RECORD"
-
-    if private_pg_status "$bindir"; then
-        if ! pg_answers "$LOCAL_HOST" "$PRIVATE_PG_PORT"; then
-            # Running, but not where we want it (e.g. the port changed).
-            say "restarting the private cluster on port $PRIVATE_PG_PORT ..."
-            pg_run "$bindir/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null
-            private_pg_start "$bindir"
-            started=1
+    local bin major url="postgres://postgres@$HOST:$PRIVATE_PG_PORT/postgres"
+    if private_pg_pid >/dev/null; then
+        if pg_accepts "$url"; then
+            DB_URL="$url" DB_DESC="private cluster $PG_DATA"
+            return
         fi
-    else
-        private_pg_start "$bindir"
-        started=1
+        stop_private_pg # running on another port
     fi
-    DB_URL="postgres://postgres@$LOCAL_HOST:$PRIVATE_PG_PORT/postgres"
-    psql_connects "$DB_URL" || [[ -z $PSQL ]] ||
-        die "the private cluster runs but psql cannot connect to $DB_URL (log: $PG_LOG)"
-    if ((started)); then
-        DB_DESC="private cluster $PG_DATA (PostgreSQL $(cat "$PG_DATA/PG_VERSION"), started)"
-    else
-        DB_DESC="private cluster $PG_DATA (already running)"
-    fi
-}
-
-start_compose_postgres() {
-    say "starting PostgreSQL with docker compose ..."
-    compose up -d postgres
-    record_docker_service postgres
-    local deadline=$((SECONDS + PG_START_TIMEOUT))
-    # Probe from inside the container over TCP: during first start the image
-    # runs a temporary socket-only server that must not count as ready.
-    until compose exec -T postgres pg_isready -q -h 127.0.0.1 -U postgres -d postgres >/dev/null 2>&1 &&
-        pg_answers "$LOCAL_HOST" "$SYSTEM_PG_PORT"; do
-        if ((SECONDS >= deadline)); then
-            compose logs --tail 40 postgres >&2 || true
-            die "the postgres container did not become ready within ${PG_START_TIMEOUT}s"
+    bin="$(pg_bin_dir)" || die "no initdb/pg_ctl found to start a private PostgreSQL cluster.
+  Install PostgreSQL (Debian/Ubuntu: apt-get install -y postgresql), or
+  point the stack at a server: export SLUICE_DATABASE_URL=postgres://USER:PASSWORD@HOST:PORT/DB"
+    major="$("$bin/pg_ctl" --version | sed 's/.* \([0-9]*\).*/\1/')"
+    if [[ "$(cat "$PG_DATA/PG_VERSION" 2>/dev/null)" != "$major" ]]; then
+        say "initialising a private PostgreSQL $major cluster in $PG_DATA ..."
+        [[ ! -L "$(dirname "$PG_DATA")" ]] || die "$(dirname "$PG_DATA") is a symlink; refusing to use it"
+        mkdir -p "$(dirname "$PG_DATA")"
+        chmod 700 "$(dirname "$PG_DATA")"
+        if ((EUID == 0)); then
+            id -u postgres >/dev/null 2>&1 || die "as root, the private cluster needs a 'postgres' user (useradd --system postgres)"
+            chown postgres: "$(dirname "$PG_DATA")"
         fi
-        sleep 1
-    done
-    DB_URL="postgres://postgres:postgres@$LOCAL_HOST:$SYSTEM_PG_PORT/postgres"
-    DB_VIA_COMPOSE=1
-    DB_DESC="postgres:15 (docker compose, started)"
+        rm -rf "$PG_DATA" "$PG_DATA.init"
+        as_pg_owner "$bin/initdb" -D "$PG_DATA.init" -U postgres --auth=trust -E UTF8 --no-locale >/dev/null ||
+            die "initdb failed"
+        # A throwaway cluster: durability traded for speed; TCP only.
+        printf '%s\n' "listen_addresses = '$HOST'" "unix_socket_directories = ''" \
+            "fsync = off" "synchronous_commit = off" "full_page_writes = off" >>"$PG_DATA.init/postgresql.conf"
+        mv "$PG_DATA.init" "$PG_DATA"
+    fi
+    as_pg_owner "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -o "-p $PRIVATE_PG_PORT" start >/dev/null 9>&- ||
+        { tail -n 20 "$PG_LOG" >&2; die "could not start the private cluster (log: $PG_LOG)"; }
+    say "started the private PostgreSQL cluster on port $PRIVATE_PG_PORT (log: $PG_LOG)"
+    DB_URL="$url" DB_DESC="private cluster $PG_DATA"
 }
 
 ensure_postgres() {
     local url
-
-    # 1. The user's own database (not merely a URL of ours sourced back from
-    #    .stack/env).
-    if [[ -n ${SLUICE_DATABASE_URL:-} ]] && ! grep -qxF -- "$SLUICE_DATABASE_URL" "$DB_URL_RECORD" 2>/dev/null; then
-        DB_URL="$SLUICE_DATABASE_URL"
-        if [[ -z $PSQL ]]; then
-            warn "psql not found; cannot check that SLUICE_DATABASE_URL answers"
-        elif ! psql_connects "$DB_URL"; then
-            die "SLUICE_DATABASE_URL is set but psql cannot connect to it: $DB_URL"
-        fi
-        DB_DESC="SLUICE_DATABASE_URL from the environment"
-        return 0
+    have psql || die "needs psql (Debian/Ubuntu: apt-get install -y postgresql-client)"
+    if [[ -n ${SLUICE_DATABASE_URL:-} ]]; then
+        pg_accepts "$SLUICE_DATABASE_URL" ||
+            die "SLUICE_DATABASE_URL is set but does not answer: $SLUICE_DATABASE_URL (unset it if it came from an old .stack/env)"
+        DB_URL="$SLUICE_DATABASE_URL" DB_DESC="SLUICE_DATABASE_URL"
+        return
     fi
-
-    if [[ ${SLUICE_STACK_FORCE_PRIVATE_PG:-0} == 1 ]]; then
-        ensure_private_pg
-        return 0
-    fi
-
-    # 2. Whatever answers on 5432 (system server, or our compose container).
-    if pg_answers "$LOCAL_HOST" "$SYSTEM_PG_PORT"; then
-        for url in "postgres://postgres@$LOCAL_HOST:$SYSTEM_PG_PORT/postgres" \
-            "postgres://postgres:postgres@$LOCAL_HOST:$SYSTEM_PG_PORT/postgres"; do
-            if [[ -z $PSQL ]] || psql_connects "$url"; then
-                DB_URL="$url"
-                break
+    if [[ ${SLUICE_STACK_FORCE_PRIVATE_PG:-0} != 1 ]]; then
+        # The system server (trust) or the compose container (password postgres).
+        for url in "postgres://postgres@$HOST:5432/postgres" "postgres://postgres:postgres@$HOST:5432/postgres"; do
+            if pg_accepts "$url"; then
+                DB_URL="$url" DB_DESC="already running"
+                return
             fi
         done
-        if [[ -n $DB_URL ]]; then
-            if docker_service_recorded postgres; then
-                DB_VIA_COMPOSE=1
-                DB_DESC="postgres:15 (docker compose, already running)"
-            else
-                DB_DESC="existing server on $LOCAL_HOST:$SYSTEM_PG_PORT, not managed by stack.sh"
-            fi
-            return 0
+        if port_open 5432; then
+            say "a server on $HOST:5432 rejects user postgres; using a private cluster"
+        elif docker_usable; then
+            compose_start postgres
+            DB_URL="postgres://postgres:postgres@$HOST:5432/postgres" DB_DESC="postgres:15 (docker compose)"
+            return
         fi
-        warn "a server answers on $LOCAL_HOST:$SYSTEM_PG_PORT but rejects user postgres (with no password and with password 'postgres'); using a private cluster instead"
-        ensure_private_pg
-        return 0
     fi
-
-    # 3. Docker, 4. private cluster.
-    if docker_usable; then
-        start_compose_postgres
-    else
-        ensure_private_pg
-    fi
-}
-
-ensure_pgcrypto() {
-    local out rc=0
-    out="$(db_psql -q -v ON_ERROR_STOP=1 \
-        -c 'SET client_min_messages = warning; CREATE EXTENSION IF NOT EXISTS pgcrypto' 2>&1)" || rc=$?
-    if ((rc == 0)); then
-        PGCRYPTO_DESC="available"
-    elif ((rc == 127)); then
-        PGCRYPTO_DESC="not checked (psql not found)"
-        warn "psql not found; could not create the pgcrypto extension"
-    else
-        PGCRYPTO_DESC="NOT available"
-        warn "CREATE EXTENSION pgcrypto failed (tests that use it will fail): ${out:-unknown error}"
-        warn "Debian/Ubuntu: apt-get install -y postgresql-contrib (or postgresql-<version>)"
-    fi
-}
-
-# ---------------------------------------------------------------------------
-# env file
-
-# Characters that need no quoting inside "${VAR:-...}".
-plain_value() {
-    local re='^[A-Za-z0-9@:/._%?=&+,~-]*$'
-    [[ $1 =~ $re ]]
-}
-
-single_quoted() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
-
-# export NAME, keeping a value the environment already has.
-export_default_line() {
-    local name="$1" value="$2"
-    # The ${...} below is meant literally: it is expanded when the file is sourced.
-    # shellcheck disable=SC2016
-    if plain_value "$value"; then
-        printf 'export %s="${%s:-%s}"\n' "$name" "$name" "$value"
-    else
-        printf 'if [ -z "${%s:-}" ]; then %s=%s; fi; export %s\n' \
-            "$name" "$name" "$(single_quoted "$value")" "$name"
-    fi
-}
-
-write_env_file() {
-    local tmp="$ENV_FILE.tmp.$$"
-    {
-        printf '# Written by scripts/stack.sh up; regenerated on every run.\n'
-        printf '# Source it: . .stack/env\n'
-        printf '# emulator: %s\n' "$EMULATOR_DESC"
-        printf '# database: %s\n' "$DB_DESC"
-        printf 'export SLUICE_TEST_DATABASE_URL=%s\n' "$(single_quoted "$DB_URL")"
-        printf 'export SLUICE_TEST_AWS_ENDPOINT=%s\n' "$(single_quoted "$AWS_ENDPOINT")"
-        export_default_line AWS_ACCESS_KEY_ID test
-        export_default_line AWS_SECRET_ACCESS_KEY test
-        export_default_line AWS_REGION us-east-1
-        # Python/CLI tooling reads AWS_DEFAULT_REGION rather than AWS_REGION.
-        # shellcheck disable=SC2016
-        printf 'export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-$AWS_REGION}"\n'
-        export_default_line SLUICE_DATABASE_URL "$DB_URL"
-        export_default_line SLUICE_SQS_ENDPOINT_URL "$AWS_ENDPOINT"
-    } >"$tmp"
-    mv -f "$tmp" "$ENV_FILE"
-    if [[ $DB_DESC != "SLUICE_DATABASE_URL from the environment" ]] &&
-        ! grep -qxF -- "$DB_URL" "$DB_URL_RECORD" 2>/dev/null; then
-        printf '%s\n' "$DB_URL" >>"$DB_URL_RECORD"
-    fi
+    ensure_private_pg
 }
 
 # ---------------------------------------------------------------------------
 # Commands
 
-cmd_up() {
-    take_lock
-    PGCRYPTO_DESC=""
-    ensure_emulator
-    ensure_postgres
-    ensure_pgcrypto
-    write_env_file
-    say "emulator  $AWS_ENDPOINT  $EMULATOR_DESC"
-    say "postgres  $DB_URL  $DB_DESC"
-    say "pgcrypto  $PGCRYPTO_DESC"
-    say "env file  $ENV_FILE  (load with: . .stack/env)"
+# Tests always use the stack; the daemon's variables keep a value already set.
+write_env() {
+    local name value
+    {
+        printf '# Written by scripts/stack.sh up.\n'
+        printf 'export SLUICE_TEST_DATABASE_URL=%q\n' "$DB_URL"
+        printf 'export SLUICE_TEST_AWS_ENDPOINT=%q\n' "$AWS_ENDPOINT"
+        printf 'export SLUICE_TEST_KINESIS_ENDPOINT=%q\n' "$KINESIS_ENDPOINT"
+        while read -r name value; do
+            # shellcheck disable=SC2016
+            printf '[ -n "${%s:-}" ] || %s=%q; export %s\n' "$name" "$name" "$value" "$name"
+        done <<EOF
+AWS_ACCESS_KEY_ID test
+AWS_SECRET_ACCESS_KEY test
+AWS_REGION us-east-1
+SLUICE_DATABASE_URL $DB_URL
+SLUICE_SQS_ENDPOINT_URL $AWS_ENDPOINT
+SLUICE_KINESIS_ENDPOINT_URL $KINESIS_ENDPOINT
+EOF
+    } >"$ENV_FILE.tmp"
+    mv "$ENV_FILE.tmp" "$ENV_FILE"
 }
 
-stop_private_pg() {
-    local data version bindir
-    [[ -f $PRIVATE_PG_RECORD ]] || return 0
-    data="$(cat "$PRIVATE_PG_RECORD")"
-    [[ -f $data/PG_VERSION ]] || return 0
-    private_pg_layout
-    PG_DATA="$data"
-    version="$(cat "$PG_DATA/PG_VERSION")"
-    bindir="$(find_pg_bin_dir "$version")" || {
-        warn "no PostgreSQL $version binaries found; cannot stop the private cluster in $PG_DATA"
-        return 0
-    }
-    if private_pg_status "$bindir"; then
-        say "stopping the private PostgreSQL cluster ($PG_DATA) ..."
-        pg_run "$bindir/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null
-    else
-        say "private PostgreSQL cluster not running"
-    fi
+cmd_up() {
+    ensure_sqs
+    ensure_kinesis
+    ensure_postgres
+    write_env
+    say "sqs       $AWS_ENDPOINT  ($SQS_DESC)"
+    say "kinesis   $KINESIS_ENDPOINT  ($KINESIS_DESC)"
+    say "postgres  $DB_URL  ($DB_DESC)"
+    say "env file  .stack/env"
 }
 
 cmd_down() {
-    take_lock
-    local pid services=()
-    if pid="$(our_moto_pid)"; then
-        say "stopping moto_server (pid $pid) ..."
-        stop_pid "$pid"
-    fi
-    rm -f "$MOTO_PID_FILE"
-
+    local services
+    stop_ours moto
+    stop_ours kinesis
     if [[ -s $DOCKER_RECORD ]]; then
         mapfile -t services <"$DOCKER_RECORD"
-        if have docker && docker info >/dev/null 2>&1; then
-            say "stopping docker compose services: ${services[*]} ..."
-            compose rm --stop --force "${services[@]}"
-            # Remove the project network too once nothing else of it runs.
-            if [[ -z "$(compose ps -q 2>/dev/null)" ]]; then
-                compose down
-            fi
-        else
-            warn "docker compose services ${services[*]} were started but Docker does not answer; skipping"
-        fi
+        say "stopping docker compose services: ${services[*]}"
+        compose rm --stop --force "${services[@]}"
         rm -f "$DOCKER_RECORD"
     fi
-
     stop_private_pg
     rm -f "$ENV_FILE"
-    say "down (servers stack.sh did not start were left alone)"
+    say "down (servers make up did not start are left alone)"
 }
 
 cmd_status() {
-    local ok=1 pid url data version bindir port
-    if http_answers "$AWS_ENDPOINT/"; then
-        if pid="$(our_moto_pid)"; then
-            say "emulator  $AWS_ENDPOINT  answers: moto started by stack.sh (pid $pid)"
-        elif localstack_ready; then
-            say "emulator  $AWS_ENDPOINT  answers: LocalStack$(docker_service_recorded localstack && printf ' (docker compose, started by stack.sh)')"
-        else
-            say "emulator  $AWS_ENDPOINT  answers: not managed by stack.sh"
-        fi
-    else
-        say "emulator  $AWS_ENDPOINT  does NOT answer"
-        ok=0
-    fi
-
-    if pg_answers "$LOCAL_HOST" "$SYSTEM_PG_PORT"; then
-        say "postgres  $LOCAL_HOST:$SYSTEM_PG_PORT  answers$(docker_service_recorded postgres && printf ' (docker compose, started by stack.sh)')"
-    else
-        say "postgres  $LOCAL_HOST:$SYSTEM_PG_PORT  does not answer"
-    fi
-    if [[ -f $PRIVATE_PG_RECORD ]]; then
-        data="$(cat "$PRIVATE_PG_RECORD")"
-        if [[ -f $data/PG_VERSION ]]; then
-            private_pg_layout
-            PG_DATA="$data"
-            version="$(cat "$PG_DATA/PG_VERSION")"
-            if bindir="$(find_pg_bin_dir "$version")" && private_pg_status "$bindir"; then
-                # Line 4 of postmaster.pid is the port the server listens on.
-                port="$(sed -n 4p "$PG_DATA/postmaster.pid" 2>/dev/null || true)"
-                port="${port:-$PRIVATE_PG_PORT}"
-                say "private   $LOCAL_HOST:$port  cluster $PG_DATA running$(pg_answers "$LOCAL_HOST" "$port" || printf ' but NOT answering')"
-            else
-                say "private   cluster $PG_DATA stopped"
-            fi
-        fi
-    fi
-
-    if [[ -f $ENV_FILE ]]; then
-        url="$(sed -n "s/^export SLUICE_TEST_DATABASE_URL='\(.*\)'$/\1/p" "$ENV_FILE")"
-        if [[ -z $PSQL ]]; then
-            say "database  $url  (psql not found, not checked)"
-        elif psql_connects "$url"; then
-            say "database  $url  answers (from .stack/env)"
-        else
-            say "database  $url  does NOT answer (from .stack/env)"
-            ok=0
-        fi
-        say "env file  $ENV_FILE"
-    else
-        say "env file  missing (run scripts/stack.sh up)"
-        ok=0
-    fi
-    ((ok))
+    local ok=0 name pid
+    [[ -f $ENV_FILE ]] || { say "not up: no .stack/env (run make up)"; exit 1; }
+    # shellcheck disable=SC1090
+    . "$ENV_FILE"
+    probe() { # probe LABEL ADDRESS COMMAND...
+        if "${@:3}"; then say "$1 $2  answers"; else say "$1 $2  does NOT answer"; ok=1; fi
+    }
+    probe "sqs      " "$SLUICE_TEST_AWS_ENDPOINT" http_answers "$SLUICE_TEST_AWS_ENDPOINT/"
+    probe "kinesis  " "$SLUICE_TEST_KINESIS_ENDPOINT" http_answers "$SLUICE_TEST_KINESIS_ENDPOINT/"
+    probe "postgres " "$SLUICE_TEST_DATABASE_URL" pg_accepts "$SLUICE_TEST_DATABASE_URL"
+    for name in moto kinesis; do
+        if pid="$(our_pid "$name")"; then say "started   $name (pid $pid)"; fi
+    done
+    if pid="$(private_pg_pid)"; then say "started   private PostgreSQL cluster $PG_DATA (pid $pid)"; fi
+    if [[ -s $DOCKER_RECORD ]]; then say "started   docker compose: $(paste -sd' ' "$DOCKER_RECORD")"; fi
+    return "$ok"
 }
 
-cmd_env() {
-    if [[ -f $ENV_FILE ]]; then
-        printf '%s\n' "$ENV_FILE"
-    else
-        printf 'stack: %s does not exist; run scripts/stack.sh up first\n' "$ENV_FILE" >&2
-        exit 1
-    fi
-}
+mkdir -p "$STACK"
+# One `up` or `down` at a time per checkout; started servers do not inherit the lock (9>&-).
+exec 9>"$STACK/lock"
+flock -w 600 9 || die "another scripts/stack.sh holds .stack/lock"
 
 case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    env) cmd_env ;;
-    -h | --help | help) usage ;;
     *)
-        usage >&2
+        sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
         exit 2
         ;;
 esac

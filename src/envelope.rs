@@ -15,6 +15,8 @@ pub enum AckToken {
     None,
     /// An SQS message, deleted with its receipt handle.
     Sqs { receipt_handle: String },
+    /// A Kinesis record's message, acknowledged by the shard checkpoint its batch commits.
+    Kinesis(crate::source::kinesis::KinesisAck),
 }
 
 /// Identity, timing and acknowledgement data of one message, carried through every stage.

@@ -435,9 +435,13 @@ mod tests {
     }
 
     fn handle(meta: &Meta) -> String {
-        match &meta.ack {
+        handle_of(&meta.ack)
+    }
+
+    fn handle_of(token: &AckToken) -> String {
+        match token {
             AckToken::Sqs { receipt_handle } => receipt_handle.clone(),
-            AckToken::None => String::new(),
+            _ => String::new(),
         }
     }
 
@@ -489,13 +493,7 @@ mod tests {
     #[async_trait]
     impl Acknowledger for FakeAcknowledger {
         async fn acknowledge(&self, tokens: Vec<AckToken>) {
-            let handles = tokens
-                .iter()
-                .map(|t| match t {
-                    AckToken::Sqs { receipt_handle } => receipt_handle.clone(),
-                    AckToken::None => String::new(),
-                })
-                .collect();
+            let handles = tokens.iter().map(handle_of).collect();
             self.log
                 .lock()
                 .expect("log")

@@ -5,6 +5,7 @@
 //! committed and acknowledged (or released), which is after the receiving half has already stopped.
 
 pub mod file;
+pub mod kinesis;
 pub mod memory;
 pub mod sqs;
 

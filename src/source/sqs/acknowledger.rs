@@ -219,7 +219,7 @@ impl Acknowledger for SqsAcknowledger {
             .into_iter()
             .filter_map(|t| match t {
                 AckToken::Sqs { receipt_handle } => Some(receipt_handle),
-                AckToken::None => None,
+                AckToken::None | AckToken::Kinesis(_) => None,
             })
             .collect();
         self.delete(handles.clone()).await;

@@ -286,7 +286,7 @@ impl SqsSource {
         let tracked = self.in_flight.track(
             envelopes.iter().filter_map(|e| match &e.meta.ack {
                 AckToken::Sqs { receipt_handle } => Some(receipt_handle.as_str()),
-                AckToken::None => None,
+                AckToken::None | AckToken::Kinesis(_) => None,
             }),
             visible_again,
         );

@@ -1,0 +1,319 @@
+//! The fenced checkpoint write, made inside the sink's transaction.
+//!
+//! A shard's checkpoint is written in the same transaction as that shard's rows and dead letters, so
+//! after any crash the table and the checkpoint agree: a restart resumes right after what was
+//! committed, with no gap and no duplicate, and no dedupe ledger is needed. The write is fenced: it
+//! updates the row only while it still shows the owner and epoch the records were read under. If a
+//! rebalance or an expiry gave the shard to another process meanwhile, nothing matches, the caller
+//! gets [`CheckpointError::Fenced`] and rolls the whole transaction back; the new owner reads those
+//! records again from the checkpoint it found. The update's row lock also orders a commit against a
+//! concurrent take-over: whichever comes second sees the other's result.
+//!
+//! Checkpoints only move forward, compared as numbers by PostgreSQL (`numeric`). Rows are locked in
+//! shard order first, so two transactions checkpointing overlapping shards cannot deadlock. The
+//! caller must commit a shard's batches in the order they were read: a later batch committed first
+//! would make the earlier one a step backwards, which is refused.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio_postgres::{GenericClient, Transaction};
+
+use super::lease::{LeaseClaim, LeaseScope};
+use super::sequence::SequenceNumber;
+
+/// What a batch commits for one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardCheckpoint {
+    pub lease: Arc<LeaseClaim>,
+    /// The last record of the shard whose messages are all in this batch or committed before.
+    pub sequence: SequenceNumber,
+    /// That record is the shard's last: the shard is read to its end.
+    pub finished: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The lease moved on: roll the transaction back and drop the shard's records in hand.
+    #[error(
+        "shard {shard}: lease now held by {} at epoch {epoch_now}, not by {owner} at epoch {epoch}; the commit is fenced off",
+        holder.as_deref().unwrap_or("nobody")
+    )]
+    Fenced {
+        shard: String,
+        owner: String,
+        epoch: i64,
+        holder: Option<String>,
+        epoch_now: i64,
+    },
+    /// The checkpoint is already past this one: the batches of a shard were committed out of order.
+    #[error("shard {shard}: checkpoint {committed} is already past {attempted}")]
+    Backwards {
+        shard: String,
+        committed: String,
+        attempted: String,
+    },
+    /// A shard's end was reported before all its records were committed.
+    #[error(
+        "shard {shard}: checkpoint {committed:?} has not reached the last record read, {expected:?}"
+    )]
+    NotCaughtUp {
+        shard: String,
+        committed: Option<String>,
+        expected: Option<String>,
+    },
+    #[error("shard {shard}: no lease row for it")]
+    Unknown { shard: String },
+    #[error("checkpoint: {}", crate::pg::describe(.0))]
+    Db(#[from] tokio_postgres::Error),
+}
+
+impl CheckpointError {
+    /// The lease moved to another owner (or epoch): the batch must be rolled back and its records of
+    /// this shard dropped, not retried.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, CheckpointError::Fenced { .. })
+    }
+}
+
+/// Moves one shard's checkpoint to `sequence` (and marks it finished), fenced by `lease`.
+pub async fn checkpoint(
+    tx: &Transaction<'_>,
+    lease: &Arc<LeaseClaim>,
+    sequence: &SequenceNumber,
+    finished: bool,
+) -> Result<(), CheckpointError> {
+    let one = ShardCheckpoint {
+        lease: lease.clone(),
+        sequence: sequence.clone(),
+        finished,
+    };
+    checkpoint_all(tx, std::slice::from_ref(&one)).await
+}
+
+/// Writes every checkpoint of a batch, one statement per lease table, all fenced. Fails on the
+/// first shard that does not match; the caller then rolls back. Several entries for one shard are
+/// reduced to the furthest.
+pub async fn checkpoint_all(
+    tx: &Transaction<'_>,
+    checkpoints: &[ShardCheckpoint],
+) -> Result<(), CheckpointError> {
+    for (scope, entries) in by_scope(checkpoints) {
+        write_scope(tx, &scope, &entries).await?;
+    }
+    Ok(())
+}
+
+/// Entries grouped by lease scope, one per shard (the furthest), in shard order.
+fn by_scope(checkpoints: &[ShardCheckpoint]) -> Vec<(Arc<LeaseScope>, Vec<&ShardCheckpoint>)> {
+    let mut groups: Vec<(Arc<LeaseScope>, BTreeMap<&str, &ShardCheckpoint>)> = Vec::new();
+    for entry in checkpoints {
+        let scope = &entry.lease.scope;
+        let index = match groups.iter().position(|(s, _)| s == scope) {
+            Some(i) => i,
+            None => {
+                groups.push((scope.clone(), BTreeMap::new()));
+                groups.len() - 1
+            }
+        };
+        let shards = &mut groups[index].1;
+        let slot = shards.entry(entry.lease.shard_id.as_str()).or_insert(entry);
+        if (&entry.sequence, entry.finished) > (&slot.sequence, slot.finished) {
+            *slot = entry;
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(scope, shards)| (scope, shards.into_values().collect()))
+        .collect()
+}
+
+async fn write_scope(
+    tx: &Transaction<'_>,
+    scope: &LeaseScope,
+    entries: &[&ShardCheckpoint],
+) -> Result<(), CheckpointError> {
+    let t = &scope.table;
+    let shards: Vec<&str> = entries.iter().map(|e| e.lease.shard_id.as_str()).collect();
+    let owners: Vec<&str> = entries.iter().map(|e| &*e.lease.owner).collect();
+    let epochs: Vec<i64> = entries.iter().map(|e| e.lease.epoch).collect();
+    let sequences: Vec<&str> = entries.iter().map(|e| e.sequence.as_str()).collect();
+    let finished: Vec<bool> = entries.iter().map(|e| e.finished).collect();
+    let lock = format!(
+        "SELECT 1 FROM {t} WHERE application = $1 AND stream = $2 AND shard_id = ANY($3)
+         ORDER BY shard_id FOR UPDATE"
+    );
+    tx.execute(&lock, &[&scope.application, &scope.stream, &shards])
+        .await?;
+    let update = format!(
+        "UPDATE {t} AS l SET checkpoint = c.sequence::numeric, finished = l.finished OR c.finished,
+             updated_at = now()
+         FROM unnest($3::text[], $4::text[], $5::int8[], $6::text[], $7::bool[])
+              AS c(shard_id, owner, epoch, sequence, finished)
+         WHERE l.application = $1 AND l.stream = $2 AND l.shard_id = c.shard_id
+           AND l.owner = c.owner AND l.epoch = c.epoch
+           AND (l.checkpoint IS NULL OR l.checkpoint <= c.sequence::numeric)
+         RETURNING l.shard_id"
+    );
+    let rows = tx
+        .query(
+            &update,
+            &[
+                &scope.application,
+                &scope.stream,
+                &shards,
+                &owners,
+                &epochs,
+                &sequences,
+                &finished,
+            ],
+        )
+        .await?;
+    if rows.len() == entries.len() {
+        return Ok(());
+    }
+    let written: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    match entries
+        .iter()
+        .find(|e| !written.contains(&e.lease.shard_id))
+    {
+        Some(missed) => Err(diagnose(tx, &missed.lease, Some(&missed.sequence)).await),
+        None => Ok(()),
+    }
+}
+
+/// Marks a shard finished when its end was seen after its last record was delivered (an empty
+/// last page): the checkpoint must already be `last_read`, the last record read from the shard
+/// (`None` if it had none), so nothing read is left uncommitted. Fenced like [`checkpoint`]. May run
+/// in its own transaction: it writes no rows of its own.
+pub async fn finish(
+    client: &impl GenericClient,
+    lease: &LeaseClaim,
+    last_read: Option<&SequenceNumber>,
+) -> Result<(), CheckpointError> {
+    let scope = &lease.scope;
+    let sql = format!(
+        "UPDATE {t} SET finished = true, updated_at = now()
+         WHERE application = $1 AND stream = $2 AND shard_id = $3 AND owner = $4 AND epoch = $5
+           AND checkpoint IS NOT DISTINCT FROM $6::text::numeric",
+        t = scope.table
+    );
+    let expected = last_read.map(SequenceNumber::as_str);
+    let n = client
+        .execute(
+            &sql,
+            &[
+                &scope.application,
+                &scope.stream,
+                &lease.shard_id,
+                &&*lease.owner,
+                &lease.epoch,
+                &expected,
+            ],
+        )
+        .await?;
+    if n == 1 {
+        return Ok(());
+    }
+    match diagnose(client, lease, None).await {
+        CheckpointError::Backwards {
+            shard, committed, ..
+        } => Err(CheckpointError::NotCaughtUp {
+            shard,
+            committed: Some(committed).filter(|c| !c.is_empty()),
+            expected: expected.map(str::to_owned),
+        }),
+        other => Err(other),
+    }
+}
+
+/// Why a fenced write matched nothing.
+async fn diagnose(
+    client: &impl GenericClient,
+    lease: &LeaseClaim,
+    attempted: Option<&SequenceNumber>,
+) -> CheckpointError {
+    let scope = &lease.scope;
+    let sql = format!(
+        "SELECT owner, epoch, coalesce(checkpoint::text, '') FROM {t}
+         WHERE application = $1 AND stream = $2 AND shard_id = $3",
+        t = scope.table
+    );
+    let row = match client
+        .query_opt(&sql, &[&scope.application, &scope.stream, &lease.shard_id])
+        .await
+    {
+        Ok(row) => row,
+        Err(e) => return CheckpointError::Db(e),
+    };
+    let Some(row) = row else {
+        return CheckpointError::Unknown {
+            shard: lease.shard_id.clone(),
+        };
+    };
+    let holder: Option<String> = row.get(0);
+    let epoch_now: i64 = row.get(1);
+    if holder.as_deref() != Some(&*lease.owner) || epoch_now != lease.epoch {
+        return CheckpointError::Fenced {
+            shard: lease.shard_id.clone(),
+            owner: lease.owner.to_string(),
+            epoch: lease.epoch,
+            holder,
+            epoch_now,
+        };
+    }
+    CheckpointError::Backwards {
+        shard: lease.shard_id.clone(),
+        committed: row.get(2),
+        attempted: attempted.map(|s| s.to_string()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table_name::TableName;
+
+    fn lease(stream: &str, shard: &str) -> Arc<LeaseClaim> {
+        Arc::new(LeaseClaim {
+            scope: Arc::new(LeaseScope {
+                table: TableName::unqualified("leases"),
+                application: "app".into(),
+                stream: stream.into(),
+            }),
+            shard_id: shard.into(),
+            owner: Arc::from("me"),
+            epoch: 1,
+        })
+    }
+
+    fn entry(lease: &Arc<LeaseClaim>, sequence: &str, finished: bool) -> ShardCheckpoint {
+        ShardCheckpoint {
+            lease: lease.clone(),
+            sequence: SequenceNumber::parse(sequence).expect("valid"),
+            finished,
+        }
+    }
+
+    #[test]
+    fn entries_are_grouped_by_stream_and_reduced_to_the_furthest_per_shard() {
+        let (a1, a0, b0) = (lease("a", "s1"), lease("a", "s0"), lease("b", "s0"));
+        let input = [
+            entry(&a1, "100", false),
+            entry(&b0, "7", false),
+            entry(&a1, "99", false),
+            entry(&a0, "5", false),
+            entry(&a1, "1000", true),
+        ];
+        let groups = by_scope(&input);
+        assert_eq!(groups.len(), 2);
+        let (scope, entries) = &groups[0];
+        assert_eq!(scope.stream, "a");
+        let got: Vec<(&str, &str, bool)> = entries
+            .iter()
+            .map(|e| (e.lease.shard_id.as_str(), e.sequence.as_str(), e.finished))
+            .collect();
+        assert_eq!(got, [("s0", "5", false), ("s1", "1000", true)]);
+        assert_eq!(groups[1].1.len(), 1);
+    }
+}

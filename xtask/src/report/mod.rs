@@ -1,0 +1,333 @@
+//! `docs/capacity.md`, written from what the benchmarks just measured.
+//!
+//! Three layers, so that prose and arithmetic never mix: [`inputs`] reads the result files,
+//! [`sections`] turns them into one context struct per section using the rules in [`figures`],
+//! and the templates under `xtask/templates/` (MiniJinja) put the words around the numbers, with
+//! the number formats of [`format`]. The templates are compiled into the binary.
+
+mod figures;
+mod format;
+mod inputs;
+mod sections;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use minijinja::Environment;
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::Serde;
+
+use crate::{bench_dir, memory, repo_root, shown, target_dir};
+use inputs::{Criterion, Machine, PostgresRun};
+use sections::{Load, Measured, Report, Run, Server};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Ignore results older than this Unix time (`make bench` passes the moment it started), so
+    /// a report never mixes runs.
+    #[arg(long)]
+    since: Option<f64>,
+    /// The command named in the report's header.
+    #[arg(long, default_value = "make bench")]
+    command: String,
+    /// Where to write the report (default: docs/capacity.md).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The message count of the large memory run.
+    #[arg(long, default_value_t = 1_000_000)]
+    memory_large: u64,
+    /// The message count of the small memory run.
+    #[arg(long, default_value_t = 250_000)]
+    memory_small: u64,
+}
+
+/// The templates: `capacity.md` includes one file per section, in reading order.
+const TEMPLATES: &[(&str, &str)] = &[
+    ("capacity.md", include_str!("../../templates/capacity.md")),
+    (
+        "header.md",
+        include_str!("../../templates/capacity/header.md"),
+    ),
+    (
+        "how-to-read.md",
+        include_str!("../../templates/capacity/how-to-read.md"),
+    ),
+    (
+        "targets.md",
+        include_str!("../../templates/capacity/targets.md"),
+    ),
+    (
+        "stages.md",
+        include_str!("../../templates/capacity/stages.md"),
+    ),
+    (
+        "channel-hop.md",
+        include_str!("../../templates/capacity/channel-hop.md"),
+    ),
+    ("sink.md", include_str!("../../templates/capacity/sink.md")),
+    (
+        "end-to-end.md",
+        include_str!("../../templates/capacity/end-to-end.md"),
+    ),
+    (
+        "memory.md",
+        include_str!("../../templates/capacity/memory.md"),
+    ),
+    (
+        "sizing.md",
+        include_str!("../../templates/capacity/sizing.md"),
+    ),
+    (
+        "reproduce.md",
+        include_str!("../../templates/capacity/reproduce.md"),
+    ),
+];
+
+pub fn write(options: &Options) -> Result<()> {
+    let report = Report::build(measure(options)?)?;
+    let text = render(&report)?;
+    let out = options
+        .out
+        .clone()
+        .unwrap_or_else(|| repo_root().join("docs/capacity.md"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, text).with_context(|| format!("cannot write {}", shown(&out)))?;
+    println!("capacity-report: wrote {}", shown(&out));
+    Ok(())
+}
+
+/// Reads every input of the report.
+fn measure(options: &Options) -> Result<Measured> {
+    let since = options.since.map(inputs::unix_time);
+    let dir = bench_dir();
+    let postgres: PostgresRun = inputs::load_fresh(
+        &dir.join("postgres-run.json"),
+        since,
+        "run `cargo bench --bench postgres` first",
+    )?;
+    let memory_run = |count: u64| {
+        inputs::load_fresh(
+            &memory::result_path(count),
+            since,
+            &format!("run `cargo xtask memory-runs {count}` first"),
+        )
+    };
+    let memory_large: memory::MemoryResult = memory_run(options.memory_large)?;
+    let memory_small = memory_run(options.memory_small)?;
+    let machine = Machine::this_one();
+    let now = chrono::Utc::now();
+    let started = options
+        .since
+        .and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0));
+    let load = inputs::load_average(&dir.join("loadavg-at-start"), since)
+        .map(|l| Load::new(l, machine.cores));
+    let run = Run {
+        measured: now.format("%Y-%m-%d %H:%M").to_string(),
+        command: options.command.clone(),
+        took: started.map(|s| format::duration((now - s).as_seconds_f64())),
+        load,
+        postgres: Server::of(&postgres),
+        reject_share: 1.0 - postgres.pipeline.loaded as f64 / postgres.pipeline.messages as f64,
+        avg_message_bytes: memory_large.avg_message_bytes,
+        machine,
+    };
+    Ok(Measured {
+        criterion: Criterion::load(&target_dir().join("criterion"), since)?,
+        postgres,
+        memory_large,
+        memory_small,
+        run,
+    })
+}
+
+fn render(report: &Report) -> Result<String> {
+    let mut env = Environment::new();
+    // Block tags on lines of their own leave no blank lines; `+%}` keeps the newline after a
+    // tag that ends a line of prose.
+    env.set_syntax(
+        SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .keep_trailing_newline(true)
+            .build()?,
+    );
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    format::register(&mut env);
+    for (name, source) in TEMPLATES {
+        env.add_template(name, source)?;
+    }
+    Ok(env.get_template("capacity.md")?.render(Serde(report))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inputs::{Bench, PairedRound, PipelineCounts};
+    use super::*;
+
+    fn bench(group: &str, function: &str, size: u64, elements: f64, rate: f64) -> Bench {
+        let ns = elements / rate * 1e9;
+        Bench {
+            id: format!("{group}/{function}/{size}"),
+            group: group.into(),
+            function: function.into(),
+            value: Some(size.to_string()),
+            elements,
+            ns,
+            ns_low: ns * 0.97,
+            ns_high: ns * 1.03,
+        }
+    }
+
+    fn memory_result(messages: u64, rss_mib: f64) -> memory::MemoryResult {
+        memory::MemoryResult {
+            messages,
+            runs: 3,
+            file_bytes: messages * 155,
+            avg_message_bytes: 154.0,
+            max_rss_mib: rss_mib,
+            max_rss_mib_min: rss_mib - 1.0,
+            max_rss_mib_max: rss_mib + 1.0,
+            wall_seconds: 1.0,
+            user_seconds: 1.0,
+            system_seconds: 0.2,
+            messages_per_second: messages as f64,
+            received: messages,
+            loaded: messages / 50 * 49,
+            rejected: messages / 50,
+            duplicates: 0,
+            batch_rows: 10_000,
+            each_run: Vec::new(),
+            measured_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    fn measured(large_rss_mib: f64) -> Measured {
+        let mut results = vec![
+            bench("parse", "parse_chunk", 256, 256.0, 2.8e6),
+            bench("transform", "hmac-sha256", 256, 256.0, 2.9e6),
+            bench("transform", "salted-sha256", 256, 256.0, 4.0e6),
+            bench("encode", "encode_rows", 1000, 1000.0, 3.0e7),
+            bench("encode", "encode_rows", 10000, 10000.0, 2.7e7),
+            bench("sink", "copy+ledger", 1000, 1000.0, 95_000.0),
+            bench(
+                "pipeline",
+                "memory_to_postgres",
+                600_000,
+                600_000.0,
+                760_000.0,
+            ),
+            bench(
+                "postgres_ceiling",
+                "binary_copy",
+                585_650,
+                585_650.0,
+                830_000.0,
+            ),
+            bench("postgres_ceiling", "naive_insert", 2000, 2000.0, 3400.0),
+        ];
+        for size in [1, 10, 100, 1000] {
+            results.push(bench(
+                "channel_hop",
+                "chunk",
+                size,
+                100_000.0,
+                1e7 * size as f64,
+            ));
+        }
+        for (size, rate) in [(100, 130_000.0), (1000, 320_000.0), (10_000, 860_000.0)] {
+            results.push(bench("sink", "copy", size, size as f64, rate));
+        }
+        let postgres = PostgresRun {
+            paired_seconds: vec![
+                PairedRound {
+                    pipeline: 0.8,
+                    ceiling: 0.7
+                };
+                3
+            ],
+            server_version: "15".into(),
+            synchronous_commit: "on".into(),
+            fsync: "on".into(),
+            shared_buffers: "128MB".into(),
+            pipeline: PipelineCounts {
+                messages: 600_000,
+                loaded: 585_650,
+                rejected: 14_350,
+            },
+        };
+        let machine = Machine {
+            cores: 2,
+            cpu: "a CPU".into(),
+            memory_gib: Some(8.0),
+            kernel: "Linux 6".into(),
+            rustc: "rustc 1".into(),
+        };
+        Measured {
+            criterion: Criterion::from_results(results),
+            memory_large: memory_result(1_000_000, large_rss_mib),
+            memory_small: memory_result(250_000, 50.0),
+            run: Run {
+                measured: "2026-01-01 00:00".into(),
+                command: "make bench".into(),
+                took: Some("5 min 0 s".into()),
+                load: Some(Load::new(1.5, 2)),
+                postgres: Server::of(&postgres),
+                reject_share: 0.024,
+                avg_message_bytes: 154.0,
+                machine,
+            },
+            postgres,
+        }
+    }
+
+    #[test]
+    fn every_section_renders_with_its_numbers() {
+        let text = render(&Report::build(measured(54.0)).unwrap()).unwrap();
+        for heading in [
+            "# Capacity",
+            "## Targets",
+            "## Stages, one core each",
+            "## Channel hop between stages",
+            "## The sink alone",
+            "## End to end, and PostgreSQL's own ceiling",
+            "## Memory, and the binary end to end",
+            "### SQS pollers",
+            "### Kinesis shards",
+            "### When one PostgreSQL is no longer enough",
+            "## Reproduce",
+        ] {
+            assert!(
+                text.contains(&format!("\n{heading}\n")) || text.starts_with(heading),
+                "{heading} missing"
+            );
+        }
+        assert!(text.contains(
+            "| parse/validate, one core | ≥ 1,000,000 msg/s | 2,800,000 msg/s | ✅ met |"
+        ));
+        assert!(text.contains("Load average when the run started: 1.50 (other work was running"));
+        assert!(text.contains("Peak memory changes by +8.0% for 4× the messages"));
+        assert!(text.contains(
+            "| 760,000 | 111.62 MiB/s | 760 | 112 | 56 | 760 | this machine's pipeline rate |"
+        ));
+        assert!(!text.contains("\n\n\n"), "no double blank lines");
+        assert!(text.ends_with("```\n"));
+    }
+
+    #[test]
+    fn memory_that_grows_with_the_input_is_called_out() {
+        let text = render(&Report::build(measured(70.0)).unwrap()).unwrap();
+        assert!(text.contains("| ≤ +10% | +40.0% | ❌ not met |"));
+        assert!(text.contains(
+            "Peak memory grows by +40.0% for 4× the messages, more than the 10% allowed"
+        ));
+    }
+
+    #[test]
+    fn a_pipeline_result_from_another_run_is_refused() {
+        let mut m = measured(54.0);
+        m.postgres.pipeline.messages = 1;
+        assert!(Report::build(m).is_err());
+    }
+}

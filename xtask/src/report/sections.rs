@@ -1,0 +1,601 @@
+//! The report's context: one struct per section, built from the measurements by the figures'
+//! rules and handed to the templates, which only choose words and lay out tables.
+//!
+//! A new section is a struct here, a field of [`Report`], a builder fed by what it measured, and
+//! a template under `xtask/templates/capacity/` included by `capacity.md`.
+
+use anyhow::{Result, ensure};
+use serde::Serialize;
+
+use super::figures::{self, ShardsNeeded};
+use super::inputs::{Bench, Criterion, Machine, PostgresRun};
+use crate::memory::MemoryResult;
+use crate::stats;
+
+/// What the project aims for; the report marks each as met or not.
+const TARGET_PARSE: f64 = 1_000_000.0; // messages/s on one core
+const TARGET_TRANSFORM: f64 = 1_000_000.0; // messages/s on one core
+const TARGET_ENCODE: f64 = 3_000_000.0; // rows/s on one core
+const TARGET_VS_COPY: f64 = 0.85; // pipeline rate / COPY ceiling
+const TARGET_VS_NAIVE: f64 = 20.0; // pipeline rate / naive loader
+const TARGET_RSS_MIB: f64 = 64.0; // peak RSS for the large memory run
+const RSS_GROWTH_TOLERANCE: f64 = 0.10; // "does not grow": large run's peak within 10% of the small one's
+
+/// sluice's default `source.sqs.pollers`.
+const DEFAULT_POLLERS: f64 = 4.0;
+/// Receive latencies the poller table shows, in milliseconds.
+const SQS_LATENCIES_MS: [f64; 3] = [20.0, 50.0, 100.0];
+/// Example rates of the sizing tables, besides this machine's pipeline rate.
+const POLLER_EXAMPLE_RATES: [f64; 2] = [10_000.0, 100_000.0];
+const SHARD_EXAMPLE_RATES: [f64; 3] = [1_000.0, 10_000.0, 100_000.0];
+/// The rate the "cores for sluice" example is worked for.
+const CORES_EXAMPLE_RATE: f64 = 100_000.0;
+
+/// Everything the templates see.
+#[derive(Serialize)]
+pub struct Report {
+    pub run: Run,
+    pub rules: Rules,
+    pub targets: Targets,
+    pub stages: Stages,
+    pub hops: Hops,
+    pub sink: Sink,
+    pub end_to_end: EndToEnd,
+    pub memory: Memory,
+    pub sizing: Sizing,
+}
+
+/// What the report is built from.
+pub struct Measured {
+    pub criterion: Criterion,
+    pub postgres: PostgresRun,
+    pub memory_large: MemoryResult,
+    pub memory_small: MemoryResult,
+    pub run: Run,
+}
+
+impl Report {
+    pub fn build(measured: Measured) -> Result<Self> {
+        let c = &measured.criterion;
+        let stages = Stages::build(c)?;
+        let end_to_end = EndToEnd::build(c, &measured.postgres)?;
+        let sink = Sink::build(c)?;
+        let memory = Memory::build(measured.memory_large, measured.memory_small);
+        let targets = Targets::build(&stages, &end_to_end, &memory);
+        let sizing = Sizing::build(&stages, &end_to_end, &sink, &memory);
+        Ok(Self {
+            run: measured.run,
+            rules: Rules::default(),
+            targets,
+            stages,
+            hops: Hops::build(c)?,
+            sink,
+            end_to_end,
+            memory,
+            sizing,
+        })
+    }
+}
+
+/// The header: when, where, by what.
+#[derive(Serialize)]
+pub struct Run {
+    /// "YYYY-MM-DD HH:MM", UTC.
+    pub measured: String,
+    pub command: String,
+    /// How long the whole run took, when its start is known.
+    pub took: Option<String>,
+    pub machine: Machine,
+    /// The load average when the run started, and whether other work was running then.
+    pub load: Option<Load>,
+    pub postgres: Server,
+    /// Share of the benchmark messages that are rejects.
+    pub reject_share: f64,
+    pub avg_message_bytes: f64,
+}
+
+#[derive(Serialize)]
+pub struct Load {
+    pub value: f64,
+    pub busy: bool,
+}
+
+impl Load {
+    /// A load of half the cores or more means the figures shared the machine.
+    pub fn new(value: f64, cores: usize) -> Self {
+        Self {
+            value,
+            busy: value >= 0.5 * cores.max(1) as f64,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Server {
+    pub version: String,
+    pub synchronous_commit: String,
+    pub fsync: String,
+    pub shared_buffers: String,
+}
+
+impl Server {
+    pub fn of(run: &PostgresRun) -> Self {
+        Self {
+            version: run.server_version.clone(),
+            synchronous_commit: run.synchronous_commit.clone(),
+            fsync: run.fsync.clone(),
+            shared_buffers: run.shared_buffers.clone(),
+        }
+    }
+}
+
+/// The report's fixed rules of thumb, so the prose states the numbers the arithmetic uses.
+#[derive(Serialize)]
+pub struct Rules {
+    pub noisy_ci: f64,
+    pub headroom: f64,
+    pub sqs_batch: f64,
+    pub kinesis_write_records: f64,
+    pub default_pollers: f64,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            noisy_ci: figures::NOISY_CI,
+            headroom: figures::PLANNING_HEADROOM,
+            sqs_batch: figures::SQS_BATCH,
+            kinesis_write_records: figures::KINESIS_WRITE_RECORDS,
+            default_pollers: DEFAULT_POLLERS,
+        }
+    }
+}
+
+/// A criterion result as the templates show it.
+#[derive(Serialize)]
+pub struct Measure {
+    pub size: u64,
+    pub elements: f64,
+    pub rate: f64,
+    pub rate_low: f64,
+    pub rate_high: f64,
+    pub noisy: bool,
+    pub ns_per_element: f64,
+    pub ms_per_iteration: f64,
+}
+
+impl From<&Bench> for Measure {
+    fn from(b: &Bench) -> Self {
+        Self {
+            size: b.size(),
+            elements: b.elements,
+            rate: b.rate(),
+            rate_low: b.rate_low(),
+            rate_high: b.rate_high(),
+            noisy: figures::is_noisy(b.rate_low(), b.rate_high(), b.rate()),
+            ns_per_element: b.ns_per_element(),
+            ms_per_iteration: b.ns / 1e6,
+        }
+    }
+}
+
+/// A goal and what was measured against it.
+#[derive(Serialize)]
+pub struct Target {
+    pub goal: f64,
+    pub measured: f64,
+    pub met: bool,
+}
+
+impl Target {
+    fn at_least(goal: f64, measured: f64) -> Self {
+        Self {
+            goal,
+            measured,
+            met: measured >= goal,
+        }
+    }
+
+    fn at_most(goal: f64, measured: f64) -> Self {
+        Self {
+            goal,
+            measured,
+            met: measured <= goal,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Targets {
+    pub parse: Target,
+    pub transform: Target,
+    pub encode: Target,
+    pub vs_copy: Target,
+    pub vs_naive: Target,
+    pub rss_mib: Target,
+    pub rss_growth: Target,
+}
+
+impl Targets {
+    fn build(stages: &Stages, end_to_end: &EndToEnd, memory: &Memory) -> Self {
+        Self {
+            parse: Target::at_least(TARGET_PARSE, stages.parse.rate),
+            transform: Target::at_least(TARGET_TRANSFORM, stages.hmac.rate),
+            encode: Target::at_least(TARGET_ENCODE, stages.slowest_encode_rate),
+            vs_copy: Target::at_least(TARGET_VS_COPY, end_to_end.vs_copy),
+            vs_naive: Target::at_least(TARGET_VS_NAIVE, end_to_end.vs_naive),
+            rss_mib: Target::at_most(TARGET_RSS_MIB, memory.large.rss_mib),
+            rss_growth: Target::at_most(RSS_GROWTH_TOLERANCE, memory.growth),
+        }
+    }
+}
+
+/// Each stage alone on one core, and what a message costs through all of them.
+#[derive(Serialize)]
+pub struct Stages {
+    pub parse: Measure,
+    pub hmac: Measure,
+    pub salted: Measure,
+    pub encodes: Vec<Measure>,
+    pub slowest_encode_rate: f64,
+    /// parse + mask/transform + the slowest encoding, ns of CPU per message.
+    pub cpu_ns: f64,
+    /// The channel hop the cost is computed with (the measured chunk size nearest a file chunk).
+    pub hop_chunk: u64,
+    /// `cpu_ns` plus the channel hops between the stages.
+    pub cpu_ns_with_hops: f64,
+    /// Messages per second one core carries through the stages.
+    pub core_rate: f64,
+}
+
+impl Stages {
+    fn build(c: &Criterion) -> Result<Self> {
+        let parse = c.one("parse", "parse_chunk")?;
+        let hmac = c.one("transform", "hmac-sha256")?;
+        let encodes = c.all("encode", "encode_rows")?;
+        let slowest = encodes
+            .iter()
+            .min_by(|a, b| a.rate().total_cmp(&b.rate()))
+            .expect("at least one");
+        let hops = c.all("channel_hop", "chunk")?;
+        let hop = hops
+            .iter()
+            .min_by_key(|h| h.size().abs_diff(figures::COST_CHUNK))
+            .expect("at least one");
+        let cpu_ns = parse.ns_per_element() + hmac.ns_per_element() + slowest.ns_per_element();
+        let cpu_ns_with_hops = cpu_ns + figures::STAGE_HOPS * hop.ns_per_element();
+        Ok(Self {
+            parse: (&parse).into(),
+            hmac: (&hmac).into(),
+            salted: (&c.one("transform", "salted-sha256")?).into(),
+            slowest_encode_rate: slowest.rate(),
+            encodes: encodes.iter().map(Measure::from).collect(),
+            cpu_ns,
+            hop_chunk: hop.size(),
+            cpu_ns_with_hops,
+            core_rate: figures::per_core_rate(cpu_ns_with_hops),
+        })
+    }
+}
+
+#[derive(Serialize)]
+pub struct Hops {
+    /// Messages each hop benchmark carries per iteration.
+    pub messages: f64,
+    pub rows: Vec<Hop>,
+}
+
+#[derive(Serialize)]
+pub struct Hop {
+    pub measure: Measure,
+    pub ns_per_chunk: f64,
+}
+
+impl Hops {
+    fn build(c: &Criterion) -> Result<Self> {
+        let hops = c.all("channel_hop", "chunk")?;
+        Ok(Self {
+            messages: hops[0].elements,
+            rows: hops
+                .iter()
+                .map(|h| Hop {
+                    measure: h.into(),
+                    ns_per_chunk: h.ns_per_element() * h.size() as f64,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The sink alone at several batch sizes, and with the dedupe ledger.
+#[derive(Serialize)]
+pub struct Sink {
+    pub plain: Vec<Measure>,
+    pub ledger: Measure,
+    /// The ledger's cost against the plain sink at the same batch size, when both were measured.
+    pub ledger_cost: Option<LedgerCost>,
+}
+
+#[derive(Serialize)]
+pub struct LedgerCost {
+    pub ms_per_batch: f64,
+    /// The ledger's rate as a share of the plain sink's.
+    pub share: f64,
+}
+
+impl Sink {
+    fn build(c: &Criterion) -> Result<Self> {
+        let plain = c.all("sink", "copy")?;
+        let ledger = c.one("sink", "copy+ledger")?;
+        let ledger_cost = plain
+            .iter()
+            .find(|p| p.size() == ledger.size())
+            .map(|p| LedgerCost {
+                ms_per_batch: (ledger.ns - p.ns) / 1e6,
+                share: ledger.rate() / p.rate(),
+            });
+        Ok(Self {
+            plain: plain.iter().map(Measure::from).collect(),
+            ledger: (&ledger).into(),
+            ledger_cost,
+        })
+    }
+}
+
+/// The whole pipeline beside PostgreSQL's own COPY ceiling and a naive loader.
+#[derive(Serialize)]
+pub struct EndToEnd {
+    pub pipeline: Measure,
+    pub ceiling: Measure,
+    pub naive: Measure,
+    pub messages: u64,
+    pub loaded: u64,
+    pub rejected: u64,
+    /// Pipeline ÷ ceiling in each paired round, smallest first, and their median.
+    pub pair_ratios: Vec<f64>,
+    pub vs_copy: f64,
+    /// The median ratio counting loaded rows only.
+    pub vs_copy_rows: f64,
+    /// The ratio of the two criterion medians, measured minutes apart.
+    pub vs_copy_medians: f64,
+    pub vs_naive: f64,
+}
+
+impl EndToEnd {
+    fn build(c: &Criterion, run: &PostgresRun) -> Result<Self> {
+        let pipeline = c.one("pipeline", "memory_to_postgres")?;
+        let ceiling = c.one("postgres_ceiling", "binary_copy")?;
+        let naive = c.one("postgres_ceiling", "naive_insert")?;
+        let counts = run.pipeline;
+        ensure!(
+            counts.messages as f64 == pipeline.elements,
+            "postgres-run.json and the pipeline result come from different runs ({} vs {} messages)",
+            counts.messages,
+            pipeline.elements
+        );
+        let pair_ratios = figures::paired_ratios(
+            counts.messages as f64,
+            ceiling.elements,
+            &run.paired_seconds,
+        );
+        let Some(vs_copy) = stats::median(&pair_ratios) else {
+            anyhow::bail!(
+                "postgres-run.json has no paired rounds; run `cargo bench --bench postgres`"
+            );
+        };
+        let loaded_share = counts.loaded as f64 / counts.messages as f64;
+        Ok(Self {
+            vs_copy_rows: vs_copy * loaded_share,
+            vs_copy_medians: pipeline.rate() / ceiling.rate(),
+            vs_naive: pipeline.rate() / naive.rate(),
+            vs_copy,
+            pair_ratios,
+            messages: counts.messages,
+            loaded: counts.loaded,
+            rejected: counts.rejected,
+            pipeline: (&pipeline).into(),
+            ceiling: (&ceiling).into(),
+            naive: (&naive).into(),
+        })
+    }
+}
+
+/// The memory runs of the release binary.
+#[derive(Serialize)]
+pub struct Memory {
+    pub large: MemoryRow,
+    pub small: MemoryRow,
+    /// Peak RSS growth from the small run to the large one.
+    pub growth: f64,
+    pub growth_tolerance: f64,
+    /// How many times more messages the large run has.
+    pub ratio: f64,
+    pub runs: usize,
+    /// CPU microseconds per message of the large run.
+    pub cpu_us_per_message: f64,
+}
+
+#[derive(Serialize)]
+pub struct MemoryRow {
+    pub messages: u64,
+    pub file_mib: f64,
+    pub rss_mib: f64,
+    pub rss_mib_min: f64,
+    pub rss_mib_max: f64,
+    pub wall_seconds: f64,
+    pub cpu_seconds: f64,
+    pub rate: f64,
+    pub loaded: u64,
+    pub rejected: u64,
+    pub avg_message_bytes: f64,
+}
+
+impl From<&MemoryResult> for MemoryRow {
+    fn from(m: &MemoryResult) -> Self {
+        Self {
+            messages: m.messages,
+            file_mib: m.file_bytes as f64 / 1024.0 / 1024.0,
+            rss_mib: m.max_rss_mib,
+            rss_mib_min: m.max_rss_mib_min,
+            rss_mib_max: m.max_rss_mib_max,
+            wall_seconds: m.wall_seconds,
+            cpu_seconds: m.user_seconds + m.system_seconds,
+            rate: m.messages_per_second,
+            loaded: m.loaded,
+            rejected: m.rejected,
+            avg_message_bytes: m.avg_message_bytes,
+        }
+    }
+}
+
+impl Memory {
+    fn build(large: MemoryResult, small: MemoryResult) -> Self {
+        Self {
+            growth: figures::growth(large.max_rss_mib, small.max_rss_mib),
+            growth_tolerance: RSS_GROWTH_TOLERANCE,
+            ratio: large.messages as f64 / small.messages as f64,
+            runs: large.runs,
+            cpu_us_per_message: figures::cpu_us_per_message(
+                large.user_seconds,
+                large.system_seconds,
+                large.messages as f64,
+            ),
+            large: (&large).into(),
+            small: (&small).into(),
+        }
+    }
+}
+
+/// The sizing rules with this machine's numbers plugged in.
+#[derive(Serialize)]
+pub struct Sizing {
+    pub pollers: Pollers,
+    pub shards: Shards,
+    pub database: Database,
+}
+
+#[derive(Serialize)]
+pub struct Pollers {
+    pub rates: Vec<f64>,
+    pub rows: Vec<PollerRow>,
+    /// What the default pollers carry at 50 ms.
+    pub default_intake: f64,
+    /// The sink's rate with the ledger at the default batch size.
+    pub ledger_rate: f64,
+}
+
+#[derive(Serialize)]
+pub struct PollerRow {
+    pub latency_ms: f64,
+    pub per_poller: f64,
+    pub needed: Vec<u64>,
+}
+
+#[derive(Serialize)]
+pub struct Shards {
+    pub message_bytes: f64,
+    pub record_limit_decides: bool,
+    /// KiB/s of one shard's record limit at this message size.
+    pub record_limit_kib: f64,
+    pub rows: Vec<ShardRow>,
+}
+
+#[derive(Serialize)]
+pub struct ShardRow {
+    pub rate: f64,
+    pub mib_per_second: f64,
+    pub need: ShardsNeeded,
+    pub this_machine: bool,
+}
+
+#[derive(Serialize)]
+pub struct Database {
+    pub pipeline_rate: f64,
+    pub plan_pipeline: f64,
+    pub ledger_rate: f64,
+    pub plan_ledger: f64,
+    pub copy_rate: f64,
+    pub plan_copy: f64,
+    pub stage_us_per_message: f64,
+    pub binary_us_per_message: f64,
+    pub binary_messages: u64,
+    pub example_rate: f64,
+    pub example_cores: f64,
+}
+
+impl Sizing {
+    fn build(stages: &Stages, end_to_end: &EndToEnd, sink: &Sink, memory: &Memory) -> Self {
+        let pipeline_rate = end_to_end.pipeline.rate;
+        let this_machine = figures::round_to_thousand(pipeline_rate);
+        let poller_rates = figures::table_rates(&POLLER_EXAMPLE_RATES, pipeline_rate);
+        let bytes = memory.large.avg_message_bytes;
+        Self {
+            pollers: Pollers {
+                rows: SQS_LATENCIES_MS
+                    .iter()
+                    .map(|&ms| PollerRow {
+                        latency_ms: ms,
+                        per_poller: figures::poller_rate(ms),
+                        needed: poller_rates
+                            .iter()
+                            .map(|&r| figures::pollers_needed(r, ms))
+                            .collect(),
+                    })
+                    .collect(),
+                rates: poller_rates,
+                default_intake: DEFAULT_POLLERS * figures::poller_rate(50.0),
+                ledger_rate: sink.ledger.rate,
+            },
+            shards: Shards {
+                message_bytes: bytes,
+                record_limit_decides: figures::record_limit_decides(bytes),
+                record_limit_kib: bytes * figures::KINESIS_WRITE_RECORDS / 1024.0,
+                rows: figures::table_rates(&SHARD_EXAMPLE_RATES, pipeline_rate)
+                    .into_iter()
+                    .map(|rate| ShardRow {
+                        rate,
+                        mib_per_second: rate * bytes / 1024.0 / 1024.0,
+                        need: figures::shards_needed(rate, bytes),
+                        this_machine: rate == this_machine,
+                    })
+                    .collect(),
+            },
+            database: Database {
+                pipeline_rate,
+                plan_pipeline: figures::planned(pipeline_rate),
+                ledger_rate: sink.ledger.rate,
+                plan_ledger: figures::planned(sink.ledger.rate),
+                copy_rate: end_to_end.ceiling.rate,
+                plan_copy: figures::planned(end_to_end.ceiling.rate),
+                stage_us_per_message: stages.cpu_ns_with_hops / 1000.0,
+                binary_us_per_message: memory.cpu_us_per_message,
+                binary_messages: memory.large.messages,
+                example_rate: CORES_EXAMPLE_RATE,
+                example_cores: figures::cores_needed(CORES_EXAMPLE_RATE, memory.cpu_us_per_message),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_of_half_the_cores_is_busy() {
+        assert!(Load::new(1.2, 2).busy);
+        assert!(!Load::new(0.4, 2).busy);
+        assert!(
+            Load::new(0.5, 0).busy,
+            "no core count: judged against one core"
+        );
+    }
+
+    #[test]
+    fn targets_compare_in_their_direction() {
+        assert!(Target::at_least(1.0, 1.0).met);
+        assert!(!Target::at_least(1.0, 0.99).met);
+        assert!(Target::at_most(64.0, 54.0).met);
+        assert!(!Target::at_most(0.1, 0.11).met);
+    }
+}
