@@ -250,15 +250,11 @@ impl fmt::Debug for PostgresConfig {
 #[serde(deny_unknown_fields)]
 pub struct MaskConfig {
     /// `"hmac-sha256"` or `"salted-sha256"` (compatibility). Default `"hmac-sha256"`.
-    #[serde(default = "default_mask_mode")]
+    #[serde(default)]
     pub mode: MaskMode,
     /// File holding the key; relative to the config file (made absolute at load).
     /// `SLUICE_MASK_KEY` overrides it. Default: none.
     pub key_file: Option<PathBuf>,
-}
-
-const fn default_mask_mode() -> MaskMode {
-    MaskMode::HmacSha256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -313,13 +309,13 @@ fn default_log_level() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address for `/metrics`, `/healthz` and `/readyz`, e.g. `"127.0.0.1:9187"` (port 0: any free
-    /// port, logged at start). Default: off.
-    pub listen: Option<SocketAddr>,
     /// `/readyz` fails when messages are waiting and nothing has been committed or acknowledged for
     /// this long. Default 120.
     #[serde(default = "default_stall_after_seconds")]
     pub stall_after_seconds: u64,
+    /// Address for `/metrics`, `/healthz` and `/readyz`, e.g. `"127.0.0.1:9187"` (port 0: any free
+    /// port, logged at start). Default: off.
+    pub listen: Option<SocketAddr>,
 }
 
 const fn default_stall_after_seconds() -> u64 {

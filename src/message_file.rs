@@ -203,30 +203,30 @@ mod tests {
             .collect()
     }
 
+    /// NDJSON lines pass through verbatim (blank lines skipped, positions kept); array elements
+    /// come as their raw JSON text.
     #[test]
-    fn ndjson_lines_pass_through_verbatim_and_blank_lines_are_skipped() {
-        let p = temp("a.ndjson", b"{\"a\": 1}\r\n\n  \nnot json\n{\"b\":2}");
-        assert_eq!(
-            bodies(&p),
-            [
-                (1, "{\"a\": 1}".into()),
-                (4, "not json".into()),
-                (5, "{\"b\":2}".into())
-            ]
-        );
-    }
-
-    #[test]
-    fn arrays_yield_raw_elements() {
-        let p = temp("b.json", b"  [ {\"a\": [1, 2]}, \"x\", null ]");
-        assert_eq!(
-            bodies(&p),
-            [
-                (1, "{\"a\": [1, 2]}".into()),
-                (2, "\"x\"".into()),
-                (3, "null".into())
-            ]
-        );
+    fn lines_and_array_elements_become_messages() {
+        type Case<'a> = (&'a str, &'a [u8], [(u64, &'a str); 3]);
+        let cases: [Case; 2] = [
+            (
+                "a.ndjson",
+                b"{\"a\": 1}\r\n\n  \nnot json\n{\"b\":2}",
+                [(1, "{\"a\": 1}"), (4, "not json"), (5, "{\"b\":2}")],
+            ),
+            (
+                "b.json",
+                b"  [ {\"a\": [1, 2]}, \"x\", null ]",
+                [(1, "{\"a\": [1, 2]}"), (2, "\"x\""), (3, "null")],
+            ),
+        ];
+        for (name, content, expected) in cases {
+            let expected: Vec<(u64, String)> = expected
+                .iter()
+                .map(|(n, b)| (*n, (*b).to_owned()))
+                .collect();
+            assert_eq!(bodies(&temp(name, content)), expected, "{name}");
+        }
     }
 
     #[test]

@@ -539,15 +539,16 @@ mod tests {
         stats: Arc<Stats>,
     }
 
-    /// Runs `n` messages through the pipeline with `committers` fakes; `stop_after` requests a stop.
+    /// Runs `n` messages through the pipeline with the fake committers `committers` makes;
+    /// `stop_after` requests a stop.
     async fn run(
         n: usize,
-        committers: Vec<FakeCommitter>,
-        log: Log,
+        committers: impl FnOnce(&Log) -> Vec<FakeCommitter>,
         stop_after: Option<Duration>,
     ) -> Run {
+        let log = Log::default();
         let stats = Arc::new(Stats::default());
-        let committers = committers
+        let committers = committers(&log)
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Committer>)
             .collect();
@@ -602,15 +603,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn messages_are_acknowledged_only_after_their_commit() {
-        let log = Log::default();
         let slow = Duration::from_secs(1);
-        let done = run(
-            25,
-            vec![committer(&log, slow), committer(&log, slow)],
-            log,
-            None,
-        )
-        .await;
+        let two = |log: &Log| vec![committer(log, slow), committer(log, slow)];
+        let done = run(25, two, None).await;
         let summary = done.result.expect("a clean run");
         assert_eq!((summary.received, summary.loaded), (25, 25));
         let events = log_of(&done.log);
@@ -620,15 +615,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stop_drains_everything_received() {
-        let log = Log::default();
-        let slow = Duration::from_millis(100);
-        let done = run(
-            1000,
-            vec![committer(&log, slow)],
-            log,
-            Some(Duration::from_millis(20)),
-        )
-        .await;
+        let one = |log: &Log| vec![committer(log, Duration::from_millis(100))];
+        let done = run(1000, one, Some(Duration::from_millis(20))).await;
         let summary = done.result.expect("a drained stop");
         assert!(summary.received < 1000, "stopped too late: {summary:?}");
         assert_eq!(summary.loaded, summary.received, "{summary:?}");
@@ -639,13 +627,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_drain_that_cannot_finish_times_out_and_acknowledges_nothing() {
-        let log = Log::default();
-        let stuck = FakeCommitter {
-            stuck: true,
-            ..committer(&log, Duration::ZERO)
+        let stuck = |log: &Log| {
+            vec![FakeCommitter {
+                stuck: true,
+                ..committer(log, Duration::ZERO)
+            }]
         };
         let started = tokio::time::Instant::now();
-        let done = run(50, vec![stuck], log, Some(Duration::from_secs(1))).await;
+        let done = run(50, stuck, Some(Duration::from_secs(1))).await;
         match done.result {
             Err(PipelineError::DrainTimeout {
                 timeout,
@@ -666,12 +655,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn fenced_messages_are_neither_loaded_nor_acknowledged() {
-        let log = Log::default();
-        let fencing = FakeCommitter {
-            fenced: |meta| matches!(&meta.ack, AckToken::Sqs { receipt_handle } if receipt_handle.ends_with('7')),
-            ..committer(&log, Duration::from_millis(10))
+        let fencing = |log: &Log| {
+            vec![FakeCommitter {
+                fenced: |meta| handle(meta).ends_with('7'),
+                ..committer(log, Duration::from_millis(10))
+            }]
         };
-        let done = run(30, vec![fencing], log, None).await;
+        let done = run(30, fencing, None).await;
         let summary = done.result.expect("a clean run");
         assert_eq!((summary.loaded, summary.released), (27, 3));
         let acknowledged = assert_acknowledged_after_commit(&log_of(&done.log));

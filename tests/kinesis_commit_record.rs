@@ -15,7 +15,7 @@ use sluice::envelope::{AckToken, Envelope, Meta};
 use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
-use sluice::sink::commit_record::{CommitRecord, Entry, RecordError, Statements};
+use sluice::sink::commit_record::{CommitRecord, InTransaction, RecordError};
 use sluice::sink::postgres::{PgCopySinkBuilder, SinkSettings};
 use sluice::sink::schema;
 use sluice::source::kinesis::KinesisAck;
@@ -26,36 +26,29 @@ use sluice::source::kinesis::progress;
 use sluice::source::kinesis::sequence::SequenceNumber;
 use sluice::stage::transform::LoginRow;
 use sluice::table_name::{TableName, Tables};
-use tokio_postgres::Transaction;
 
 /// Per-shard checkpoints as a commit record, written by the Kinesis source's fenced call.
 struct ShardCheckpoints;
 
 #[async_trait]
 impl CommitRecord for ShardCheckpoints {
-    async fn seal(
-        &self,
-        tx: &Transaction<'_>,
-        _statements: &mut Statements,
-        committing: &[Entry<'_>],
-        pending: &[&Meta],
-    ) -> Result<(), RecordError> {
+    async fn seal(&self, t: &mut InTransaction<'_, '_>) -> Result<(), RecordError> {
         // A shard's checkpoint never passes a record that a later piece of the batch still holds.
         let mut held_back: HashMap<&str, &SequenceNumber> = HashMap::new();
-        for ack in pending.iter().filter_map(|m| kinesis(&m.ack)) {
+        for ack in t.pending.iter().filter_map(|m| kinesis(&m.ack)) {
             let first = held_back
                 .entry(&ack.lease.shard_id)
                 .or_insert(&ack.sequence);
             *first = (*first).min(&ack.sequence);
         }
-        let tokens = committing.iter().map(|e| &e.meta.ack).filter(|t| {
-            kinesis(t).is_some_and(|a| {
+        let tokens = t.entries.iter().map(|e| &e.meta.ack).filter(|token| {
+            kinesis(token).is_some_and(|a| {
                 held_back
                     .get(a.lease.shard_id.as_str())
                     .is_none_or(|first| &a.sequence < *first)
             })
         });
-        match checkpoint::checkpoint_all(tx, &progress::checkpoints(tokens)).await {
+        match checkpoint::checkpoint_all(t.tx, &progress::checkpoints(tokens)).await {
             Ok(()) => Ok(()),
             Err(CheckpointError::Db(e)) => Err(RecordError::Database(e)),
             Err(e @ CheckpointError::Fenced { .. }) => {

@@ -12,7 +12,7 @@
 //!    message committed before is skipped (only acknowledged). The dedupe ledger claims here: its
 //!    insert is what makes two committers that hold the same message wait for each other.
 //! 2. The rows (binary COPY) and dead-letter records.
-//! 3. [`CommitRecord::seal`], last before COMMIT: where the source resumes after this transaction
+//! 3. [`CommitRecord::seal`], the last write before COMMIT: where the source resumes after this transaction
 //!    (checkpoints, positions). A batch the database refused is split and committed in pieces; a
 //!    piece's seal is told which messages of its batch later pieces still hold, so a position never
 //!    moves past a message that is not committed yet.
@@ -114,30 +114,31 @@ impl From<tokio_postgres::Error> for RecordError {
     }
 }
 
+/// A batch's transaction, as its commit record sees it.
+pub struct InTransaction<'a, 't> {
+    pub tx: &'a Transaction<'t>,
+    /// Prepared statements of this connection, for the record's own SQL.
+    pub statements: &'a mut Statements,
+    /// The messages this transaction commits: the rows', then the dead letters'.
+    pub entries: &'a [Entry<'a>],
+    /// Messages of the same batch that later transactions will commit (a batch split around a row
+    /// the database refused), which a position must not move past.
+    pub pending: &'a [&'a Meta],
+}
+
 /// What a source writes in every batch's transaction (see the module's description).
 #[async_trait]
 pub trait CommitRecord: Send + Sync {
-    /// Before the rows: records `entries` and tells, per entry in order, whether it is new (load or
-    /// store it) or was committed before (skip it). An entry repeated within the list is new at
+    /// Before the rows: records the entries and tells, per entry in order, whether it is new (load
+    /// or store it) or was committed before (skip it). An entry repeated within the list is new at
     /// most once. By default every message is new.
-    async fn claim(
-        &self,
-        _tx: &Transaction<'_>,
-        _statements: &mut Statements,
-        entries: &[Entry<'_>],
-    ) -> Result<Vec<bool>, RecordError> {
-        Ok(vec![true; entries.len()])
+    async fn claim(&self, t: &mut InTransaction<'_, '_>) -> Result<Vec<bool>, RecordError> {
+        Ok(vec![true; t.entries.len()])
     }
 
-    /// Last before COMMIT: where the source resumes once `committing` is committed. `pending` are
-    /// the messages of the same batch that later transactions will commit. By default nothing.
-    async fn seal(
-        &self,
-        _tx: &Transaction<'_>,
-        _statements: &mut Statements,
-        _committing: &[Entry<'_>],
-        _pending: &[&Meta],
-    ) -> Result<(), RecordError> {
+    /// Last write before COMMIT: where the source resumes once the entries are committed. By
+    /// default nothing.
+    async fn seal(&self, _t: &mut InTransaction<'_, '_>) -> Result<(), RecordError> {
         Ok(())
     }
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::envelope::Meta;
 use crate::error_chain::Chain;
 use crate::pg::Connector;
-use crate::sink::commit_record::{CommitRecord, Entry, Outcome, RecordError, Statements};
+use crate::sink::commit_record::{CommitRecord, InTransaction, Outcome, RecordError, Statements};
 use crate::table_name::TableName;
 
 /// A message's key in the ledger: SHA-256 of its source's scope and its key at that source.
@@ -130,17 +130,13 @@ impl LedgerRecord {
 
 #[async_trait]
 impl CommitRecord for LedgerRecord {
-    async fn claim(
-        &self,
-        tx: &Transaction<'_>,
-        statements: &mut Statements,
-        entries: &[Entry<'_>],
-    ) -> Result<Vec<bool>, RecordError> {
-        let keys: Vec<LedgerKey> = entries
+    async fn claim(&self, t: &mut InTransaction<'_, '_>) -> Result<Vec<bool>, RecordError> {
+        let keys: Vec<LedgerKey> = t
+            .entries
             .iter()
             .map(|e| self.keys.key(e.meta, e.body, e.outcome))
             .collect();
-        Ok(self.ledger.record(tx, statements, &keys).await?)
+        Ok(self.ledger.record(t.tx, t.statements, &keys).await?)
     }
 }
 

@@ -29,7 +29,9 @@ use crate::error_chain::Chain;
 use crate::pg::{ConnectError, Connector, PgError};
 use crate::retry::RetryPolicy;
 use crate::sink::batch::Batch;
-use crate::sink::commit_record::{CommitRecord, Entry, Fence, Outcome, RecordError, Statements};
+use crate::sink::commit_record::{
+    CommitRecord, Entry, Fence, InTransaction, Outcome, RecordError, Statements,
+};
 use crate::sink::copy_encode::{copy_statement, encode_rows};
 use crate::sink::dead_letter::DeadLetterWriter;
 use crate::sink::dead_letter_queue::DeadLetterQueue;
@@ -345,7 +347,13 @@ impl CommitParts {
                 outcome: Outcome::DeadLetter,
             }))
             .collect();
-        let fresh = record.claim(&tx, &mut session.record, &entries).await?;
+        let mut view = InTransaction {
+            tx: &tx,
+            statements: &mut session.record,
+            entries: &entries,
+            pending,
+        };
+        let fresh = record.claim(&mut view).await?;
         let (fresh_rows, fresh_rejects) = fresh.split_at(batch.row_count());
         let rejects: Vec<&Reject> = batch
             .rejects
@@ -367,9 +375,7 @@ impl CommitParts {
         self.dead_letters
             .insert(&tx, &session.dead_letters, &rejects)
             .await?;
-        record
-            .seal(&tx, &mut session.record, &entries, pending)
-            .await?;
+        record.seal(&mut view).await?;
         // Last before commit, so a batch the database refuses is not forwarded twice. Forwarding
         // gives up what the queue will not take: it never holds up the commit for long.
         if let Some(queue) = &self.dead_letter_queue
