@@ -9,6 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::cli::output::{errln, outln};
+
 #[derive(Parser)]
 #[command(
     name = "sluice",
@@ -117,9 +119,9 @@ fn main() -> ExitCode {
         Err(e) => {
             // `check` reports a bad file as one of its findings.
             if matches!(args.command, Command::Check { .. }) {
-                println!("config      FAIL  {e}");
+                outln!("config      FAIL  {e}");
             }
-            eprintln!("sluice: {e}");
+            errln!("sluice: {e}");
             return ExitCode::from(2);
         }
     };
@@ -130,7 +132,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("sluice: cannot start the async runtime: {e}");
+            errln!("sluice: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -165,10 +167,17 @@ fn main() -> ExitCode {
     });
     // Long polls and background connections need not finish: everything that matters is done.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    match outcome {
+    let code = match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sluice: error: {e:#}");
+            errln!("sluice: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    match cli::output::finish() {
+        Ok(()) => code,
+        Err(e) => {
+            errln!("sluice: error: cannot write to standard output: {e}");
             ExitCode::FAILURE
         }
     }

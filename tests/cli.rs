@@ -401,3 +401,55 @@ async fn huge_numbers_are_refused_not_a_crash() {
         run.stderr
     );
 }
+
+/// A reader that leaves early (`sluice report | head -1`) ends the output, not the command: no
+/// panic, no message, and the exit status is the command's own.
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
+    migrate(&config.path).await;
+    let cfg = path_str(&config.path);
+
+    for args in [["report", "--config", cfg], ["check", "--config", cfg]] {
+        let out = run_with_stdout_closed(sluice(&args), LIMIT).await;
+        assert_eq!(out.code, Some(0), "{args:?}: {out:?}");
+        assert_quiet_about_the_pipe(&out);
+    }
+
+    // The user's way: a reader that takes one line and goes.
+    let mut child = sluice(&["report", "--config", cfg]).spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = lines
+        .next_line()
+        .await
+        .expect("read")
+        .expect("a first line");
+    assert!(first.contains("rows"), "{first}");
+    drop(lines);
+    let out = finish(child, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+
+    // `run` loads everything whoever reads its summary.
+    queue.send(&[login("piped-1"), login("piped-2")]).await;
+    let out = run_with_stdout_closed(run_command(&config.path, Some(1)), LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+    assert_eq!(schema.rows_loaded().await, 2);
+
+    // Seeding to standard output stops when nobody reads it.
+    let stdin_config = TestConfig::write(&file_config(&schema, "-"));
+    let seed = sluice(&[
+        "seed",
+        "--config",
+        path_str(&stdin_config.path),
+        "--count",
+        "100000",
+    ]);
+    let out = run_with_stdout_closed(seed, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+}

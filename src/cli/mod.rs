@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod migrate;
+pub mod output;
 pub mod report;
 pub mod run;
 pub mod seed;

@@ -7,6 +7,8 @@ use anyhow::Context;
 use sluice::config::Config;
 use sluice::pipeline::{Pipeline, RunOptions, build_source};
 
+use crate::cli::output::outln;
+
 pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::prepare(config)
         .await
@@ -21,7 +23,7 @@ pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<Exit
     };
     let result = pipeline.run(source, options).await;
     let summary = stats.summary();
-    println!("{summary}");
+    outln!("{summary}");
     result.context("the pipeline stopped")?;
     if summary.released > 0 {
         tracing::info!(

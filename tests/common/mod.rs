@@ -501,3 +501,21 @@ pub fn signal(child: &tokio::process::Child, name: &str) {
         .expect("kill");
     assert!(status.success(), "kill -{name} {pid} failed");
 }
+
+/// Runs `sluice` with a standard output whose reader has already gone, as in `sluice … | head`
+/// once `head` has exited: every write to stdout fails with EPIPE.
+pub async fn run_with_stdout_closed(mut cmd: tokio::process::Command, limit: Duration) -> Finished {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    cmd.stdout(Stdio::from(writer));
+    run_to_end(cmd, limit).await
+}
+
+/// The process neither panicked nor reported a write failure.
+pub fn assert_quiet_about_the_pipe(out: &Finished) {
+    assert!(
+        !out.stderr.contains("panicked") && !out.stderr.to_lowercase().contains("broken pipe"),
+        "{}",
+        out.stderr
+    );
+}
