@@ -453,3 +453,100 @@ async fn output_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_quiet_about_the_pipe(&out);
 }
+
+/// An environment with no AWS region, no AWS credentials and empty AWS config files, whose instance
+/// metadata endpoint is `imds`: a local listener that records any attempt to reach it.
+fn without_aws_settings(cmd: &mut tokio::process::Command, dir: &std::path::Path, imds: &str) {
+    for name in [
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_EC2_METADATA_DISABLED",
+    ] {
+        cmd.env_remove(name);
+    }
+    let (config, credentials) = (dir.join("aws-config"), dir.join("aws-credentials"));
+    std::fs::write(&config, "").expect("write");
+    std::fs::write(&credentials, "").expect("write");
+    cmd.env("AWS_CONFIG_FILE", config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", credentials)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds);
+}
+
+/// A listener standing in for the instance metadata service; it never answers.
+struct MetadataProbe(std::net::TcpListener);
+
+impl MetadataProbe {
+    fn new() -> MetadataProbe {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        MetadataProbe(listener)
+    }
+    fn url(&self) -> String {
+        format!("http://{}", self.0.local_addr().expect("address"))
+    }
+    fn was_reached(&self) -> bool {
+        self.0.accept().is_ok()
+    }
+}
+
+/// With an emulator endpoint, a missing region is no reason for noise and instance metadata is
+/// never probed; missing credentials are named as such, with what to set.
+#[tokio::test]
+async fn aws_settings_missing_against_an_emulator_are_quiet_or_explained() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let toml = sqs_config(&queue, &schema, "", "", "").replace("region = \"us-east-1\"\n", "");
+    assert!(!toml.contains("region"), "{toml}");
+    let config = TestConfig::write(&toml);
+    let imds = MetadataProbe::new();
+
+    let mut no_region = sluice(&["check", "--config", path_str(&config.path)]);
+    without_aws_settings(&mut no_region, dir.path(), &imds.url());
+    no_region
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test");
+    let out = run_to_end(no_region, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("sqs         ok"), "{}", out.stdout);
+    assert!(
+        !out.stderr.to_lowercase().contains("imds") && !out.stderr.contains("WARN"),
+        "{}",
+        out.stderr
+    );
+
+    let mut no_credentials = sluice(&["check", "--config", path_str(&config.path)]);
+    without_aws_settings(&mut no_credentials, dir.path(), &imds.url());
+    let out = run_to_end(no_credentials, LIMIT).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let finding = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("sqs         FAIL"))
+        .unwrap_or_else(|| panic!("no sqs finding in:\n{}", out.stdout));
+    for expected in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"] {
+        assert!(finding.contains(expected), "{finding}");
+    }
+    for noise in ["IMDS", "DispatchFailure", "{"] {
+        assert!(!finding.contains(noise), "{finding}");
+    }
+
+    let mut run = run_command(&config.path, Some(1));
+    without_aws_settings(&mut run, dir.path(), &imds.url());
+    let out = run_to_end(run, LIMIT).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("AWS_ACCESS_KEY_ID"), "{}", out.stderr);
+
+    assert!(
+        !imds.was_reached(),
+        "instance metadata was probed although an endpoint is configured"
+    );
+}

@@ -118,8 +118,9 @@ async fn client_query(
 async fn print_queue(config: &Config) {
     let cfg = &config.source.sqs;
     let client = aws::sqs_client(cfg).await;
-    let Ok(url) = aws::resolve_queue_url(&client, cfg).await else {
-        return outln!("queue: not reachable");
+    let url = match aws::resolve_queue_url(&client, cfg).await {
+        Ok(url) => url,
+        Err(e) => return outln!("queue: not reachable: {e}"),
     };
     let attrs = client
         .get_queue_attributes()
