@@ -132,7 +132,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            errln!("sluice: cannot start the async runtime: {e}");
+            cli::telemetry::fatal(&config.log, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -170,14 +170,15 @@ fn main() -> ExitCode {
     let code = match outcome {
         Ok(code) => code,
         Err(e) => {
-            errln!("sluice: error: {e:#}");
+            cli::telemetry::fatal(&config.log, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     };
     match cli::output::finish() {
         Ok(()) => code,
         Err(e) => {
-            errln!("sluice: error: cannot write to standard output: {e}");
+            let message = format!("cannot write to standard output: {e}");
+            cli::telemetry::fatal(&config.log, &message);
             ExitCode::FAILURE
         }
     }

@@ -38,28 +38,64 @@ pub enum MessageFileError {
 
 const READ_BUFFER: usize = 256 * 1024;
 
+/// A file of messages, opened but not read yet. Opening is apart from reading so that a missing or
+/// unreadable file fails before a run starts, while reading (which may block on standard input)
+/// happens where blocking is allowed.
+pub struct MessageReader {
+    name: String,
+    path: std::path::PathBuf,
+    raw: Box<dyn Read + Send>,
+}
+
+impl MessageReader {
+    /// Opens `path` (`-`: standard input).
+    pub fn open(path: &Path) -> Result<MessageReader, MessageFileError> {
+        let name = path.display().to_string();
+        let raw: Box<dyn Read + Send> = if path == Path::new("-") {
+            Box::new(io::stdin())
+        } else {
+            let file = File::open(path).map_err(|source| MessageFileError::Open {
+                path: name.clone(),
+                source,
+            })?;
+            Box::new(file)
+        };
+        Ok(MessageReader {
+            name,
+            path: path.to_owned(),
+            raw,
+        })
+    }
+
+    /// Calls `each` for every message until the file ends or `each` breaks. Returns how many were
+    /// read.
+    pub fn for_each(
+        self,
+        mut each: impl FnMut(FileMessage) -> ControlFlow<()>,
+    ) -> Result<u64, MessageFileError> {
+        let MessageReader { name, path, raw } = self;
+        let read_err = |source| MessageFileError::Read {
+            path: name.clone(),
+            source,
+        };
+        let mut reader = decode(&path, raw);
+        if starts_with_array(&mut reader).map_err(read_err)? {
+            read_array(reader, &mut each).map_err(|source| MessageFileError::Array {
+                path: name.clone(),
+                source,
+            })
+        } else {
+            read_lines(reader, &mut each).map_err(read_err)
+        }
+    }
+}
+
 /// Calls `each` for every message until the file ends or `each` breaks. Returns how many were read.
 pub fn for_each_message(
     path: &Path,
-    mut each: impl FnMut(FileMessage) -> ControlFlow<()>,
+    each: impl FnMut(FileMessage) -> ControlFlow<()>,
 ) -> Result<u64, MessageFileError> {
-    let name = path.display().to_string();
-    let mut reader = open(path).map_err(|source| MessageFileError::Open {
-        path: name.clone(),
-        source,
-    })?;
-    let read_err = |source| MessageFileError::Read {
-        path: name.clone(),
-        source,
-    };
-    if starts_with_array(&mut reader).map_err(read_err)? {
-        read_array(reader, &mut each).map_err(|source| MessageFileError::Array {
-            path: name.clone(),
-            source,
-        })
-    } else {
-        read_lines(reader, &mut each).map_err(read_err)
-    }
+    MessageReader::open(path)?.for_each(each)
 }
 
 /// Reads every message into memory; for small files such as seed data.
@@ -72,19 +108,14 @@ pub fn read_all(path: &Path) -> Result<Vec<FileMessage>, MessageFileError> {
     Ok(all)
 }
 
-fn open(path: &Path) -> io::Result<Box<dyn BufRead + Send>> {
-    let raw: Box<dyn Read + Send> = if path == Path::new("-") {
-        Box::new(io::stdin())
-    } else {
-        Box::new(File::open(path)?)
-    };
+fn decode(path: &Path, raw: Box<dyn Read + Send>) -> Box<dyn BufRead + Send> {
     let gzip = path.extension().is_some_and(|ext| ext == "gz");
     let decoded: Box<dyn Read + Send> = if gzip {
         Box::new(flate2::read::MultiGzDecoder::new(raw))
     } else {
         raw
     };
-    Ok(Box::new(BufReader::with_capacity(READ_BUFFER, decoded)))
+    Box::new(BufReader::with_capacity(READ_BUFFER, decoded))
 }
 
 /// Skips leading whitespace and tells whether the content opens with `[`.

@@ -550,3 +550,51 @@ async fn aws_settings_missing_against_an_emulator_are_quiet_or_explained() {
         "instance metadata was probed although an endpoint is configured"
     );
 }
+
+/// A run that cannot start (its input is missing, its metrics port is taken) prints no summary:
+/// there was no run to sum up. With JSON logs its fatal line is JSON too.
+#[tokio::test]
+async fn a_run_that_cannot_start_prints_no_summary() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let missing = dir.path().join("absent.ndjson");
+    let out = run_with_config(&file_config(&schema, path_str(&missing)), &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+    assert!(out.stderr.contains("absent.ndjson"), "{}", out.stderr);
+
+    let data = dir.path().join("one.ndjson");
+    std::fs::write(&data, login("port-taken")).expect("write");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address").to_string();
+    let toml = format!(
+        "{}\n[metrics]\nlisten = \"{address}\"\n",
+        file_config(&schema, path_str(&data))
+    );
+    let out = run_with_config(&toml, &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+    assert!(out.stderr.contains(&address), "{}", out.stderr);
+    assert_eq!(schema.rows_so_far().await, 0);
+
+    let toml = format!(
+        "{}\n[log]\nformat = \"json\"\n",
+        file_config(&schema, path_str(&missing))
+    );
+    let out = run_with_config(&toml, &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let fatal = lines.last().expect("a fatal line");
+    assert_eq!(fatal["level"], "ERROR", "{fatal}");
+    assert!(
+        fatal["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("absent.ndjson")),
+        "{fatal}"
+    );
+}

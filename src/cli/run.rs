@@ -21,7 +21,12 @@ pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<Exit
         exit_when_idle: idle,
         handle_signals: true,
     };
-    let result = pipeline.run(source, options).await;
+    // A run that could not start has nothing to sum up: its error alone is the answer.
+    let running = pipeline
+        .start(source, options)
+        .await
+        .context("cannot start the pipeline")?;
+    let result = running.finish().await;
     let summary = stats.summary();
     outln!("{summary}");
     result.context("the pipeline stopped")?;
