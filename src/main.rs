@@ -37,7 +37,7 @@ enum Command {
     Seed {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// JSON array or NDJSON of message bodies; gzip if the name ends in .gz.
+        /// JSON array or NDJSON of message bodies, gzip or not.
         #[arg(
             long,
             value_name = "PATH",

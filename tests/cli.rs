@@ -598,3 +598,76 @@ async fn a_run_that_cannot_start_prints_no_summary() {
         "{fatal}"
     );
 }
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, bytes).expect("compress");
+    gz.finish().expect("finish")
+}
+
+/// Files as other tools write them: gzip is recognized by its first bytes (on standard input, or
+/// under any name), a UTF-8 byte-order mark is not part of the first message, and an empty
+/// `locale` is kept as the empty string it is.
+#[tokio::test]
+async fn files_are_read_as_other_tools_write_them() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let lines = format!("{}\n{}\n{}\n", login("gz-1"), login("gz-2"), login("gz-3"));
+
+    let stdin_config = TestConfig::write(&file_config(&schema, "-"));
+    let mut cmd = run_command(&stdin_config.path, None);
+    cmd.stdin(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, &gzip(lines.as_bytes()))
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    let out = finish(child, LIMIT).await;
+    out.assert_success();
+    assert_eq!(out.summary().loaded, 3, "{out:?}");
+
+    let unnamed = dir.path().join("logins.ndjson");
+    std::fs::write(&unnamed, gzip(lines.as_bytes())).expect("write");
+    let out = run_with_config(&file_config(&schema, path_str(&unnamed)), &["run"]).await;
+    out.assert_success();
+    assert_eq!(out.summary().loaded, 3, "{out:?}");
+
+    let empty_locale = login("bom-2").replace("\"locale\": \"RU\"", "\"locale\": \"\"");
+    assert!(empty_locale.contains("\"locale\": \"\""), "{empty_locale}");
+    let with_bom = dir.path().join("bom.ndjson");
+    std::fs::write(
+        &with_bom,
+        format!("\u{feff}{}\n{empty_locale}\n", login("bom-1")),
+    )
+    .expect("write");
+    let array_with_bom = dir.path().join("bom.json");
+    std::fs::write(&array_with_bom, format!("\u{feff}[{}]", login("bom-3"))).expect("write");
+    for path in [&with_bom, &array_with_bom] {
+        let out = run_with_config(&file_config(&schema, path_str(path)), &["run"]).await;
+        out.assert_success();
+        assert_eq!(
+            out.summary().rejected,
+            0,
+            "{path:?}: {:?}",
+            schema.rejects().await
+        );
+    }
+    let locale: Option<String> = schema
+        .client
+        .query_one(
+            &format!(
+                "SELECT locale FROM {} WHERE user_id = 'bom-2'",
+                schema.table()
+            ),
+            &[],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(
+        locale.as_deref(),
+        Some(""),
+        "an empty locale stays empty, not NULL"
+    );
+}

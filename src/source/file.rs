@@ -1,5 +1,5 @@
-//! The file source, for backfills and replays: every message of an NDJSON or JSON-array file (gzip by
-//! name, `-` for standard input) goes through the same stages as live traffic. It acknowledges
+//! The file source, for backfills and replays: every message of an NDJSON or JSON-array file (gzip
+//! or not, `-` for standard input) goes through the same stages as live traffic. It acknowledges
 //! nothing and ends by itself at the end of the file, which ends the run.
 //!
 //! Reading is blocking I/O, so it runs on a blocking thread and hands chunks to the async pipeline
