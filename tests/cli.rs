@@ -671,3 +671,76 @@ async fn files_are_read_as_other_tools_write_them() {
         "an empty locale stays empty, not NULL"
     );
 }
+
+/// The configuration is found by `--config`, `-c` or `SLUICE_CONFIG`; `--help` says which
+/// environment variables count and what the exit codes mean; `completions` prints a script for
+/// each shell.
+#[tokio::test]
+async fn the_config_is_found_and_the_help_tells_the_rest() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("in.ndjson");
+    std::fs::write(&data, login("found")).expect("write");
+    let config = TestConfig::write(&file_config(&schema, path_str(&data)));
+    let cfg = path_str(&config.path);
+
+    let short = run_to_end(sluice(&["check", "-c", cfg]), LIMIT).await;
+    assert_eq!(short.code, Some(0), "{short:?}");
+    assert!(short.stdout.contains("config      ok"), "{}", short.stdout);
+
+    let mut from_env = sluice(&["check"]);
+    from_env.env("SLUICE_CONFIG", cfg);
+    let out = run_to_end(from_env, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("config      ok"), "{}", out.stdout);
+
+    let mut flag_wins = sluice(&["check", "--config", cfg]);
+    flag_wins.env("SLUICE_CONFIG", dir.path().join("absent.toml"));
+    let out = run_to_end(flag_wins, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    let neither = run_to_end(sluice(&["check"]), LIMIT).await;
+    assert_eq!(neither.code, Some(2), "{neither:?}");
+    assert!(neither.stderr.contains("--config"), "{}", neither.stderr);
+
+    for args in [&["--help"][..], &["run", "--help"], &["seed", "--help"]] {
+        let help = run_to_end(sluice(args), LIMIT).await;
+        assert_eq!(help.code, Some(0), "{help:?}");
+        for expected in [
+            "SLUICE_CONFIG",
+            "SLUICE_DATABASE_URL",
+            "SLUICE_SQS_QUEUE_URL",
+            "SLUICE_SQS_ENDPOINT_URL",
+            "SLUICE_MASK_KEY",
+            "RUST_LOG",
+            "AWS_ACCESS_KEY_ID",
+            "Exit codes",
+            "130",
+        ] {
+            assert!(
+                help.stdout.contains(expected),
+                "{args:?}: {expected} in\n{}",
+                help.stdout
+            );
+        }
+    }
+    let help = run_to_end(sluice(&["check", "--help"]), LIMIT).await;
+    assert!(
+        help.stdout.contains("-c, --config <FILE>"),
+        "{}",
+        help.stdout
+    );
+
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run_to_end(sluice(&["completions", shell]), LIMIT).await;
+        assert_eq!(out.code, Some(0), "{shell}: {out:?}");
+        assert!(
+            out.stdout.contains("config") && out.stdout.contains("exit-when-idle"),
+            "{shell}: {}",
+            out.stdout
+        );
+    }
+    let out = run_with_stdout_closed(sluice(&["completions", "bash"]), LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+}

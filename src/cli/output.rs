@@ -32,6 +32,16 @@ pub fn line(text: fmt::Arguments<'_>) {
     }
 }
 
+/// Writes bytes as they are to standard output, like [`line`].
+pub fn bytes(data: &[u8]) {
+    if READER_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = io::stdout().lock().write_all(data) {
+        failed(e);
+    }
+}
+
 /// Records a failed write to standard output made by other means (such as a stream of seeded
 /// messages). Returns whether it was only the reader going away.
 pub fn failed(error: io::Error) -> bool {

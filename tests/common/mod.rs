@@ -355,6 +355,7 @@ fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
 pub fn sluice(args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.args(args)
+        .env_remove("SLUICE_CONFIG")
         .env_remove("SLUICE_SQS_QUEUE_URL")
         .env_remove("SLUICE_SQS_ENDPOINT_URL")
         .env_remove("SLUICE_DATABASE_URL")
