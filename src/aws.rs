@@ -2,10 +2,12 @@
 //! building a client from configuration, and telling a passing error from one that retrying cannot fix.
 //!
 //! Region and credentials come from the standard AWS chain, with two departures. With an
-//! `endpoint_url` (an emulator, or a private endpoint) instance metadata is never asked for either:
-//! there is no instance whose role or region would apply, and on a laptop each probe costs seconds
-//! and a warning. And when no credentials are found, the error says which variables or profile to
-//! set instead of listing every provider the SDK tried.
+//! `endpoint_url` (an emulator such as moto or LocalStack) instance metadata is never asked for
+//! either: an emulator has no use for an instance's role or region, and on a laptop each probe costs
+//! seconds and a page of warnings. (A private endpoint used from an EC2 instance therefore takes its
+//! credentials from the environment, a profile, web identity or a container role, not the instance
+//! role.) And when no credentials are found, the error says which variables or profile to set
+//! instead of listing every provider the SDK tried.
 
 use std::time::Duration;
 
@@ -172,7 +174,7 @@ pub fn receive_attempt_timeout(cfg: &SqsConfig) -> Duration {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InstanceMetadata {
     Ask,
-    /// An endpoint is configured: no instance's region or role applies.
+    /// An endpoint is configured: an emulator, which no instance's region or role concerns.
     Never,
 }
 
