@@ -9,6 +9,8 @@ use sluice::pg;
 use sluice::pipeline::tables;
 use sluice::sink::schema;
 
+use crate::cli::output::outln;
+
 pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
     let url = config.database_url();
     let timeout = Duration::from_secs(config.sink.postgres.connect_timeout_seconds);
@@ -24,7 +26,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
         } else {
             "exists, left unchanged"
         };
-        println!("{:<40} {what}", status.table);
+        outln!("{:<40} {what}", status.table);
     }
     schema::verify(&client, &tables, dedupe)
         .await

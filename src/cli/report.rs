@@ -10,6 +10,8 @@ use sluice::config::{Config, SourceKind, redact_url};
 use sluice::pg;
 use sluice::pipeline::tables;
 
+use crate::cli::output::outln;
+
 pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCode> {
     let url = config.database_url();
     let timeout = Duration::from_secs(config.sink.postgres.connect_timeout_seconds);
@@ -26,9 +28,13 @@ pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCod
     ))
     .await?;
     if let Some(row) = totals.first() {
-        println!(
+        outln!(
             "{}: {} rows ({} distinct masked_ip, {} distinct masked_device_id, {} users)",
-            t.target, row[0], row[1], row[2], row[3]
+            t.target,
+            row[0],
+            row[1],
+            row[2],
+            row[3]
         );
     }
     let by_reason = |label: &str| {
@@ -46,9 +52,9 @@ pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCod
         .iter()
         .filter_map(|r| r[0].parse::<i64>().ok())
         .sum();
-    println!("{}: {rejected} dead letters", t.dead_letter);
+    outln!("{}: {rejected} dead letters", t.dead_letter);
     for r in &reasons {
-        println!("  {:>6}  {}", r[0], r[1]);
+        outln!("  {:>6}  {}", r[0], r[1]);
     }
     let rows = client_query(
         &client,
@@ -62,15 +68,26 @@ pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCod
     )
     .await?;
     if !rows.is_empty() {
-        println!("sample rows:");
-        println!(
+        outln!("sample rows:");
+        outln!(
             "  {:<36}  {:<8}  {:<17}  {:<17}  {:<6}  {:>3}  create_date",
-            "user_id", "device", "masked_ip", "masked_device_id", "locale", "ver"
+            "user_id",
+            "device",
+            "masked_ip",
+            "masked_device_id",
+            "locale",
+            "ver"
         );
         for r in rows {
-            println!(
+            outln!(
                 "  {:<36}  {:<8}  {:<17}  {:<17}  {:<6}  {:>3}  {}",
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6]
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6]
             );
         }
     }
@@ -101,8 +118,9 @@ async fn client_query(
 async fn print_queue(config: &Config) {
     let cfg = &config.source.sqs;
     let client = aws::sqs_client(cfg).await;
-    let Ok(url) = aws::resolve_queue_url(&client, cfg).await else {
-        return println!("queue: not reachable");
+    let url = match aws::resolve_queue_url(&client, cfg).await {
+        Ok(url) => url,
+        Err(e) => return outln!("queue: not reachable: {e}"),
     };
     let attrs = client
         .get_queue_attributes()
@@ -115,7 +133,7 @@ async fn print_queue(config: &Config) {
         .and_then(|o| o.attributes)
         .unwrap_or_default();
     let get = |n| attrs.get(&n).cloned().unwrap_or_else(|| "?".into());
-    println!(
+    outln!(
         "queue {url}: {} waiting, {} in flight",
         get(QueueAttributeName::ApproximateNumberOfMessages),
         get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)

@@ -7,6 +7,8 @@ use anyhow::Context;
 use sluice::config::Config;
 use sluice::pipeline::{Pipeline, RunOptions, build_source};
 
+use crate::cli::output::outln;
+
 pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::prepare(config)
         .await
@@ -19,9 +21,14 @@ pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<Exit
         exit_when_idle: idle,
         handle_signals: true,
     };
-    let result = pipeline.run(source, options).await;
+    // A run that could not start has nothing to sum up: its error alone is the answer.
+    let running = pipeline
+        .start(source, options)
+        .await
+        .context("cannot start the pipeline")?;
+    let result = running.finish().await;
     let summary = stats.summary();
-    println!("{summary}");
+    outln!("{summary}");
     result.context("the pipeline stopped")?;
     if summary.released > 0 {
         tracing::info!(

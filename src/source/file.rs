@@ -1,5 +1,5 @@
-//! The file source, for backfills and replays: every message of an NDJSON or JSON-array file (gzip by
-//! name, `-` for standard input) goes through the same stages as live traffic. It acknowledges
+//! The file source, for backfills and replays: every message of an NDJSON or JSON-array file (gzip
+//! or not, `-` for standard input) goes through the same stages as live traffic. It acknowledges
 //! nothing and ends by itself at the end of the file, which ends the run.
 //!
 //! Reading is blocking I/O, so it runs on a blocking thread and hands chunks to the async pipeline
@@ -14,29 +14,40 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::envelope::{Chunk, Envelope, Meta, Reject, Stage};
-use crate::message_file::{self, FileMessage};
+use crate::message_file::{self, FileMessage, MessageReader};
 use crate::shutdown::Shutdown;
 use crate::source::{BuiltSource, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
 
 pub struct FileSource {
     path: PathBuf,
+    file: MessageReader,
     chunk_messages: usize,
     stats: Arc<Stats>,
 }
 
 impl FileSource {
-    pub fn build(path: PathBuf, chunk_messages: usize, stats: Arc<Stats>) -> BuiltSource {
-        BuiltSource {
+    /// Opens the file, so that a missing or unreadable one fails before the run starts.
+    pub fn build(
+        path: PathBuf,
+        chunk_messages: usize,
+        stats: Arc<Stats>,
+    ) -> Result<BuiltSource, SourceError> {
+        let file = MessageReader::open(&path).map_err(|e| SourceError::Input {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(BuiltSource {
             source: Box::new(FileSource {
                 path,
+                file,
                 chunk_messages: chunk_messages.max(1),
                 stats,
             }),
             acknowledger: Arc::new(NoAcknowledger),
             chunk_messages: chunk_messages.max(1),
             receive_allowance: std::time::Duration::ZERO,
-        }
+        })
     }
 }
 
@@ -61,14 +72,20 @@ impl Source for FileSource {
 
 impl FileSource {
     fn read(
-        &self,
+        self,
         out: mpsc::Sender<Chunk<Envelope>>,
         shutdown: Shutdown,
     ) -> Result<(), message_file::MessageFileError> {
-        let mut chunk = Chunk::new(Vec::with_capacity(self.chunk_messages));
+        let FileSource {
+            file,
+            chunk_messages,
+            stats,
+            ..
+        } = self;
+        let mut chunk = Chunk::new(Vec::with_capacity(chunk_messages));
         let mut received_at = SystemTime::now();
         let send = |chunk: Chunk<Envelope>| -> ControlFlow<()> {
-            self.stats.record_received(chunk.len());
+            stats.record_received(chunk.len());
             if shutdown.is_requested() || out.blocking_send(chunk).is_err() {
                 ControlFlow::Break(())
             } else {
@@ -76,15 +93,13 @@ impl FileSource {
             }
         };
         let mut stopped = false;
-        message_file::for_each_message(&self.path, |message| {
+        file.for_each(|message| {
             push(&mut chunk, message, received_at);
-            if chunk.len() < self.chunk_messages {
+            if chunk.len() < chunk_messages {
                 return ControlFlow::Continue(());
             }
-            let full = std::mem::replace(
-                &mut chunk,
-                Chunk::new(Vec::with_capacity(self.chunk_messages)),
-            );
+            let full =
+                std::mem::replace(&mut chunk, Chunk::new(Vec::with_capacity(chunk_messages)));
             received_at = SystemTime::now();
             let flow = send(full);
             stopped = flow.is_break();
