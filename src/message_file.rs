@@ -1,5 +1,9 @@
-//! Reading message bodies from a file: NDJSON (one message per line) or one JSON array, gzip when the
-//! name ends in `.gz`, `-` for standard input.
+//! Reading message bodies from a file: NDJSON (one message per line) or one JSON array, gzip or not,
+//! `-` for standard input.
+//!
+//! Gzip is recognized by its first two bytes, not by the name: a compressed stream piped to standard
+//! input has no name, and a compressed file need not be called `.gz`. A UTF-8 byte-order mark, which
+//! some editors and exporters put first, is dropped rather than taken as part of the first message.
 //!
 //! Files are streamed, never loaded whole, so a backfill of any size runs in constant memory. NDJSON
 //! lines are passed on exactly as written (a malformed line is the parse stage's business, and gets a
@@ -38,28 +42,59 @@ pub enum MessageFileError {
 
 const READ_BUFFER: usize = 256 * 1024;
 
+/// A file of messages, opened but not read yet. Opening is apart from reading so that a missing or
+/// unreadable file fails before a run starts, while reading (which may block on standard input)
+/// happens where blocking is allowed.
+pub struct MessageReader {
+    name: String,
+    raw: Box<dyn Read + Send>,
+}
+
+impl MessageReader {
+    /// Opens `path` (`-`: standard input).
+    pub fn open(path: &Path) -> Result<MessageReader, MessageFileError> {
+        let name = path.display().to_string();
+        let raw: Box<dyn Read + Send> = if path == Path::new("-") {
+            Box::new(io::stdin())
+        } else {
+            let file = File::open(path).map_err(|source| MessageFileError::Open {
+                path: name.clone(),
+                source,
+            })?;
+            Box::new(file)
+        };
+        Ok(MessageReader { name, raw })
+    }
+
+    /// Calls `each` for every message until the file ends or `each` breaks. Returns how many were
+    /// read.
+    pub fn for_each(
+        self,
+        mut each: impl FnMut(FileMessage) -> ControlFlow<()>,
+    ) -> Result<u64, MessageFileError> {
+        let MessageReader { name, raw } = self;
+        let read_err = |source| MessageFileError::Read {
+            path: name.clone(),
+            source,
+        };
+        let mut reader = decode(raw).map_err(read_err)?;
+        if starts_with_array(&mut reader).map_err(read_err)? {
+            read_array(reader, &mut each).map_err(|source| MessageFileError::Array {
+                path: name.clone(),
+                source,
+            })
+        } else {
+            read_lines(reader, &mut each).map_err(read_err)
+        }
+    }
+}
+
 /// Calls `each` for every message until the file ends or `each` breaks. Returns how many were read.
 pub fn for_each_message(
     path: &Path,
-    mut each: impl FnMut(FileMessage) -> ControlFlow<()>,
+    each: impl FnMut(FileMessage) -> ControlFlow<()>,
 ) -> Result<u64, MessageFileError> {
-    let name = path.display().to_string();
-    let mut reader = open(path).map_err(|source| MessageFileError::Open {
-        path: name.clone(),
-        source,
-    })?;
-    let read_err = |source| MessageFileError::Read {
-        path: name.clone(),
-        source,
-    };
-    if starts_with_array(&mut reader).map_err(read_err)? {
-        read_array(reader, &mut each).map_err(|source| MessageFileError::Array {
-            path: name.clone(),
-            source,
-        })
-    } else {
-        read_lines(reader, &mut each).map_err(read_err)
-    }
+    MessageReader::open(path)?.for_each(each)
 }
 
 /// Reads every message into memory; for small files such as seed data.
@@ -72,19 +107,41 @@ pub fn read_all(path: &Path) -> Result<Vec<FileMessage>, MessageFileError> {
     Ok(all)
 }
 
-fn open(path: &Path) -> io::Result<Box<dyn BufRead + Send>> {
-    let raw: Box<dyn Read + Send> = if path == Path::new("-") {
-        Box::new(io::stdin())
-    } else {
-        Box::new(File::open(path)?)
-    };
-    let gzip = path.extension().is_some_and(|ext| ext == "gz");
-    let decoded: Box<dyn Read + Send> = if gzip {
+/// The first two bytes of every gzip stream.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// The UTF-8 encoding of U+FEFF, the byte-order mark.
+const UTF8_BOM: [u8; 3] = [0xef, 0xbb, 0xbf];
+
+/// The text of a file: gunzipped if it starts like gzip, without a leading byte-order mark.
+fn decode(mut raw: Box<dyn Read + Send>) -> io::Result<Box<dyn BufRead + Send>> {
+    let head = read_prefix(&mut raw, GZIP_MAGIC.len())?;
+    let gzip = head == GZIP_MAGIC;
+    let raw = put_back(head, raw);
+    let mut text: Box<dyn Read + Send> = if gzip {
         Box::new(flate2::read::MultiGzDecoder::new(raw))
     } else {
         raw
     };
-    Ok(Box::new(BufReader::with_capacity(READ_BUFFER, decoded)))
+    let head = read_prefix(&mut text, UTF8_BOM.len())?;
+    let text = if head == UTF8_BOM {
+        text
+    } else {
+        put_back(head, text)
+    };
+    Ok(Box::new(BufReader::with_capacity(READ_BUFFER, text)))
+}
+
+/// Up to `n` bytes from the start of `reader`: fewer only at its end (a pipe may deliver them one
+/// at a time).
+fn read_prefix(reader: &mut (dyn Read + Send), n: usize) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(n);
+    reader.take(n as u64).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// `reader` with `head` in front of it again.
+fn put_back(head: Vec<u8>, reader: Box<dyn Read + Send>) -> Box<dyn Read + Send> {
+    Box::new(io::Cursor::new(head).chain(reader))
 }
 
 /// Skips leading whitespace and tells whether the content opens with `[`.
@@ -229,12 +286,58 @@ mod tests {
         }
     }
 
-    #[test]
-    fn gzip_is_chosen_by_name() {
+    fn gzip(content: &[u8]) -> Vec<u8> {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(b"[{\"a\":1},{\"a\":2}]").expect("compress");
-        let p = temp("c.json.gz", &gz.finish().expect("finish"));
-        assert_eq!(bodies(&p).len(), 2);
+        gz.write_all(content).expect("compress");
+        gz.finish().expect("finish")
+    }
+
+    /// Hands out one byte per read, as a slow pipe may.
+    struct Trickle(io::Cursor<Vec<u8>>);
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let end = buf.len().min(1);
+            self.0.read(&mut buf[..end])
+        }
+    }
+
+    fn decoded(content: &[u8]) -> Vec<u8> {
+        let mut text = Vec::new();
+        decode(Box::new(Trickle(io::Cursor::new(content.to_vec()))))
+            .expect("decode")
+            .read_to_end(&mut text)
+            .expect("read");
+        text
+    }
+
+    #[test]
+    fn gzip_is_recognized_by_its_first_bytes_whatever_the_name() {
+        let content = gzip(b"[{\"a\":1},{\"a\":2}]");
+        assert_eq!(bodies(&temp("c.json.gz", &content)).len(), 2);
+        assert_eq!(bodies(&temp("c.json", &content)).len(), 2);
+        assert_eq!(decoded(&gzip(b"{}\n{}\n")), b"{}\n{}\n");
+        assert_eq!(decoded(b"{}\n"), b"{}\n", "plain text is left as it is");
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_dropped() {
+        assert_eq!(decoded(b"\xef\xbb\xbf{}\n"), b"{}\n");
+        assert_eq!(decoded(&gzip(b"\xef\xbb\xbf{}\n")), b"{}\n");
+        assert_eq!(
+            decoded(b"{}\n\xef\xbb\xbf"),
+            b"{}\n\xef\xbb\xbf",
+            "only at the start"
+        );
+        let p = temp("g.json", b"\xef\xbb\xbf [1, 2]");
+        assert_eq!(bodies(&p), [(1, "1".into()), (2, "2".into())]);
+    }
+
+    #[test]
+    fn short_and_empty_files_are_read_whole() {
+        for content in [&b""[..], b"\x1f", b"\xef\xbb", b"1"] {
+            assert_eq!(decoded(content), content);
+        }
     }
 
     #[test]

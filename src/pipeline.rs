@@ -122,19 +122,32 @@ impl Pipeline {
 
     /// Runs until the source ends, shutdown is requested, or a stage fails.
     pub async fn run(
-        mut self,
+        self,
         source: BuiltSource,
         options: RunOptions,
     ) -> Result<Summary, PipelineError> {
+        self.start(source, options).await?.finish().await
+    }
+
+    /// Starts the run: the operations endpoint (whose address may be taken), signal handlers, the
+    /// idle watch and the stage tasks. An error here means nothing ran and no message was touched.
+    pub async fn start(
+        mut self,
+        source: BuiltSource,
+        options: RunOptions,
+    ) -> Result<Running, PipelineError> {
+        let channels = Channels::new(self.config.pipeline.channel_capacity, source.chunk_messages);
+        let endpoint = self.start_endpoint(&channels).await?;
         let token = options.shutdown.clone();
-        if options.handle_signals {
-            shutdown::listen_for_signals(token.clone()).map_err(PipelineError::Signals)?;
+        if options.handle_signals
+            && let Err(e) = shutdown::listen_for_signals(token.clone())
+        {
+            endpoint.cancel();
+            return Err(PipelineError::Signals(e));
         }
         if let Some(idle) = options.exit_when_idle {
             shutdown::exit_when_idle(token.clone(), self.stats.clone(), idle);
         }
-        let channels = Channels::new(self.config.pipeline.channel_capacity, source.chunk_messages);
-        let endpoint = self.start_endpoint(&channels).await?;
         let pruner = self.sink.start_ledger_pruning();
         let acknowledger = source.acknowledger.clone();
         let stats = self.stats.clone();
@@ -142,13 +155,16 @@ impl Pipeline {
             timeout: Duration::from_secs(self.config.pipeline.shutdown_timeout_seconds),
             receive_allowance: source.receive_allowance,
         };
-
         let tasks = self.spawn_stages(source, channels, token.clone());
-        let outcome = supervise(tasks, &token, limits).await;
-        acknowledger.finish().await;
-        pruner.cancel();
-        endpoint.cancel();
-        outcome.map(|()| stats.summary())
+        Ok(Running {
+            tasks,
+            token,
+            limits,
+            acknowledger,
+            stats,
+            pruner,
+            endpoint,
+        })
     }
 
     /// Starts `/metrics`, `/healthz` and `/readyz` if configured; cancel the token to stop them.
@@ -237,6 +253,29 @@ impl Pipeline {
             Ok(())
         });
         tasks
+    }
+}
+
+/// A pipeline whose stages are running.
+pub struct Running {
+    tasks: StageTasks,
+    token: Shutdown,
+    limits: DrainLimits,
+    acknowledger: Arc<dyn Acknowledger>,
+    stats: Arc<Stats>,
+    pruner: CancellationToken,
+    endpoint: CancellationToken,
+}
+
+impl Running {
+    /// Waits until the source ends, shutdown is requested, or a stage fails; then hands back what
+    /// is unacknowledged and stops the background work.
+    pub async fn finish(self) -> Result<Summary, PipelineError> {
+        let outcome = supervise(self.tasks, &self.token, self.limits).await;
+        self.acknowledger.finish().await;
+        self.pruner.cancel();
+        self.endpoint.cancel();
+        outcome.map(|()| self.stats.summary())
     }
 }
 

@@ -495,3 +495,346 @@ async fn an_old_text_keyed_ledger_is_left_unchanged_and_refused() {
     assert_eq!(columns, ["message_key", "seen_at"]);
     assert_eq!(schema.count(&schema.ledger()).await, 1);
 }
+
+/// A reader that leaves early (`sluice report | head -1`) ends the output, not the command: no
+/// panic, no message, and the exit status is the command's own.
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
+    migrate(&config.path).await;
+    let cfg = path_str(&config.path);
+
+    for args in [["report", "--config", cfg], ["check", "--config", cfg]] {
+        let out = run_with_stdout_closed(sluice(&args), LIMIT).await;
+        assert_eq!(out.code, Some(0), "{args:?}: {out:?}");
+        assert_quiet_about_the_pipe(&out);
+    }
+
+    // The user's way: a reader that takes one line and goes.
+    let mut child = sluice(&["report", "--config", cfg]).spawn().expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = lines
+        .next_line()
+        .await
+        .expect("read")
+        .expect("a first line");
+    assert!(first.contains("rows"), "{first}");
+    drop(lines);
+    let out = finish(child, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+
+    // `run` loads everything whoever reads its summary.
+    queue.send(&[login("piped-1"), login("piped-2")]).await;
+    let out = run_with_stdout_closed(run_command(&config.path, Some(1)), LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+    assert_eq!(schema.rows_loaded().await, 2);
+
+    // Seeding to standard output stops when nobody reads it.
+    let stdin_config = TestConfig::write(&file_config(&schema, "-"));
+    let seed = sluice(&[
+        "seed",
+        "--config",
+        path_str(&stdin_config.path),
+        "--count",
+        "100000",
+    ]);
+    let out = run_with_stdout_closed(seed, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+}
+
+/// An environment with no AWS region, no AWS credentials and empty AWS config files, whose instance
+/// metadata endpoint is `imds`: a local listener that records any attempt to reach it.
+fn without_aws_settings(cmd: &mut tokio::process::Command, dir: &std::path::Path, imds: &str) {
+    for name in [
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_EC2_METADATA_DISABLED",
+    ] {
+        cmd.env_remove(name);
+    }
+    let (config, credentials) = (dir.join("aws-config"), dir.join("aws-credentials"));
+    std::fs::write(&config, "").expect("write");
+    std::fs::write(&credentials, "").expect("write");
+    cmd.env("AWS_CONFIG_FILE", config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", credentials)
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds);
+}
+
+/// A listener standing in for the instance metadata service; it never answers.
+struct MetadataProbe(std::net::TcpListener);
+
+impl MetadataProbe {
+    fn new() -> MetadataProbe {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        MetadataProbe(listener)
+    }
+    fn url(&self) -> String {
+        format!("http://{}", self.0.local_addr().expect("address"))
+    }
+    fn was_reached(&self) -> bool {
+        self.0.accept().is_ok()
+    }
+}
+
+/// With an emulator endpoint, a missing region is no reason for noise and instance metadata is
+/// never probed; missing credentials are named as such, with what to set.
+#[tokio::test]
+async fn aws_settings_missing_against_an_emulator_are_quiet_or_explained() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let toml = sqs_config(&queue, &schema, "", "", "").replace("region = \"us-east-1\"\n", "");
+    assert!(!toml.contains("region"), "{toml}");
+    let config = TestConfig::write(&toml);
+    let imds = MetadataProbe::new();
+
+    let mut no_region = sluice(&["check", "--config", path_str(&config.path)]);
+    without_aws_settings(&mut no_region, dir.path(), &imds.url());
+    no_region
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test");
+    let out = run_to_end(no_region, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("sqs         ok"), "{}", out.stdout);
+    assert!(
+        !out.stderr.to_lowercase().contains("imds") && !out.stderr.contains("WARN"),
+        "{}",
+        out.stderr
+    );
+
+    let mut no_credentials = sluice(&["check", "--config", path_str(&config.path)]);
+    without_aws_settings(&mut no_credentials, dir.path(), &imds.url());
+    let out = run_to_end(no_credentials, LIMIT).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let finding = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("sqs         FAIL"))
+        .unwrap_or_else(|| panic!("no sqs finding in:\n{}", out.stdout));
+    for expected in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"] {
+        assert!(finding.contains(expected), "{finding}");
+    }
+    for noise in ["IMDS", "DispatchFailure", "{"] {
+        assert!(!finding.contains(noise), "{finding}");
+    }
+
+    let mut run = run_command(&config.path, Some(1));
+    without_aws_settings(&mut run, dir.path(), &imds.url());
+    let out = run_to_end(run, LIMIT).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("AWS_ACCESS_KEY_ID"), "{}", out.stderr);
+
+    assert!(
+        !imds.was_reached(),
+        "instance metadata was probed although an endpoint is configured"
+    );
+}
+
+/// A run that cannot start (its input is missing, its metrics port is taken) prints no summary:
+/// there was no run to sum up. With JSON logs its fatal line is JSON too.
+#[tokio::test]
+async fn a_run_that_cannot_start_prints_no_summary() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let missing = dir.path().join("absent.ndjson");
+    let out = run_with_config(&file_config(&schema, path_str(&missing)), &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+    assert!(out.stderr.contains("absent.ndjson"), "{}", out.stderr);
+
+    let data = dir.path().join("one.ndjson");
+    std::fs::write(&data, login("port-taken")).expect("write");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address").to_string();
+    let toml = format!(
+        "{}\n[metrics]\nlisten = \"{address}\"\n",
+        file_config(&schema, path_str(&data))
+    );
+    let out = run_with_config(&toml, &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+    assert!(out.stderr.contains(&address), "{}", out.stderr);
+    assert_eq!(schema.rows_so_far().await, 0);
+
+    let toml = format!(
+        "{}\n[log]\nformat = \"json\"\n",
+        file_config(&schema, path_str(&missing))
+    );
+    let out = run_with_config(&toml, &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let lines: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let fatal = lines.last().expect("a fatal line");
+    assert_eq!(fatal["level"], "ERROR", "{fatal}");
+    assert!(
+        fatal["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("absent.ndjson")),
+        "{fatal}"
+    );
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, bytes).expect("compress");
+    gz.finish().expect("finish")
+}
+
+/// Files as other tools write them: gzip is recognized by its first bytes (on standard input, or
+/// under any name), a UTF-8 byte-order mark is not part of the first message, and an empty
+/// `locale` is kept as the empty string it is.
+#[tokio::test]
+async fn files_are_read_as_other_tools_write_them() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let lines = format!("{}\n{}\n{}\n", login("gz-1"), login("gz-2"), login("gz-3"));
+
+    let stdin_config = TestConfig::write(&file_config(&schema, "-"));
+    let mut cmd = run_command(&stdin_config.path, None);
+    cmd.stdin(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, &gzip(lines.as_bytes()))
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    let out = finish(child, LIMIT).await;
+    out.assert_success();
+    assert_eq!(out.summary().loaded, 3, "{out:?}");
+
+    let unnamed = dir.path().join("logins.ndjson");
+    std::fs::write(&unnamed, gzip(lines.as_bytes())).expect("write");
+    let out = run_with_config(&file_config(&schema, path_str(&unnamed)), &["run"]).await;
+    out.assert_success();
+    assert_eq!(out.summary().loaded, 3, "{out:?}");
+
+    let empty_locale = login("bom-2").replace("\"locale\": \"RU\"", "\"locale\": \"\"");
+    assert!(empty_locale.contains("\"locale\": \"\""), "{empty_locale}");
+    let with_bom = dir.path().join("bom.ndjson");
+    std::fs::write(
+        &with_bom,
+        format!("\u{feff}{}\n{empty_locale}\n", login("bom-1")),
+    )
+    .expect("write");
+    let array_with_bom = dir.path().join("bom.json");
+    std::fs::write(&array_with_bom, format!("\u{feff}[{}]", login("bom-3"))).expect("write");
+    for path in [&with_bom, &array_with_bom] {
+        let out = run_with_config(&file_config(&schema, path_str(path)), &["run"]).await;
+        out.assert_success();
+        assert_eq!(
+            out.summary().rejected,
+            0,
+            "{path:?}: {:?}",
+            schema.rejects().await
+        );
+    }
+    let locale: Option<String> = schema
+        .client
+        .query_one(
+            &format!(
+                "SELECT locale FROM {} WHERE user_id = 'bom-2'",
+                schema.table()
+            ),
+            &[],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(
+        locale.as_deref(),
+        Some(""),
+        "an empty locale stays empty, not NULL"
+    );
+}
+
+/// The configuration is found by `--config`, `-c` or `SLUICE_CONFIG`; `--help` says which
+/// environment variables count and what the exit codes mean; `completions` prints a script for
+/// each shell.
+#[tokio::test]
+async fn the_config_is_found_and_the_help_tells_the_rest() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("in.ndjson");
+    std::fs::write(&data, login("found")).expect("write");
+    let config = TestConfig::write(&file_config(&schema, path_str(&data)));
+    let cfg = path_str(&config.path);
+
+    let short = run_to_end(sluice(&["check", "-c", cfg]), LIMIT).await;
+    assert_eq!(short.code, Some(0), "{short:?}");
+    assert!(short.stdout.contains("config      ok"), "{}", short.stdout);
+
+    let mut from_env = sluice(&["check"]);
+    from_env.env("SLUICE_CONFIG", cfg);
+    let out = run_to_end(from_env, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("config      ok"), "{}", out.stdout);
+
+    let mut flag_wins = sluice(&["check", "--config", cfg]);
+    flag_wins.env("SLUICE_CONFIG", dir.path().join("absent.toml"));
+    let out = run_to_end(flag_wins, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    let neither = run_to_end(sluice(&["check"]), LIMIT).await;
+    assert_eq!(neither.code, Some(2), "{neither:?}");
+    assert!(neither.stderr.contains("--config"), "{}", neither.stderr);
+
+    for args in [&["--help"][..], &["run", "--help"], &["seed", "--help"]] {
+        let help = run_to_end(sluice(args), LIMIT).await;
+        assert_eq!(help.code, Some(0), "{help:?}");
+        for expected in [
+            "SLUICE_CONFIG",
+            "SLUICE_DATABASE_URL",
+            "SLUICE_SQS_QUEUE_URL",
+            "SLUICE_SQS_ENDPOINT_URL",
+            "SLUICE_MASK_KEY",
+            "RUST_LOG",
+            "AWS_ACCESS_KEY_ID",
+            "Exit codes",
+            "130",
+        ] {
+            assert!(
+                help.stdout.contains(expected),
+                "{args:?}: {expected} in\n{}",
+                help.stdout
+            );
+        }
+    }
+    let help = run_to_end(sluice(&["check", "--help"]), LIMIT).await;
+    assert!(
+        help.stdout.contains("-c, --config <FILE>"),
+        "{}",
+        help.stdout
+    );
+
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run_to_end(sluice(&["completions", shell]), LIMIT).await;
+        assert_eq!(out.code, Some(0), "{shell}: {out:?}");
+        assert!(
+            out.stdout.contains("config") && out.stdout.contains("exit-when-idle"),
+            "{shell}: {}",
+            out.stdout
+        );
+    }
+    let out = run_with_stdout_closed(sluice(&["completions", "bash"]), LIMIT).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_quiet_about_the_pipe(&out);
+}

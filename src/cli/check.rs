@@ -12,6 +12,8 @@ use sluice::pg::{Connector, PgError};
 use sluice::sink::schema::{self, SchemaError};
 use sluice::source::file_path;
 
+use crate::cli::output::outln;
+
 /// Longest any one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -22,14 +24,14 @@ struct Findings {
 
 impl Findings {
     fn ok(&mut self, what: &str, detail: impl AsRef<str>) {
-        println!("{what:<11} ok    {}", detail.as_ref());
+        outln!("{what:<11} ok    {}", detail.as_ref());
     }
     fn warn(&mut self, what: &str, detail: impl AsRef<str>) {
-        println!("{what:<11} WARN  {}", detail.as_ref());
+        outln!("{what:<11} WARN  {}", detail.as_ref());
     }
     fn fail(&mut self, what: &str, detail: impl AsRef<str>) {
         self.failed = true;
-        println!("{what:<11} FAIL  {}", detail.as_ref());
+        outln!("{what:<11} FAIL  {}", detail.as_ref());
     }
 }
 

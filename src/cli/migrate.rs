@@ -7,6 +7,8 @@ use sluice::config::Config;
 use sluice::pg::Connector;
 use sluice::sink::schema;
 
+use crate::cli::output::outln;
+
 pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
     let mut client = Connector::from_config(&config.sink.postgres)
         .connect("sluice-migrate")
@@ -19,7 +21,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
         } else {
             "exists, left unchanged"
         };
-        println!("{:<40} {what}", status.table);
+        outln!("{:<40} {what}", status.table);
     }
     schema::verify(&client, &tables, dedupe)
         .await

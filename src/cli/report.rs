@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use sluice::aws;
 use sluice::config::{Config, SourceKind};
+use sluice::error_chain::Chain;
 use sluice::pg::{Connector, PgError};
+
+use crate::cli::output::outln;
 
 pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCode> {
     let client = Connector::from_config(&config.sink.postgres)
@@ -19,9 +22,13 @@ pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCod
     ))
     .await?;
     if let Some(row) = totals.first() {
-        println!(
+        outln!(
             "{}: {} rows ({} distinct masked_ip, {} distinct masked_device_id, {} users)",
-            t.target, row[0], row[1], row[2], row[3]
+            t.target,
+            row[0],
+            row[1],
+            row[2],
+            row[3]
         );
     }
     let by_reason = |label: &str| {
@@ -39,9 +46,9 @@ pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCod
         .iter()
         .filter_map(|r| r[0].parse::<i64>().ok())
         .sum();
-    println!("{}: {rejected} dead letters", t.dead_letter);
+    outln!("{}: {rejected} dead letters", t.dead_letter);
     for r in &reasons {
-        println!("  {:>6}  {}", r[0], r[1]);
+        outln!("  {:>6}  {}", r[0], r[1]);
     }
     let rows = client_query(
         &client,
@@ -55,15 +62,26 @@ pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCod
     )
     .await?;
     if !rows.is_empty() {
-        println!("sample rows:");
-        println!(
+        outln!("sample rows:");
+        outln!(
             "  {:<36}  {:<8}  {:<17}  {:<17}  {:<6}  {:>3}  create_date",
-            "user_id", "device", "masked_ip", "masked_device_id", "locale", "ver"
+            "user_id",
+            "device",
+            "masked_ip",
+            "masked_device_id",
+            "locale",
+            "ver"
         );
         for r in rows {
-            println!(
+            outln!(
                 "  {:<36}  {:<8}  {:<17}  {:<17}  {:<6}  {:>3}  {}",
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6]
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6]
             );
         }
     }
@@ -91,13 +109,12 @@ async fn client_query(
 async fn print_queue(config: &Config) {
     let cfg = &config.source.sqs;
     let client = aws::sqs_client(cfg).await;
-    let Ok(url) = aws::resolve_queue_url(&client, cfg).await else {
-        return println!("queue: not reachable");
+    let url = match aws::resolve_queue_url(&client, cfg).await {
+        Ok(url) => url,
+        Err(e) => return outln!("queue: not reachable: {}", Chain(&e)),
     };
     match aws::queue_depth(&client, &url).await {
-        Ok((waiting, in_flight)) => {
-            println!("queue {url}: {waiting} waiting, {in_flight} in flight")
-        }
-        Err(_) => println!("queue {url}: depth not readable"),
+        Ok((waiting, in_flight)) => outln!("queue {url}: {waiting} waiting, {in_flight} in flight"),
+        Err(e) => outln!("queue {url}: depth not readable: {}", Chain(&e)),
     }
 }

@@ -8,6 +8,8 @@ use sluice::config::Config;
 use sluice::pipeline::{Pipeline, RunOptions};
 use sluice::source::build_source;
 
+use crate::cli::output::outln;
+
 pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::prepare(config)
         .await
@@ -21,9 +23,14 @@ pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<Exit
         handle_signals: true,
         ..RunOptions::default()
     };
-    let result = pipeline.run(source, options).await;
+    // A run that could not start has nothing to sum up: its error alone is the answer.
+    let running = pipeline
+        .start(source, options)
+        .await
+        .context("cannot start the pipeline")?;
+    let result = running.finish().await;
     let summary = stats.summary();
-    println!("{summary}");
+    outln!("{summary}");
     result.context("the pipeline stopped")?;
     if summary.released > 0 {
         tracing::info!(

@@ -16,6 +16,8 @@ use sluice::seed::generate::LoginGenerator;
 use sluice::seed::send::{self, SeedMessage};
 use sluice::source::file_path;
 
+use crate::cli::output::{self, errln};
+
 pub enum What {
     File(PathBuf),
     Generate {
@@ -91,8 +93,8 @@ pub async fn seed(
                 })
                 .await?;
             progress.finish_and_clear();
-            eprintln!("sluice: sent {sent} messages from {origin} to {url}");
-            sent
+            errln!("sluice: sent {sent} messages from {origin} to {url}");
+            Some(sent)
         }
         (None, SourceKind::File) => {
             let path = file_path(config);
@@ -104,7 +106,9 @@ pub async fn seed(
             write_file(&path, overwrite, messages, &progress, &origin)?
         }
     };
-    anyhow::ensure!(sent == total, "only {sent} of {total} messages were sent");
+    if let Some(sent) = sent {
+        anyhow::ensure!(sent == total, "only {sent} of {total} messages were sent");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -117,23 +121,33 @@ enum Overwrite {
     Refused,
 }
 
-/// Writes the messages as NDJSON to `path` (`-`: standard output).
+/// Writes the messages as NDJSON to `path` (`-`: standard output). Returns how many, or `None` when
+/// the reader of standard output left before the end (`sluice seed … | head`): it took what it
+/// wanted, which is not a failure.
 fn write_file(
     path: &Path,
     overwrite: Overwrite,
     messages: impl Iterator<Item = SeedMessage>,
     progress: &ProgressBar,
     origin: &str,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Option<u64>> {
     if path.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let written = send::write_lines_to(&mut stdout.lock(), messages, &mut |n| {
             progress.set_position(n)
-        })
-        .context("cannot write to standard output")?;
+        });
         progress.finish_and_clear();
-        eprintln!("sluice: wrote {written} messages from {origin} to standard output");
-        return Ok(written);
+        return match written {
+            Ok(written) => {
+                errln!("sluice: wrote {written} messages from {origin} to standard output");
+                Ok(Some(written))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                output::failed(e);
+                Ok(None)
+            }
+            Err(e) => Err(e).context("cannot write to standard output"),
+        };
     }
     anyhow::ensure!(
         overwrite == Overwrite::Allowed || !path.exists(),
@@ -145,11 +159,11 @@ fn write_file(
         send::write_file(path, replace, messages, &mut |n| progress.set_position(n))
     })?;
     progress.finish_and_clear();
-    eprintln!(
+    errln!(
         "sluice: wrote {written} messages from {origin} to {}",
         path.display()
     );
-    Ok(written)
+    Ok(Some(written))
 }
 
 /// Messages of a seed file, each with a dedupe id from the file's name, position and content.

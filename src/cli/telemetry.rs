@@ -3,8 +3,11 @@
 
 use std::io::IsTerminal;
 
+use serde::Serialize;
 use sluice::config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
+
+use crate::cli::output::errln;
 
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
@@ -18,4 +21,30 @@ pub fn init(config: &LogConfig) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+/// Says why the command failed, as its last line on stderr: with JSON logs a JSON object shaped like
+/// the log lines (so a collector parsing them never meets a stray text line), else
+/// `sluice: error: …`. Written directly rather than as a log event so that no level filter
+/// (`log.level`, `RUST_LOG`) can hide it.
+pub fn fatal(config: &LogConfig, message: &str) {
+    #[derive(Serialize)]
+    struct Line<'a> {
+        timestamp: String,
+        level: &'static str,
+        message: &'a str,
+        target: &'static str,
+    }
+    if config.format == LogFormat::Json {
+        let line = Line {
+            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            level: "ERROR",
+            message,
+            target: "sluice",
+        };
+        if let Ok(json) = serde_json::to_string(&line) {
+            return errln!("{json}");
+        }
+    }
+    errln!("sluice: error: {message}");
 }

@@ -1,5 +1,5 @@
-//! The file source, for backfills and replays: every message of an NDJSON or JSON-array file (gzip by
-//! name, `-` for standard input) goes through the same stages as live traffic. It acknowledges
+//! The file source, for backfills and replays: every message of an NDJSON or JSON-array file (gzip
+//! or not, `-` for standard input) goes through the same stages as live traffic. It acknowledges
 //! nothing and ends by itself at the end of the file, which ends the run.
 //!
 //! Reading is blocking I/O, so it runs on a blocking thread and hands chunks to the async pipeline
@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
 
 use crate::envelope::{Chunk, Envelope, MessageId, Meta, Reject, Stage};
-use crate::message_file::{self, FileMessage};
+use crate::message_file::{self, FileMessage, MessageReader};
 use crate::shutdown::Shutdown;
 use crate::sink::commit_record::{CommitRecord, NoCommitRecord, Outcome};
 use crate::sink::ledger::{LedgerKey, LedgerKeys, LedgerRecord};
@@ -28,19 +27,21 @@ use crate::stats::Stats;
 use crate::table_name::TableName;
 
 pub struct FileSource {
-    path: PathBuf,
+    file: MessageReader,
     chunk_messages: usize,
     stats: Arc<Stats>,
 }
 
 impl FileSource {
-    /// With `ledger`, each batch records its messages' keys there, scoped to this file.
+    /// Opens the file, so that a missing or unreadable one fails before the run starts. With
+    /// `ledger`, each batch records its messages' keys there, scoped to this file.
     pub fn build(
         path: PathBuf,
         chunk_messages: usize,
         ledger: Option<&TableName>,
         stats: Arc<Stats>,
-    ) -> BuiltSource {
+    ) -> Result<BuiltSource, SourceError> {
+        let file = MessageReader::open(&path)?;
         let commit_record: Arc<dyn CommitRecord> = match ledger {
             Some(table) => {
                 let keys = FileLedgerKeys::new(FileIdentity::of(&path));
@@ -48,9 +49,9 @@ impl FileSource {
             }
             None => Arc::new(NoCommitRecord),
         };
-        BuiltSource {
+        Ok(BuiltSource {
             source: Box::new(FileSource {
-                path,
+                file,
                 chunk_messages: chunk_messages.max(1),
                 stats,
             }),
@@ -58,7 +59,7 @@ impl FileSource {
             commit_record,
             chunk_messages: chunk_messages.max(1),
             receive_allowance: std::time::Duration::ZERO,
-        }
+        })
     }
 }
 
@@ -120,15 +121,16 @@ impl Source for FileSource {
 }
 
 impl FileSource {
-    fn read(
-        &self,
-        out: mpsc::Sender<Chunk<Envelope>>,
-        shutdown: Shutdown,
-    ) -> Result<(), message_file::MessageFileError> {
-        let mut chunk = Chunk::new(Vec::with_capacity(self.chunk_messages));
+    fn read(self, out: Delivery, shutdown: Shutdown) -> Result<(), message_file::MessageFileError> {
+        let FileSource {
+            file,
+            chunk_messages,
+            stats,
+        } = self;
+        let mut chunk = Chunk::new(Vec::with_capacity(chunk_messages));
         let mut received_at = SystemTime::now();
         let send = |chunk: Chunk<Envelope>| -> ControlFlow<()> {
-            self.stats.record_received(chunk.len());
+            stats.record_received(chunk.len());
             if shutdown.is_requested() || out.blocking_send(chunk).is_err() {
                 ControlFlow::Break(())
             } else {
@@ -136,15 +138,13 @@ impl FileSource {
             }
         };
         let mut stopped = false;
-        message_file::for_each_message(&self.path, |message| {
+        file.for_each(|message| {
             push(&mut chunk, message, received_at);
-            if chunk.len() < self.chunk_messages {
+            if chunk.len() < chunk_messages {
                 return ControlFlow::Continue(());
             }
-            let full = std::mem::replace(
-                &mut chunk,
-                Chunk::new(Vec::with_capacity(self.chunk_messages)),
-            );
+            let full =
+                std::mem::replace(&mut chunk, Chunk::new(Vec::with_capacity(chunk_messages)));
             received_at = SystemTime::now();
             let flow = send(full);
             stopped = flow.is_break();

@@ -96,12 +96,12 @@ pub async fn build_source(config: &Config, stats: Arc<Stats>) -> Result<BuiltSou
     let ledger = config.dedupe_enabled().then(|| config.tables().ledger);
     match config.source.kind {
         SourceKind::Sqs => SqsSource::build(&config.source.sqs, ledger.as_ref(), stats).await,
-        SourceKind::File => Ok(FileSource::build(
+        SourceKind::File => FileSource::build(
             file_path(config),
             config.source.file.chunk_messages,
             ledger.as_ref(),
             stats,
-        )),
+        ),
     }
 }
 

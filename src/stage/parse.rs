@@ -454,6 +454,14 @@ mod tests {
         assert_eq!(e.create_date(), None);
     }
 
+    /// An empty string is a value the producer sent, kept as sent: only `null` or absence mean
+    /// "no locale" (NULL).
+    #[test]
+    fn an_empty_locale_is_kept_as_an_empty_string() {
+        let e = parse(r#"{"user_id":"u","device_type":"ios","ip":"::1","device_id":"d","app_version":"1","locale":""}"#).expect("valid");
+        assert_eq!(e.locale(), Some(""));
+    }
+
     #[test]
     fn null_or_absent_locale_is_none_and_extra_fields_are_ignored() {
         let e = parse(r#"{"user_id":"u","device_type":"ios","ip":"::1","device_id":"d","app_version":"0.96","locale":null,"extra":{"a":[1,2]}}"#).expect("valid");

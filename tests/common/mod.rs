@@ -355,6 +355,7 @@ fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
 pub fn sluice(args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.args(args)
+        .env_remove("SLUICE_CONFIG")
         .env_remove("SLUICE_SQS_QUEUE_URL")
         .env_remove("SLUICE_SQS_ENDPOINT_URL")
         .env_remove("SLUICE_DATABASE_URL")
@@ -581,4 +582,22 @@ impl Watched {
             stderr,
         }
     }
+}
+
+/// Runs `sluice` with a standard output whose reader has already gone, as in `sluice … | head`
+/// once `head` has exited: every write to stdout fails with EPIPE.
+pub async fn run_with_stdout_closed(mut cmd: tokio::process::Command, limit: Duration) -> Finished {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    cmd.stdout(Stdio::from(writer));
+    run_to_end(cmd, limit).await
+}
+
+/// The process neither panicked nor reported a write failure.
+pub fn assert_quiet_about_the_pipe(out: &Finished) {
+    assert!(
+        !out.stderr.contains("panicked") && !out.stderr.to_lowercase().contains("broken pipe"),
+        "{}",
+        out.stderr
+    );
 }
