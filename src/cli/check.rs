@@ -20,6 +20,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 struct Findings {
     failed: bool,
+    /// A finding that makes the configuration unusable (the masking key): exit 2, as for a bad file.
+    unusable: bool,
 }
 
 impl Findings {
@@ -51,7 +53,9 @@ pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
             Err(e) => findings.fail("dlq", e),
         }
     }
-    Ok(if findings.failed {
+    Ok(if findings.unusable {
+        ExitCode::from(2)
+    } else if findings.failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -65,7 +69,10 @@ fn check_key(config: &Config, findings: &mut Findings) {
             "the PUBLIC development key: fine for the demo, masks protect nothing; set SLUICE_MASK_KEY for real data",
         ),
         Ok(_) => findings.ok("mask key", format!("loaded ({:?})", config.mask.mode)),
-        Err(e) => findings.fail("mask key", Chain(&e).to_string()),
+        Err(e) => {
+            findings.unusable = true;
+            findings.fail("mask key", Chain(&e).to_string());
+        }
     }
 }
 
