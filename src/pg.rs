@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::config::PostgresConfig;
 
@@ -25,12 +25,36 @@ pub async fn connect(
     }
     config.connect_timeout(timeout);
     let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %PgError(e), "PostgreSQL connection ended");
-        }
-    });
+    tokio::spawn(drive(connection));
     Ok(client)
+}
+
+/// Drives a connection until it ends. The server's notices ("already exists, skipping", …) are
+/// logged at debug level: they say nothing an operator must act on, and the driver would otherwise
+/// log each one at info level.
+async fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(AsyncMessage::Notice(notice)) => {
+                tracing::debug!(
+                    severity = notice.severity(),
+                    notice = notice.message(),
+                    "PostgreSQL notice"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %PgError(e), "PostgreSQL connection ended");
+                break;
+            }
+        }
+    }
 }
 
 /// Where and how sluice connects: the URL (a secret: it may hold a password) and the timeout.

@@ -965,3 +965,71 @@ async fn mask_key_problems_are_configuration_problems() {
     }
     assert_eq!(queue.depth().await, (1, 0), "the message must stay queued");
 }
+/// `migrate` on a table that does not fit reports every column that is off, with the types it
+/// accepts, before it creates anything; a repeated `migrate` is quiet on stderr; `report` before
+/// `migrate` says to run it.
+#[tokio::test]
+async fn migrate_reports_every_mismatch_before_changing_anything() {
+    let queue = TestQueue::new().await;
+    let schema = TestSchema::new().await;
+    let toml = sqs_config(&queue, &schema, "", "", "");
+
+    let report = run_with_config(&toml, &["report"]).await;
+    assert_eq!(report.code, Some(1), "{report:?}");
+    assert!(
+        report.stderr.contains("sluice migrate"),
+        "{}",
+        report.stderr
+    );
+    assert!(!report.stderr.contains("SQLSTATE"), "{}", report.stderr);
+
+    for attempt in ["first", "second"] {
+        let out = run_with_config(&toml, &["migrate"]).await;
+        out.assert_success();
+        assert!(
+            !out.stderr.contains("NOTICE"),
+            "{attempt} migrate: {}",
+            out.stderr
+        );
+    }
+
+    let other = TestSchema::new().await;
+    other
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE {}(user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+             locale varchar(32), app_version bigint, create_date text)",
+            other.table()
+        ))
+        .await
+        .expect("create");
+    let toml = sqs_config(&queue, &other, "", "", "");
+    let out = run_with_config(&toml, &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    for expected in [
+        "column `masked_device_id` is missing",
+        "column `app_version` is `bigint`, accepted: `integer`",
+        "column `create_date` is `text`, accepted: `date`",
+    ] {
+        assert!(
+            out.stderr.contains(expected),
+            "expected {expected:?} in:\n{}",
+            out.stderr
+        );
+    }
+    assert!(
+        !out.stdout.contains("exists, left unchanged"),
+        "{}",
+        out.stdout
+    );
+    let created: bool = other
+        .client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&other.dead_letters()],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(!created, "nothing may be created while a table is off");
+}
