@@ -518,6 +518,15 @@ mod tests {
         (0..n).map(|i| format!("{{\"n\":{i}}}")).collect()
     }
 
+    /// A fake stream whose one shard holds `n` small records.
+    fn shard_holding(n: usize) -> Arc<FakeKinesis> {
+        let api = FakeKinesis::new();
+        for body in bodies(n) {
+            api.put(SHARD, body.as_bytes());
+        }
+        api
+    }
+
     /// No window of one second holds more than five calls.
     fn assert_within_five_calls_a_second(calls: &[Instant]) {
         for window in calls.windows(6) {
@@ -648,10 +657,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_end_on_an_empty_page_is_left_to_a_separate_finish() {
-        let api = FakeKinesis::new();
-        for body in bodies(3) {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(3);
         api.close(SHARD);
         api.end_on_empty_page();
         let (tx, mut rx) = mpsc::channel(4);
@@ -692,10 +698,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_last_message_of_a_closed_shard_says_so() {
-        let api = FakeKinesis::new();
-        for body in bodies(3) {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(3);
         api.close(SHARD);
         let (tx, mut rx) = mpsc::channel(4);
         let end = reader(&api, StartPosition::TrimHorizon, 10)
@@ -785,10 +788,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stop_releases_a_reader_blocked_on_a_full_channel() {
-        let api = FakeKinesis::new();
-        for body in bodies(30) {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(30);
         let (tx, _rx) = mpsc::channel(1);
         let stop = Shutdown::new();
         let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
