@@ -230,14 +230,29 @@ impl Leases {
         Ok(taken)
     }
 
-    async fn views(&self, client: &Client) -> Result<Vec<LeaseView>, LeaseError> {
+    /// The lease rows of this application and stream, never another's.
+    async fn select(
+        &self,
+        client: &Client,
+        columns: &str,
+        rest: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, LeaseError> {
         let sql = format!(
-            "SELECT shard_id, owner, epoch, coalesce(expires_at > now(), false)
-             FROM {t} WHERE application = $1 AND stream = $2 AND NOT finished",
+            "SELECT {columns} FROM {t} WHERE application = $1 AND stream = $2 {rest}",
             t = self.table()
         );
-        let rows = client
+        Ok(client
             .query(&sql, &[&self.scope.application, &self.scope.stream])
+            .await?)
+    }
+
+    async fn views(&self, client: &Client) -> Result<Vec<LeaseView>, LeaseError> {
+        let rows = self
+            .select(
+                client,
+                "shard_id, owner, epoch, coalesce(expires_at > now(), false)",
+                "AND NOT finished",
+            )
             .await?;
         Ok(rows
             .iter()
@@ -430,14 +445,13 @@ impl Leases {
 
     /// Every row of this application and stream, for reporting.
     pub async fn rows(&self, client: &Client) -> Result<Vec<LeaseRow>, LeaseError> {
-        let sql = format!(
-            "SELECT shard_id, parent_shard_ids, owner, epoch,
-                    extract(epoch FROM expires_at - now())::float8, checkpoint::text, finished
-             FROM {t} WHERE application = $1 AND stream = $2 ORDER BY shard_id",
-            t = self.table()
-        );
-        let rows = client
-            .query(&sql, &[&self.scope.application, &self.scope.stream])
+        let rows = self
+            .select(
+                client,
+                "shard_id, parent_shard_ids, owner, epoch,
+                 extract(epoch FROM expires_at - now())::float8, checkpoint::text, finished",
+                "ORDER BY shard_id",
+            )
             .await?;
         Ok(rows
             .iter()
