@@ -8,12 +8,15 @@
 //! sees raw config text. [`Config::load`] then validates ranges and combinations across the whole
 //! tree, reporting every problem by its dotted key. Environment variables override what differs
 //! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
-//! `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`.
+//! `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`. The tree can be printed
+//! (`Debug`) without giving a secret away: the database URL shows `***` for its password, and the
+//! masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -39,9 +42,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default = "section_defaults")]
     pub metrics: MetricsConfig,
-    /// `SLUICE_MASK_KEY`, kept apart from the file's keys so it is never printed.
+    /// `SLUICE_MASK_KEY`, kept apart from the file's keys and held so that it never prints.
     #[serde(skip)]
-    mask_key_from_env: Option<String>,
+    mask_key_from_env: Option<SecretString>,
 }
 
 /// A section's defaults: what an empty table deserializes to. Every field of a section has a
@@ -374,12 +377,27 @@ fn format_problems(problems: &[Problem]) -> String {
 }
 
 /// Values that the environment supplies over the file.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct EnvOverrides {
     pub sqs_queue_url: Option<String>,
     pub sqs_endpoint_url: Option<String>,
     pub database_url: Option<String>,
     pub mask_key: Option<String>,
+}
+
+/// The secrets redacted: the URL's password, the whole key.
+impl fmt::Debug for EnvOverrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnvOverrides")
+            .field("sqs_queue_url", &self.sqs_queue_url)
+            .field("sqs_endpoint_url", &self.sqs_endpoint_url)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(crate::pg::redact_url),
+            )
+            .field("mask_key", &self.mask_key.as_ref().map(|_| "[REDACTED]"))
+            .finish()
+    }
 }
 
 impl EnvOverrides {
@@ -461,7 +479,7 @@ impl Config {
         if let Some(url) = env.database_url {
             self.sink.postgres.url = Some(url);
         }
-        self.mask_key_from_env = env.mask_key;
+        self.mask_key_from_env = env.mask_key.map(SecretString::from);
     }
 
     /// Every problem in the tree, in file order.
@@ -517,7 +535,9 @@ impl Config {
     /// The masking key (environment first, then `mask.key_file`).
     pub fn mask_key(&self) -> Result<MaskKey, ConfigError> {
         Ok(MaskKey::load(
-            self.mask_key_from_env.as_deref(),
+            self.mask_key_from_env
+                .as_ref()
+                .map(|key| key.expose_secret()),
             self.mask.key_file.as_deref(),
         )?)
     }
@@ -599,11 +619,13 @@ impl PostgresConfig {
         match &self.url {
             None => v.problem("sink.postgres.url", "required (or set SLUICE_DATABASE_URL)"),
             Some(url) => {
-                if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                    v.problem("sink.postgres.url", format!("not a PostgreSQL URL: {e}"));
+                if let Err(e) = crate::pg::ConnString::parse(url) {
+                    let why = crate::error_chain::Chain(&e);
+                    v.problem("sink.postgres.url", format!("not a PostgreSQL URL: {why}"));
                 }
             }
         }
+
         v.range("sink.postgres.batch_rows", self.batch_rows, 1, 1_000_000);
         v.range("sink.postgres.batch_bytes", self.batch_bytes, 1024, 1 << 30);
         v.range("sink.postgres.connections", self.connections, 1, 64);
@@ -826,6 +848,29 @@ mod tests {
             c.mask_key().expect("key"),
             MaskKey::from_bytes(b"0123456789abcdef0123")
         );
+    }
+
+    /// Printing the tree, or the environment it was built from, shows no secret: not the key, not
+    /// the database password in any spelling.
+    #[test]
+    fn secrets_never_print() {
+        for url in [
+            "postgres://u:pw-in-userinfo@db/x",
+            "postgres://u@db/x?password=pw-in-query",
+            "host=db user=u password=pw-key-value dbname=x",
+        ] {
+            let env = EnvOverrides {
+                database_url: Some(url.into()),
+                mask_key: Some("the-mask-key-0123456789".into()),
+                ..EnvOverrides::default()
+            };
+            let env_text = format!("{env:?}");
+            let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
+            for text in [format!("{c:?}"), env_text] {
+                assert!(!text.contains("the-mask-key"), "{text}");
+                assert!(!text.contains("pw-"), "{text}");
+            }
+        }
     }
 
     #[test]

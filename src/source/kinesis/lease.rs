@@ -110,6 +110,8 @@ pub struct LeaseRow {
 pub enum LeaseError {
     #[error("lease table: {}", crate::pg::describe(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("lease table")]
+    Connect(#[from] crate::pg::ConnectError),
     #[error("lease table holds {text:?} as a checkpoint: {source}")]
     BadCheckpoint {
         text: String,
