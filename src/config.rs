@@ -215,6 +215,10 @@ pub struct PostgresConfig {
     /// Seconds to wait for a connection. Default 10.
     #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
+    /// How long start-up (`run`, `migrate`) keeps retrying a database that does not answer yet (a
+    /// container starting beside it), logging each attempt; 0 tries once. Default 30.
+    #[serde(default = "default_connect_retry_seconds")]
+    pub connect_retry_seconds: u64,
 }
 
 fn default_table() -> TableName {
@@ -244,6 +248,9 @@ const fn default_connections() -> usize {
 const fn default_connect_timeout_seconds() -> u64 {
     10
 }
+const fn default_connect_retry_seconds() -> u64 {
+    30
+}
 
 impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -259,6 +266,7 @@ impl fmt::Debug for PostgresConfig {
             .field("create_tables", &self.create_tables)
             .field("connections", &self.connections)
             .field("connect_timeout_seconds", &self.connect_timeout_seconds)
+            .field("connect_retry_seconds", &self.connect_retry_seconds)
             .finish()
     }
 }
@@ -746,6 +754,12 @@ impl PostgresConfig {
             self.connect_timeout_seconds,
             1,
             600,
+        );
+        v.range(
+            "sink.postgres.connect_retry_seconds",
+            self.connect_retry_seconds,
+            0,
+            3_600,
         );
     }
 }

@@ -1033,3 +1033,96 @@ async fn migrate_reports_every_mismatch_before_changing_anything() {
         .get(0);
     assert!(!created, "nothing may be created while a table is off");
 }
+/// A free port on the loopback interface, with nothing listening on it.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+fn config_with_database(schema: &TestSchema, data: &std::path::Path, url: &str) -> String {
+    file_config(schema, path_str(data)).replace(&database_url(), url)
+}
+
+/// Start-up against a database that does not answer retries the first connection, saying so
+/// each time, for `sink.postgres.connect_retry_seconds`, then fails with a clear error.
+#[tokio::test]
+async fn start_up_retries_a_database_that_does_not_answer_then_gives_up() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("one.ndjson");
+    std::fs::write(&data, login("late")).expect("write");
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", closed_port());
+    let toml = config_with_database(&schema, &data, &url).replace(
+        "linger_ms = 50",
+        "linger_ms = 50\nconnect_retry_seconds = 3",
+    );
+    let started = std::time::Instant::now();
+    let out = run_with_config(&toml, &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    let retries = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("PostgreSQL is not reachable yet"))
+        .count();
+    assert!(retries >= 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("PostgreSQL did not answer within 3 s of start-up"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("error connecting to server: Connection refused"),
+        "the reason is part of the error:\n{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+}
+
+/// A database that comes up while sluice waits for it is used as soon as it answers.
+#[tokio::test]
+async fn start_up_waits_for_a_database_that_comes_up_late() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("one.ndjson");
+    std::fs::write(&data, login("late")).expect("write");
+    let port = closed_port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let config = TestConfig::write(&config_with_database(&schema, &data, &url));
+    let watched = Watched::spawn(run_command(&config.path, None));
+    watched
+        .line_containing("PostgreSQL is not reachable yet", LIMIT)
+        .await;
+    // The database "comes up": a listener on the port, forwarding to the real server.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the late port");
+    let real = database_url();
+    let target = real
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("host:port in the test database URL")
+        .to_owned();
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let out = watched.finish(LIMIT).await;
+    forwarder.abort();
+    out.assert_success();
+    assert_eq!(out.summary().loaded, 1, "{out:?}");
+    assert_eq!(schema.rows_loaded().await, 1);
+}
