@@ -1126,3 +1126,102 @@ async fn start_up_waits_for_a_database_that_comes_up_late() {
     assert_eq!(out.summary().loaded, 1, "{out:?}");
     assert_eq!(schema.rows_loaded().await, 1);
 }
+
+/// The README's synopsis of the command line names, for each command, exactly the options its
+/// `--help` lists; the combinations it shows as alternatives or as belonging to another option are
+/// refused, each with a message that names the options.
+#[tokio::test]
+async fn the_command_line_is_the_one_the_readme_shows() {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("## The command line")
+        .nth(1)
+        .expect("a command-line section");
+    let synopsis = section.split("```").nth(1).expect("a synopsis block");
+    let mut commands: Vec<(String, String)> = Vec::new();
+    for line in synopsis.lines().filter(|l| !l.trim().is_empty()) {
+        match line.strip_prefix("sluice ") {
+            Some(rest) => {
+                let (name, options) = rest.split_once(' ').unwrap_or((rest, ""));
+                commands.push((name.to_owned(), options.to_owned()));
+            }
+            None => {
+                let (_, options) = commands.last_mut().expect("a command before");
+                options.push_str(line);
+            }
+        }
+    }
+    let long_options = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| c.is_whitespace() || "[]()|,".contains(c))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(commands.len(), 6, "{commands:?}");
+    for (name, options) in &commands {
+        let help = run_to_end(sluice(&[name, "--help"]), LIMIT).await;
+        assert_eq!(help.code, Some(0), "{name}: {help:?}");
+        let options_part = help.stdout.split("Options:").nth(1).unwrap_or_default();
+        let listed: std::collections::BTreeSet<String> = options_part
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| {
+                let l = l.trim_start();
+                let l = l.strip_prefix("-c, ").unwrap_or(l);
+                l.split_whitespace().next().map(str::to_owned)
+            })
+            .filter(|o| o.starts_with("--") && o != "--help")
+            .collect();
+        assert_eq!(
+            long_options(options),
+            listed,
+            "`sluice {name}`: README synopsis vs --help"
+        );
+    }
+
+    let version = run_to_end(sluice(&["--version"]), LIMIT).await;
+    assert_eq!(version.code, Some(0), "{version:?}");
+    assert_eq!(
+        version.stdout.trim(),
+        format!("sluice {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("in.ndjson");
+    std::fs::write(&data, login("grammar")).expect("write");
+    let cfg = dir.path().join("c.toml");
+    let cfg = path_str(&cfg);
+    let file = path_str(&data);
+    for (args, expected) in [
+        (&["seed", "-c", cfg][..], "--file"),
+        (
+            &["seed", "-c", cfg, "--file", file, "--seed", "3"],
+            "--seed",
+        ),
+        (
+            &["seed", "-c", cfg, "--file", file, "--bad-every", "3"],
+            "--bad-every",
+        ),
+        (
+            &["seed", "-c", cfg, "--count", "1", "--out", file, "--force"],
+            "--force",
+        ),
+    ] {
+        let out = run_to_end(sluice(args), LIMIT).await;
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.starts_with("error:") && out.stderr.contains(expected),
+            "{args:?}: {}",
+            out.stderr
+        );
+        if args.len() == 3 {
+            assert!(out.stderr.contains("--count"), "{}", out.stderr);
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(&data).expect("read"),
+        login("grammar"),
+        "a refused command line touches nothing"
+    );
+}
