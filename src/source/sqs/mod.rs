@@ -6,7 +6,7 @@
 //! [`SqsAcknowledger`], after commit.
 //!
 //! On shutdown a poller stops starting receives. After a signal, a receive already waiting gets a
-//! short grace to return what it has, then is abandoned: under traffic receives return at once, so
+//! grace of a few seconds to return what it has, then is abandoned: under traffic receives return at once, so
 //! nothing is cut off. But the queue server may still hold an abandoned long poll and hand it messages
 //! that arrive meanwhile; those stay invisible until their visibility timeout and are then delivered
 //! again, delayed but never lost. When the run stops because the queue went idle there is no hurry,
@@ -43,8 +43,11 @@ use crate::table_name::TableName;
 
 use in_flight::InFlight;
 
-/// How long a receive in progress may finish after shutdown begins.
-const RECEIVE_GRACE: Duration = Duration::from_secs(1);
+/// How long a receive in progress may finish after a signal. A queue with messages answers at
+/// once, but a busy queue server can take seconds; a receive abandoned before it answers strands
+/// the messages it takes until their visibility timeout, so the grace is generous. An empty queue's
+/// long poll is the only receive that lasts longer, and abandoning it strands nothing.
+const RECEIVE_GRACE: Duration = Duration::from_secs(5);
 /// A receive that fails for a passing reason is tried again for as long as the failure lasts.
 const RECEIVE: RetryPolicy = RetryPolicy::FOREVER;
 
