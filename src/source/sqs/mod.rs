@@ -6,9 +6,9 @@
 //! [`SqsAcknowledger`], after commit.
 //!
 //! On shutdown a poller stops starting receives. After a signal, a receive already waiting gets a
-//! grace of a few seconds to return what it has, then is abandoned: under traffic receives return at once, so
-//! nothing is cut off. But the queue server may still hold an abandoned long poll and hand it messages
-//! that arrive meanwhile; those stay invisible until their visibility timeout and are then delivered
+//! grace of a few seconds to return what it has, then is abandoned: under traffic receives return
+//! at once, so nothing is cut off. But the queue server may still hold an abandoned long poll and
+//! hand it messages that arrive meanwhile; those stay invisible until their visibility timeout and are then delivered
 //! again, delayed but never lost. When the run stops because the queue went idle there is no hurry,
 //! so receives in progress are allowed to return (within `wait_time_seconds`) and nothing is
 //! stranded.
