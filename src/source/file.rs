@@ -59,6 +59,7 @@ impl FileSource {
             commit_record,
             chunk_messages: chunk_messages.max(1),
             receive_allowance: std::time::Duration::ZERO,
+            background: Vec::new(),
         })
     }
 }

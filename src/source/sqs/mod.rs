@@ -97,7 +97,7 @@ impl SqsSource {
         };
         let in_flight = Arc::new(InFlight::new(cfg.max_in_flight));
         let visibility = Duration::from_secs(cfg.visibility_timeout_seconds as u64);
-        let acknowledger = SqsAcknowledger::start(
+        let acknowledger = SqsAcknowledger::new(
             client.clone(),
             queue_url.clone(),
             in_flight.clone(),
@@ -113,6 +113,7 @@ impl SqsSource {
                 in_flight,
                 stats,
             }),
+            background: vec![acknowledger.visibility_extender()],
             acknowledger: Arc::new(acknowledger),
             commit_record,
             chunk_messages: cfg.max_messages as usize,
