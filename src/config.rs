@@ -101,6 +101,11 @@ pub struct SqsConfig {
     /// the SQS message id when present; `""` turns this off. Default `"dedupe_id"`.
     #[serde(default = "default_dedupe_attribute")]
     pub dedupe_attribute: String,
+    /// A message SQS has handed out more often than this (its `ApproximateReceiveCount`) becomes a
+    /// dead letter saying so instead of being tried again: one that keeps failing mid-batch (a crash
+    /// loop) must not keep failing for ever. 1-1000. Default 10.
+    #[serde(default = "default_max_receives")]
+    pub max_receives: u32,
 }
 
 const fn default_pollers() -> usize {
@@ -117,6 +122,9 @@ const fn default_visibility_timeout_seconds() -> i32 {
 }
 const fn default_max_in_flight() -> usize {
     5000
+}
+const fn default_max_receives() -> u32 {
+    10
 }
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
@@ -562,6 +570,7 @@ impl SqsConfig {
             20,
         );
         v.range("source.sqs.max_messages", self.max_messages, 1, 10);
+        v.range("source.sqs.max_receives", self.max_receives, 1, 1000);
         v.range(
             "source.sqs.visibility_timeout_seconds",
             self.visibility_timeout_seconds,

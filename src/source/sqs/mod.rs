@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::aws::{self, AwsError};
 use crate::config::SqsConfig;
-use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta};
+use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta, Reject, Stage};
 use crate::error_chain::Chain;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -291,8 +291,32 @@ impl SqsSource {
             }),
             visible_again,
         );
-        (Chunk::new(envelopes), tracked)
+        (over_received(envelopes, self.cfg.max_receives), tracked)
     }
+}
+
+/// The chunk of `envelopes`, those handed out more than `max_receives` times as dead letters: a
+/// message that has come back that often keeps failing somewhere (a crash loop), and trying it
+/// again would only fail again.
+fn over_received(envelopes: Vec<Envelope>, max_receives: u32) -> Chunk<Envelope> {
+    let mut chunk = Chunk::new(Vec::with_capacity(envelopes.len()));
+    for envelope in envelopes {
+        let count = envelope.meta.receive_count;
+        if count <= max_receives {
+            chunk.items.push(envelope);
+            continue;
+        }
+        tracing::warn!(message_id = %envelope.meta.message_id, receive_count = count, "SQS message received too often; dead-lettering it");
+        chunk.rejects.push(Reject {
+            body: envelope.body,
+            meta: envelope.meta,
+            stage: Stage::Source,
+            reason: format!(
+                "received {count} times, more than `source.sqs.max_receives` ({max_receives})"
+            ),
+        });
+    }
+    chunk
 }
 
 /// Moves what the pipeline needs out of an SQS message. A message without a receipt handle could never
@@ -365,6 +389,30 @@ mod tests {
                 receipt_handle: "rh".into()
             }
         );
+    }
+
+    #[test]
+    fn messages_received_too_often_become_dead_letters_saying_so() {
+        let at = |count: u32| {
+            let mut meta = Meta::at_position(u64::from(count), SystemTime::now());
+            meta.receive_count = count;
+            Envelope {
+                body: format!("{{\"n\": {count}}}"),
+                meta,
+            }
+        };
+        let chunk = over_received(vec![at(1), at(10), at(11), at(40)], 10);
+        assert_eq!(chunk.items.len(), 2);
+        let reasons: Vec<&str> = chunk.rejects.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "received 11 times, more than `source.sqs.max_receives` (10)",
+                "received 40 times, more than `source.sqs.max_receives` (10)"
+            ]
+        );
+        assert_eq!(chunk.rejects[0].body, "{\"n\": 11}");
+        assert_eq!(chunk.rejects[0].stage, Stage::Source);
     }
 
     #[test]
