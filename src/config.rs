@@ -66,6 +66,15 @@ pub struct SourceConfig {
     pub sqs: SqsConfig,
     #[serde(default = "section_defaults")]
     pub file: FileConfig,
+    /// The longest message taken, in bytes (an SQS body, a file's line or array element, after
+    /// gunzip): a longer one becomes a dead letter naming its size, keeping its first KiB, and is
+    /// never held whole. 1024 to 67,108,864. Default 1,048,576 (SQS's own limit).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+const fn default_max_message_bytes() -> usize {
+    crate::message_file::DEFAULT_MAX_MESSAGE_BYTES
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -465,6 +474,12 @@ impl Config {
     /// Every problem in the tree, in file order.
     pub fn problems(&self) -> Vec<Problem> {
         let mut v = Validator::default();
+        v.range(
+            "source.max_message_bytes",
+            self.source.max_message_bytes,
+            1024,
+            64 * 1024 * 1024,
+        );
         if self.source.kind == SourceKind::Sqs {
             self.source.sqs.validate(&mut v);
         }

@@ -99,10 +99,14 @@ pub struct BuiltSource {
 pub async fn build_source(config: &Config, stats: Arc<Stats>) -> Result<BuiltSource, SourceError> {
     let ledger = config.dedupe_enabled().then(|| config.tables().ledger);
     match config.source.kind {
-        SourceKind::Sqs => SqsSource::build(&config.source.sqs, ledger.as_ref(), stats).await,
+        SourceKind::Sqs => {
+            let limit = config.source.max_message_bytes;
+            SqsSource::build(&config.source.sqs, limit, ledger.as_ref(), stats).await
+        }
         SourceKind::File => FileSource::build(
             file_path(config),
             config.source.file.chunk_messages,
+            config.source.max_message_bytes,
             ledger.as_ref(),
             stats,
         ),
