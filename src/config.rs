@@ -69,6 +69,15 @@ pub struct SourceConfig {
     pub sqs: SqsConfig,
     #[serde(default = "section_defaults")]
     pub file: FileConfig,
+    /// The longest message taken, in bytes (an SQS body, a file's line or array element, after
+    /// gunzip): a longer one becomes a dead letter naming its size, keeping its first KiB, and is
+    /// never held whole. 1024 to 67,108,864. Default 1,048,576 (SQS's own limit).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+const fn default_max_message_bytes() -> usize {
+    crate::message_file::DEFAULT_MAX_MESSAGE_BYTES
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +113,11 @@ pub struct SqsConfig {
     /// the SQS message id when present; `""` turns this off. Default `"dedupe_id"`.
     #[serde(default = "default_dedupe_attribute")]
     pub dedupe_attribute: String,
+    /// A message SQS has handed out more often than this (its `ApproximateReceiveCount`) becomes a
+    /// dead letter saying so instead of being tried again: one that keeps failing mid-batch (a crash
+    /// loop) must not keep failing for ever. 1-1000. Default 10.
+    #[serde(default = "default_max_receives")]
+    pub max_receives: u32,
 }
 
 const fn default_pollers() -> usize {
@@ -120,6 +134,9 @@ const fn default_visibility_timeout_seconds() -> i32 {
 }
 const fn default_max_in_flight() -> usize {
     5000
+}
+const fn default_max_receives() -> u32 {
+    10
 }
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
@@ -485,6 +502,12 @@ impl Config {
     /// Every problem in the tree, in file order.
     pub fn problems(&self) -> Vec<Problem> {
         let mut v = Validator::default();
+        v.range(
+            "source.max_message_bytes",
+            self.source.max_message_bytes,
+            1024,
+            64 * 1024 * 1024,
+        );
         if self.source.kind == SourceKind::Sqs {
             self.source.sqs.validate(&mut v);
         }
@@ -592,6 +615,7 @@ impl SqsConfig {
             20,
         );
         v.range("source.sqs.max_messages", self.max_messages, 1, 10);
+        v.range("source.sqs.max_receives", self.max_receives, 1, 1000);
         v.range(
             "source.sqs.visibility_timeout_seconds",
             self.visibility_timeout_seconds,
