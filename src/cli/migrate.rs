@@ -33,7 +33,10 @@ pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
         } else {
             "exists, left unchanged"
         };
-        outln!("{:<40} {what}", config.source.kinesis.lease_table);
+        outln!(
+            "{:<40} {what}",
+            config.source.kinesis.lease_table.to_string()
+        );
     }
     schema::verify(&client, &tables, dedupe)
         .await
