@@ -8,9 +8,9 @@
 //! sees raw config text. [`Config::load`] then validates ranges and combinations across the whole
 //! tree, reporting every problem by its dotted key. Environment variables override what differs
 //! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
-//! `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`. The tree can be printed
-//! (`Debug`) without giving a secret away: the database URL shows `***` for its password, and the
-//! masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
+//! `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`, `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`.
+//! The tree can be printed (`Debug`) without giving a secret away: the database URL shows `***` for
+//! its password, and the masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -57,16 +57,19 @@ fn section_defaults<T: DeserializeOwned>() -> T {
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     Sqs,
+    Kinesis,
     File,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// Which source feeds the pipeline: `"sqs"` or `"file"`. Required.
+    /// Which source feeds the pipeline: `"sqs"`, `"kinesis"` or `"file"`. Required.
     pub kind: SourceKind,
     #[serde(default = "section_defaults")]
     pub sqs: SqsConfig,
+    #[serde(default = "section_defaults")]
+    pub kinesis: KinesisConfig,
     #[serde(default = "section_defaults")]
     pub file: FileConfig,
     /// The longest message taken, in bytes (an SQS body, a file's line or array element, after
@@ -140,6 +143,76 @@ const fn default_max_receives() -> u32 {
 }
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
+}
+
+/// Where a Kinesis shard that the application has never read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KinesisStartPosition {
+    /// The oldest record the stream retains.
+    #[default]
+    TrimHorizon,
+    /// Only records written after the shard's reader starts.
+    Latest,
+    /// Records that arrived at or after `at_timestamp`.
+    AtTimestamp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KinesisConfig {
+    /// The stream's name. Either this or `stream_arn` (env `SLUICE_KINESIS_STREAM`, a name or an
+    /// ARN, overrides both).
+    pub stream_name: Option<String>,
+    /// The stream's ARN.
+    pub stream_arn: Option<String>,
+    /// Custom endpoint, for emulators such as kinesis-mock or LocalStack (env
+    /// `SLUICE_KINESIS_ENDPOINT_URL`). Default: AWS.
+    pub endpoint_url: Option<String>,
+    /// AWS region. Default: the standard chain (`AWS_REGION`, profile), else `us-east-1`.
+    pub region: Option<String>,
+    /// Where a shard without a checkpoint starts: `"trim_horizon"`, `"latest"` or
+    /// `"at_timestamp"`. Default `"trim_horizon"`.
+    #[serde(default)]
+    pub start_position: KinesisStartPosition,
+    /// RFC 3339 time for `start_position = "at_timestamp"`, e.g. `"2026-11-01T00:00:00Z"`.
+    /// Default: none.
+    pub at_timestamp: Option<String>,
+    /// `Limit` of each GetRecords call, 1-10000. Default 10000.
+    #[serde(default = "default_max_records_per_call")]
+    pub max_records_per_call: i32,
+    /// Pause between GetRecords calls of a shard once it is caught up, in ms (at least 200: five
+    /// calls a second per shard is the service's limit). Default 1000.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// How long a shard lease lasts after its last renewal; renewed every third of it. A dead
+    /// process's shards move within this plus one renewal. Default 30.
+    #[serde(default = "default_lease_duration_seconds")]
+    pub lease_duration_seconds: u64,
+    /// Names the reading application: leases and checkpoints are kept per application and stream,
+    /// so two applications read one stream independently. Default `"sluice"`.
+    #[serde(default = "default_application")]
+    pub application: String,
+    /// Table of shard leases and checkpoints, optionally schema-qualified. Default
+    /// `sluice_kinesis_leases`.
+    #[serde(default = "default_lease_table")]
+    pub lease_table: TableName,
+}
+
+const fn default_max_records_per_call() -> i32 {
+    10_000
+}
+const fn default_poll_interval_ms() -> u64 {
+    1000
+}
+const fn default_lease_duration_seconds() -> u64 {
+    30
+}
+fn default_application() -> String {
+    "sluice".into()
+}
+fn default_lease_table() -> TableName {
+    TableName::unqualified("sluice_kinesis_leases")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -398,6 +471,9 @@ fn format_problems(problems: &[Problem]) -> String {
 pub struct EnvOverrides {
     pub sqs_queue_url: Option<String>,
     pub sqs_endpoint_url: Option<String>,
+    /// `SLUICE_KINESIS_STREAM`: a stream name, or an ARN (`arn:…`).
+    pub kinesis_stream: Option<String>,
+    pub kinesis_endpoint_url: Option<String>,
     pub database_url: Option<String>,
     pub mask_key: Option<String>,
 }
@@ -424,6 +500,8 @@ impl EnvOverrides {
         EnvOverrides {
             sqs_queue_url: var("SLUICE_SQS_QUEUE_URL"),
             sqs_endpoint_url: var("SLUICE_SQS_ENDPOINT_URL"),
+            kinesis_stream: var("SLUICE_KINESIS_STREAM"),
+            kinesis_endpoint_url: var("SLUICE_KINESIS_ENDPOINT_URL"),
             database_url: var("SLUICE_DATABASE_URL"),
             mask_key: var("SLUICE_MASK_KEY"),
         }
@@ -493,6 +571,17 @@ impl Config {
         if let Some(url) = env.sqs_endpoint_url {
             self.source.sqs.endpoint_url = Some(url);
         }
+        if let Some(stream) = env.kinesis_stream {
+            let kinesis = &mut self.source.kinesis;
+            if stream.starts_with("arn:") {
+                (kinesis.stream_arn, kinesis.stream_name) = (Some(stream), None);
+            } else {
+                (kinesis.stream_name, kinesis.stream_arn) = (Some(stream), None);
+            }
+        }
+        if let Some(url) = env.kinesis_endpoint_url {
+            self.source.kinesis.endpoint_url = Some(url);
+        }
         if let Some(url) = env.database_url {
             self.sink.postgres.url = Some(url);
         }
@@ -510,6 +599,15 @@ impl Config {
         );
         if self.source.kind == SourceKind::Sqs {
             self.source.sqs.validate(&mut v);
+        }
+        if self.source.kind == SourceKind::Kinesis {
+            self.source.kinesis.validate(&mut v);
+            if self.sink.postgres.dedupe == Some(true) {
+                v.problem(
+                    "sink.postgres.dedupe",
+                    "not used with Kinesis: checkpoints committed with the rows make it exactly once",
+                );
+            }
         }
         self.validate_file(&mut v);
         v.range(
@@ -636,6 +734,92 @@ impl SqsConfig {
             );
         }
     }
+}
+
+impl KinesisConfig {
+    fn validate(&self, v: &mut Validator) {
+        match (&self.stream_name, &self.stream_arn) {
+            (None, None) => v.problem(
+                "source.kinesis.stream_name",
+                "one of `stream_name` or `stream_arn` is required (or set SLUICE_KINESIS_STREAM)",
+            ),
+            (Some(_), Some(_)) => v.problem(
+                "source.kinesis.stream_arn",
+                "give either `stream_name` or `stream_arn`, not both",
+            ),
+            (Some(name), None) if !valid_stream_name(name) => v.problem(
+                "source.kinesis.stream_name",
+                "must be 1 to 128 characters of a-z, A-Z, 0-9, `_`, `-` and `.`",
+            ),
+            (None, Some(arn)) if !arn.starts_with("arn:") || !arn.contains(":stream/") => v
+                .problem(
+                    "source.kinesis.stream_arn",
+                    format!(
+                        "{arn:?} is not a stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)"
+                    ),
+                ),
+            _ => {}
+        }
+        if let Some(url) = &self.endpoint_url {
+            v.url("source.kinesis.endpoint_url", url);
+        }
+        match (self.start_position, &self.at_timestamp) {
+            (KinesisStartPosition::AtTimestamp, None) => v.problem(
+                "source.kinesis.at_timestamp",
+                "required when `start_position = \"at_timestamp\"`",
+            ),
+            (KinesisStartPosition::AtTimestamp, Some(_)) => {}
+            (_, Some(_)) => v.problem(
+                "source.kinesis.at_timestamp",
+                "only used with `start_position = \"at_timestamp\"`",
+            ),
+            (_, None) => {}
+        }
+        if let Some(at) = &self.at_timestamp
+            && let Err(e) = chrono::DateTime::parse_from_rfc3339(at)
+        {
+            v.problem(
+                "source.kinesis.at_timestamp",
+                format!("{at:?} is not an RFC 3339 time such as 2026-11-01T00:00:00Z: {e}"),
+            );
+        }
+        v.range(
+            "source.kinesis.max_records_per_call",
+            self.max_records_per_call,
+            1,
+            10_000,
+        );
+        v.range(
+            "source.kinesis.poll_interval_ms",
+            self.poll_interval_ms,
+            200,
+            3_600_000,
+        );
+        v.range(
+            "source.kinesis.lease_duration_seconds",
+            self.lease_duration_seconds,
+            1,
+            3_600,
+        );
+        if self.application.is_empty() || self.application.len() > 128 {
+            v.problem("source.kinesis.application", "must be 1 to 128 characters");
+        }
+    }
+
+    /// `at_timestamp` in milliseconds since the Unix epoch (validation guarantees it parses).
+    pub fn at_timestamp_millis(&self) -> Option<i64> {
+        let at = self.at_timestamp.as_deref()?;
+        chrono::DateTime::parse_from_rfc3339(at)
+            .ok()
+            .map(|t| t.timestamp_millis())
+    }
+}
+
+fn valid_stream_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 impl PostgresConfig {
@@ -857,6 +1041,7 @@ mod tests {
             sqs_endpoint_url: Some("http://localhost:4566".into()),
             database_url: Some("postgres://other@db/x".into()),
             mask_key: Some("0123456789abcdef0123".into()),
+            ..EnvOverrides::default()
         };
         let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
         assert_eq!(
@@ -897,6 +1082,99 @@ mod tests {
         }
     }
 
+    const KINESIS: &str = r#"
+        [source]
+        kind = "kinesis"
+        [source.kinesis]
+        stream_name = "logins"
+        [sink.postgres]
+        url = "postgres://postgres@127.0.0.1:5432/postgres"
+    "#;
+
+    #[test]
+    fn a_kinesis_source_gets_documented_defaults() {
+        let c = parse(KINESIS).expect("valid");
+        let k = &c.source.kinesis;
+        assert_eq!(k.start_position, KinesisStartPosition::TrimHorizon);
+        assert_eq!(k.max_records_per_call, 10_000);
+        assert_eq!(k.poll_interval_ms, 1000);
+        assert_eq!(k.lease_duration_seconds, 30);
+        assert_eq!(k.application, "sluice");
+        assert_eq!(
+            k.lease_table,
+            TableName::unqualified("sluice_kinesis_leases")
+        );
+        assert!(!c.dedupe_enabled(), "checkpoints, not the ledger");
+    }
+
+    #[test]
+    fn bad_kinesis_values_name_their_keys() {
+        let text = r#"
+            [source]
+            kind = "kinesis"
+            [source.kinesis]
+            stream_name = "logins"
+            stream_arn = "arn:aws:kinesis:us-east-1:123456789012:stream/logins"
+            endpoint_url = "localhost:4567"
+            start_position = "at_timestamp"
+            max_records_per_call = 10001
+            poll_interval_ms = 100
+            lease_duration_seconds = 0
+            application = ""
+            [sink.postgres]
+            url = "postgres://x@y/z"
+            dedupe = true
+        "#;
+        assert_eq!(
+            problems(text),
+            [
+                "source.kinesis.stream_arn",
+                "source.kinesis.endpoint_url",
+                "source.kinesis.at_timestamp",
+                "source.kinesis.max_records_per_call",
+                "source.kinesis.poll_interval_ms",
+                "source.kinesis.lease_duration_seconds",
+                "source.kinesis.application",
+                "sink.postgres.dedupe",
+            ]
+        );
+        let missing = KINESIS.replace("stream_name = \"logins\"", "");
+        assert_eq!(problems(&missing), ["source.kinesis.stream_name"]);
+        let bad_time = KINESIS.replace(
+            "stream_name = \"logins\"",
+            "stream_name = \"logins\"\nstart_position = \"at_timestamp\"\nat_timestamp = \"yesterday\"",
+        );
+        assert_eq!(problems(&bad_time), ["source.kinesis.at_timestamp"]);
+        let start = KINESIS.replace(
+            "stream_name = \"logins\"",
+            "stream_name = \"logins\"\nstart_position = \"at_timestamp\"\nat_timestamp = \"2026-11-01T00:00:00Z\"",
+        );
+        let c = parse(&start).expect("valid");
+        assert_eq!(
+            c.source.kinesis.at_timestamp_millis(),
+            Some(1_793_491_200_000)
+        );
+    }
+
+    #[test]
+    fn the_environment_names_the_kinesis_stream_and_endpoint() {
+        let arn = "arn:aws:kinesis:us-east-1:123456789012:stream/other";
+        let env = |stream: &str| EnvOverrides {
+            kinesis_stream: Some(stream.into()),
+            kinesis_endpoint_url: Some("http://127.0.0.1:4567".into()),
+            ..EnvOverrides::default()
+        };
+        let c = Config::from_toml(KINESIS, Path::new("t.toml"), env(arn)).expect("valid");
+        let k = &c.source.kinesis;
+        assert_eq!(
+            (k.stream_name.as_deref(), k.stream_arn.as_deref()),
+            (None, Some(arn))
+        );
+        assert_eq!(k.endpoint_url.as_deref(), Some("http://127.0.0.1:4567"));
+        let c = Config::from_toml(KINESIS, Path::new("t.toml"), env("b")).expect("valid");
+        assert_eq!(c.source.kinesis.stream_name.as_deref(), Some("b"));
+    }
+
     #[test]
     fn missing_key_is_a_clear_error() {
         let c = parse(MINIMAL).expect("valid");
@@ -908,7 +1186,12 @@ mod tests {
 
     #[test]
     fn shipped_configs_are_valid() {
-        for name in ["demo.toml", "example.toml", "file-backfill.toml"] {
+        for name in [
+            "demo.toml",
+            "demo-kinesis.toml",
+            "example.toml",
+            "file-backfill.toml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("config")
                 .join(name);

@@ -45,6 +45,8 @@ pub enum SourceError {
     File(#[from] MessageFileError),
     #[error("the file reader stopped")]
     FileReader(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Kinesis(#[from] kinesis::KinesisSourceError),
 }
 
 /// Where a source delivers its chunks: the channel into the parse stage.
@@ -103,6 +105,7 @@ pub async fn build_source(config: &Config, stats: Arc<Stats>) -> Result<BuiltSou
             let limit = config.source.max_message_bytes;
             SqsSource::build(&config.source.sqs, limit, ledger.as_ref(), stats).await
         }
+        SourceKind::Kinesis => kinesis::KinesisSource::build(config, stats).await,
         SourceKind::File => FileSource::build(
             file_path(config),
             config.source.file.chunk_messages,
