@@ -178,10 +178,16 @@ pub struct PostgresConfig {
     /// Target table, optionally schema-qualified. Default `user_logins`.
     #[serde(default = "default_table")]
     pub table: TableName,
-    /// Rows (and dead-letter records) per transaction. Default 1000.
+    /// The most rows (and dead-letter records) per transaction. Batches grow towards it only while
+    /// the database is busy with the previous one, so a large cap costs no latency. Default 10000.
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
-    /// Longest a partial batch waits for more messages before it is committed, in ms. Default 500.
+    /// Message bodies one batch may hold, in bytes, whatever its row count (dead letters can be
+    /// large). Default 8388608 (8 MiB).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// Longest a batch's first message waits for a busy database before the batch stops growing,
+    /// in ms. Default 500.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// Table of committed messages' keys (SHA-256 of the source and the message's key), used to
@@ -216,7 +222,10 @@ fn default_table() -> TableName {
     TableName::unqualified("user_logins")
 }
 const fn default_batch_rows() -> usize {
-    1000
+    10_000
+}
+const fn default_batch_bytes() -> usize {
+    8 * 1024 * 1024
 }
 const fn default_linger_ms() -> u64 {
     500
@@ -243,6 +252,7 @@ impl fmt::Debug for PostgresConfig {
             .field("url", &self.url.as_deref().map(crate::pg::redact_url))
             .field("table", &self.table)
             .field("batch_rows", &self.batch_rows)
+            .field("batch_bytes", &self.batch_bytes)
             .field("linger_ms", &self.linger_ms)
             .field("ledger_table", &self.ledger_table)
             .field("ledger_retention_hours", &self.ledger_retention_hours)
@@ -637,6 +647,7 @@ impl PostgresConfig {
             );
         }
         v.range("sink.postgres.batch_rows", self.batch_rows, 1, 1_000_000);
+        v.range("sink.postgres.batch_bytes", self.batch_bytes, 1024, 1 << 30);
         v.range("sink.postgres.connections", self.connections, 1, 64);
         v.range("sink.postgres.linger_ms", self.linger_ms, 0, 3_600_000);
         v.range(
@@ -714,7 +725,7 @@ mod tests {
         assert_eq!(c.source.sqs.max_messages, 10);
         assert_eq!(c.pipeline.channel_capacity, 2048);
         assert_eq!(c.sink.postgres.connections, 2);
-        assert_eq!(c.sink.postgres.batch_rows, 1000);
+        assert_eq!(c.sink.postgres.batch_rows, 10_000);
         assert_eq!(
             c.tables(),
             Tables {
