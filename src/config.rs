@@ -8,9 +8,10 @@
 //! sees raw config text. [`Config::load`] then validates ranges and combinations across the whole
 //! tree, reporting every problem by its dotted key. Environment variables override what differs
 //! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
-//! `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`, `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`.
-//! The tree can be printed (`Debug`) without giving a secret away: the database URL shows `***` for
-//! its password, and the masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
+//! `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`, `SLUICE_DATABASE_URL`,
+//! `SLUICE_DATABASE_CA_FILE`, `SLUICE_MASK_KEY`. The tree can be printed (`Debug`) without giving a
+//! secret away: the database URL shows `***` for its password, and the masking key is held as a
+//! [`SecretString`], which prints as `[REDACTED]`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -301,6 +302,11 @@ pub struct PostgresConfig {
     /// Seconds to wait for a connection. Default 10.
     #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
+    /// PEM file of the CAs trusted to sign the server's certificate, for `sslmode=verify-ca`,
+    /// `verify-full` (and `require`, which then checks the chain); relative to the config file
+    /// (made absolute at load); env `SLUICE_DATABASE_CA_FILE` overrides. Default: none (the
+    /// system's trusted CAs).
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_table() -> TableName {
@@ -345,6 +351,7 @@ impl fmt::Debug for PostgresConfig {
             .field("create_tables", &self.create_tables)
             .field("connections", &self.connections)
             .field("connect_timeout_seconds", &self.connect_timeout_seconds)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -475,6 +482,7 @@ pub struct EnvOverrides {
     pub kinesis_stream: Option<String>,
     pub kinesis_endpoint_url: Option<String>,
     pub database_url: Option<String>,
+    pub database_ca_file: Option<PathBuf>,
     pub mask_key: Option<String>,
 }
 
@@ -488,6 +496,7 @@ impl fmt::Debug for EnvOverrides {
                 "database_url",
                 &self.database_url.as_deref().map(crate::pg::redact_url),
             )
+            .field("database_ca_file", &self.database_ca_file)
             .field("mask_key", &self.mask_key.as_ref().map(|_| "[REDACTED]"))
             .finish()
     }
@@ -503,6 +512,7 @@ impl EnvOverrides {
             kinesis_stream: var("SLUICE_KINESIS_STREAM"),
             kinesis_endpoint_url: var("SLUICE_KINESIS_ENDPOINT_URL"),
             database_url: var("SLUICE_DATABASE_URL"),
+            database_ca_file: var("SLUICE_DATABASE_CA_FILE").map(PathBuf::from),
             mask_key: var("SLUICE_MASK_KEY"),
         }
     }
@@ -561,6 +571,7 @@ impl Config {
         };
         self.source.file.path.as_mut().map(resolve);
         self.mask.key_file.as_mut().map(resolve);
+        self.sink.postgres.ca_file.as_mut().map(resolve);
     }
 
     fn apply(&mut self, env: EnvOverrides) {
@@ -584,6 +595,9 @@ impl Config {
         }
         if let Some(url) = env.database_url {
             self.sink.postgres.url = Some(url);
+        }
+        if let Some(path) = env.database_ca_file {
+            self.sink.postgres.ca_file = Some(path);
         }
         self.mask_key_from_env = env.mask_key.map(SecretString::from);
     }
@@ -833,7 +847,14 @@ impl PostgresConfig {
                 }
             }
         }
-
+        if let Some(path) = &self.ca_file
+            && let Err(e) = crate::pg::tls::load_ca_file(path)
+        {
+            v.problem(
+                "sink.postgres.ca_file",
+                crate::error_chain::Chain(&e).to_string(),
+            );
+        }
         v.range("sink.postgres.batch_rows", self.batch_rows, 1, 1_000_000);
         v.range("sink.postgres.batch_bytes", self.batch_bytes, 1024, 1 << 30);
         v.range("sink.postgres.connections", self.connections, 1, 64);
@@ -1040,6 +1061,7 @@ mod tests {
             sqs_queue_url: Some("http://localhost:4566/000000000000/q".into()),
             sqs_endpoint_url: Some("http://localhost:4566".into()),
             database_url: Some("postgres://other@db/x".into()),
+            database_ca_file: None,
             mask_key: Some("0123456789abcdef0123".into()),
             ..EnvOverrides::default()
         };

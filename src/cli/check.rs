@@ -152,13 +152,19 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
         Ok(client) => client,
         Err(e) => return findings.fail("postgres", e),
     };
-    match client.query_one("SHOW server_version", &[]).await {
+    // Whether the session is encrypted, as the server sees it: `sslmode=prefer` falls back to
+    // plain text quietly when the server offers no TLS.
+    let probe_sql = "SELECT current_setting('server_version'), \
+                     coalesce((SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl), \
+                              'no TLS')";
+    match client.query_one(probe_sql, &[]).await {
         Ok(row) => findings.ok(
             "postgres",
             format!(
-                "{} (server {})",
+                "{} (server {}, {})",
                 connector.redacted_url(),
-                row.get::<_, String>(0)
+                row.get::<_, String>(0),
+                row.get::<_, String>(1)
             ),
         ),
         Err(e) => return findings.fail("postgres", PgError(e).to_string()),

@@ -361,6 +361,7 @@ pub fn sluice(args: &[&str]) -> tokio::process::Command {
         .env_remove("SLUICE_KINESIS_STREAM")
         .env_remove("SLUICE_KINESIS_ENDPOINT_URL")
         .env_remove("SLUICE_DATABASE_URL")
+        .env_remove("SLUICE_DATABASE_CA_FILE")
         .env("SLUICE_MASK_KEY", MASK_KEY)
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
