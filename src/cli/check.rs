@@ -22,6 +22,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 struct Findings {
     failed: bool,
+    /// A finding that makes the configuration unusable (the masking key): exit 2, as for a bad file.
+    unusable: bool,
 }
 
 impl Findings {
@@ -54,7 +56,9 @@ pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
             Err(e) => findings.fail("dlq", e),
         }
     }
-    Ok(if findings.failed {
+    Ok(if findings.unusable {
+        ExitCode::from(2)
+    } else if findings.failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -68,7 +72,10 @@ fn check_key(config: &Config, findings: &mut Findings) {
             "the PUBLIC development key: fine for the demo, masks protect nothing; set SLUICE_MASK_KEY for real data",
         ),
         Ok(_) => findings.ok("mask key", format!("loaded ({:?})", config.mask.mode)),
-        Err(e) => findings.fail("mask key", Chain(&e).to_string()),
+        Err(e) => {
+            findings.unusable = true;
+            findings.fail("mask key", Chain(&e).to_string());
+        }
     }
 }
 
