@@ -4,9 +4,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use sluice::config::Config;
+use anyhow::Context;
+use sluice::config::{Config, SourceKind};
 use sluice::pg::Connector;
 use sluice::sink::schema;
+use sluice::source::kinesis::source as kinesis;
 
 use crate::cli::output::outln;
 
@@ -25,6 +27,20 @@ pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
             "exists, left unchanged"
         };
         outln!("{:<40} {what}", status.table);
+    }
+    if config.source.kind == SourceKind::Kinesis {
+        let created = kinesis::create_lease_table(&client, config)
+            .await
+            .context("cannot create the Kinesis lease and checkpoint table")?;
+        let what = if created {
+            "created"
+        } else {
+            "exists, left unchanged"
+        };
+        outln!(
+            "{:<40} {what}",
+            config.source.kinesis.lease_table.to_string()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
