@@ -101,6 +101,10 @@ pub struct SqsConfig {
     /// the SQS message id when present; `""` turns this off. Default `"dedupe_id"`.
     #[serde(default = "default_dedupe_attribute")]
     pub dedupe_attribute: String,
+    /// How often the queue's depth is read (GetQueueAttributes) for the progress line and the
+    /// scaling metrics, 1-3600 s. Default 10.
+    #[serde(default = "default_depth_sample_seconds")]
+    pub depth_sample_seconds: u64,
 }
 
 const fn default_pollers() -> usize {
@@ -120,6 +124,9 @@ const fn default_max_in_flight() -> usize {
 }
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
+}
+const fn default_depth_sample_seconds() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,7 +256,8 @@ impl fmt::Debug for PostgresConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaskConfig {
-    /// `"hmac-sha256"` or `"salted-sha256"` (compatibility). Default `"hmac-sha256"`.
+    /// `"hmac-sha256"`, `"salted-sha256"` (compatibility) or `"aes-siv"` (recoverable; the key is
+    /// then a keyring). Default `"hmac-sha256"`.
     #[serde(default)]
     pub mode: MaskMode,
     /// File holding the key; relative to the config file (made absolute at load).
@@ -300,6 +308,14 @@ pub struct LogConfig {
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` wins. Default `"info"`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// Seconds between progress lines (rates per stage, queue depth, commits) while running; 0 turns
+    /// them off. Default 10.
+    #[serde(default = "default_progress_interval_seconds")]
+    pub progress_interval_seconds: u64,
+}
+
+const fn default_progress_interval_seconds() -> u64 {
+    10
 }
 
 fn default_log_level() -> String {
@@ -480,6 +496,12 @@ impl Config {
             v.url("dead_letter.sqs_queue_url", url);
         }
         v.range(
+            "log.progress_interval_seconds",
+            self.log.progress_interval_seconds,
+            0,
+            86_400,
+        );
+        v.range(
             "metrics.stall_after_seconds",
             self.metrics.stall_after_seconds,
             1,
@@ -562,6 +584,12 @@ impl SqsConfig {
             20,
         );
         v.range("source.sqs.max_messages", self.max_messages, 1, 10);
+        v.range(
+            "source.sqs.depth_sample_seconds",
+            self.depth_sample_seconds,
+            1,
+            3_600,
+        );
         v.range(
             "source.sqs.visibility_timeout_seconds",
             self.visibility_timeout_seconds,

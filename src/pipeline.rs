@@ -30,6 +30,7 @@ use crate::config::{Config, ConfigError};
 use crate::envelope::{AckToken, Chunk, Envelope};
 use crate::error_chain::Chain;
 use crate::metrics::{self, ChannelProbe};
+use crate::progress;
 use crate::shutdown::{self, Shutdown};
 use crate::sink::batch::{Batch, run_batcher};
 use crate::sink::{self, Sink, SinkError, run_committer};
@@ -138,6 +139,15 @@ impl Pipeline {
     ) -> Result<Running, PipelineError> {
         let channels = Channels::new(self.config.pipeline.channel_capacity, source.chunk_messages);
         let endpoint = self.start_endpoint(&channels).await?;
+        let progress_every = self.config.log.progress_interval_seconds;
+        if progress_every > 0 {
+            // Stopped with the endpoint, when the run finishes.
+            progress::spawn(
+                self.stats.clone(),
+                Duration::from_secs(progress_every),
+                endpoint.clone(),
+            );
+        }
         let token = options.shutdown.clone();
         if options.handle_signals
             && let Err(e) = shutdown::listen_for_signals(token.clone())
@@ -439,8 +449,9 @@ fn transformer(config: &Config) -> Result<Transformer, PipelineError> {
             "masking with the PUBLIC development key: masked values are NOT protected; set SLUICE_MASK_KEY or `mask.key_file` for real data"
         );
     }
+    let masker = Masker::new(config.mask.mode, &key).map_err(ConfigError::from)?;
     Ok(Transformer::new(
-        Masker::new(config.mask.mode, &key),
+        masker,
         config.transform.app_version,
         config.transform.create_date,
     ))

@@ -14,6 +14,7 @@
 //! stranded.
 
 mod acknowledger;
+mod depth;
 pub mod in_flight;
 mod ledger_keys;
 
@@ -126,6 +127,13 @@ impl SqsSource {
 impl Source for SqsSource {
     async fn run(self: Box<Self>, out: Delivery, shutdown: Shutdown) -> Result<(), SourceError> {
         let this = Arc::new(*self);
+        let sampler = tokio::spawn(depth::sample_depth(
+            this.client.clone(),
+            this.queue_url.clone(),
+            Duration::from_secs(this.cfg.depth_sample_seconds),
+            this.stats.clone(),
+            shutdown.clone(),
+        ));
         let mut pollers = tokio::task::JoinSet::new();
         for id in 0..this.cfg.pollers {
             let (this, out, shutdown) = (this.clone(), out.clone(), shutdown.clone());
@@ -141,6 +149,7 @@ impl Source for SqsSource {
                 result = Err(e);
             }
         }
+        sampler.abort();
         result
     }
 }
