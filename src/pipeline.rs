@@ -32,7 +32,7 @@ use crate::error_chain::Chain;
 use crate::metrics::{self, ChannelProbe};
 use crate::progress;
 use crate::shutdown::{self, Shutdown};
-use crate::sink::batch::{Batch, run_batcher};
+use crate::sink::batch::{Batch, BatchLimits, run_batcher};
 use crate::sink::{self, Sink, SinkError, run_committer};
 use crate::source::{Acknowledger, BuiltSource, SourceError};
 use crate::stage::mask::Masker;
@@ -216,10 +216,11 @@ impl Pipeline {
             acks,
         } = channels;
         let postgres = &config.sink.postgres;
-        let (batch_rows, linger) = (
-            postgres.batch_rows,
-            Duration::from_millis(postgres.linger_ms),
-        );
+        let limits = BatchLimits {
+            rows: postgres.batch_rows,
+            bytes: postgres.batch_bytes,
+            linger: Duration::from_millis(postgres.linger_ms),
+        };
         let mut tasks = StageTasks::default();
         let receiving = source.source;
         tasks.spawn(
@@ -237,7 +238,7 @@ impl Pipeline {
             Ok(())
         });
         tasks.spawn("batcher", async move {
-            run_batcher(rows.1, batches.0, batch_rows, linger).await;
+            run_batcher(rows.1, batches.0, limits).await;
             Ok(())
         });
         let record = source.commit_record;

@@ -101,7 +101,9 @@ enum Failure {
 impl Failure {
     fn is_transient(&self) -> bool {
         match self {
-            Failure::Connect(e) => classify(e.driver()) == ErrorClass::Transient,
+            Failure::Connect(e) => e
+                .driver()
+                .is_some_and(|d| classify(d) == ErrorClass::Transient),
             Failure::Db(e) => classify(e) == ErrorClass::Transient,
             Failure::Fenced(..) | Failure::Record(_) => false,
         }
