@@ -34,7 +34,7 @@ use futures::SinkExt;
 use sluice::config::{Config, EnvOverrides};
 use sluice::envelope::Envelope;
 use sluice::login_table::column_list;
-use sluice::pg::{Connector, redact_url};
+use sluice::pg::Connector;
 use sluice::pipeline::{Pipeline, RunOptions};
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
@@ -96,19 +96,15 @@ impl Db {
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let mut admin = match runtime.block_on(sluice::pg::connect(
-            &url,
-            "sluice-bench",
-            CONNECT_TIMEOUT,
-        )) {
-            Ok(client) => client,
-            Err(e) => panic!(
-                "PostgreSQL does not answer at {} ({}). Start it with `make up` (which writes \
-                 SLUICE_TEST_DATABASE_URL to .stack/env), or point SLUICE_TEST_DATABASE_URL at a server.",
-                redact_url(&url),
-                sluice::pg::describe(&e)
-            ),
-        };
+        let mut admin =
+            match runtime.block_on(Connector::new(&url, CONNECT_TIMEOUT).connect("sluice-bench")) {
+                Ok(client) => client,
+                Err(e) => panic!(
+                    "{}. Start PostgreSQL with `make up` (which writes SLUICE_TEST_DATABASE_URL to \
+                     .stack/env), or point SLUICE_TEST_DATABASE_URL at a server.",
+                    sluice::error_chain::Chain(&e)
+                ),
+            };
         let schema = format!("bench_{}", std::process::id());
         let table =
             |name: &str| TableName::parse(&format!("{schema}.{name}")).expect("a valid table name");
@@ -186,11 +182,7 @@ impl Db {
 
     fn connect(&self) -> Client {
         self.runtime
-            .block_on(sluice::pg::connect(
-                &self.url,
-                "sluice-bench",
-                CONNECT_TIMEOUT,
-            ))
+            .block_on(Connector::new(&self.url, CONNECT_TIMEOUT).connect("sluice-bench"))
             .expect("a second connection")
     }
 

@@ -9,11 +9,14 @@
 //! tree, reporting every problem by its dotted key. Environment variables override what differs
 //! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
 //! `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`, `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`.
+//! The tree can be printed (`Debug`) without giving a secret away: the database URL shows `***` for
+//! its password, and the masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -39,9 +42,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default = "section_defaults")]
     pub metrics: MetricsConfig,
-    /// `SLUICE_MASK_KEY`, kept apart from the file's keys so it is never printed.
+    /// `SLUICE_MASK_KEY`, kept apart from the file's keys and held so that it never prints.
     #[serde(skip)]
-    mask_key_from_env: Option<String>,
+    mask_key_from_env: Option<SecretString>,
 }
 
 /// A section's defaults: what an empty table deserializes to. Every field of a section has a
@@ -69,6 +72,15 @@ pub struct SourceConfig {
     pub kinesis: KinesisConfig,
     #[serde(default = "section_defaults")]
     pub file: FileConfig,
+    /// The longest message taken, in bytes (an SQS body, a file's line or array element, after
+    /// gunzip): a longer one becomes a dead letter naming its size, keeping its first KiB, and is
+    /// never held whole. 1024 to 67,108,864. Default 1,048,576 (SQS's own limit).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+const fn default_max_message_bytes() -> usize {
+    crate::message_file::DEFAULT_MAX_MESSAGE_BYTES
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +116,11 @@ pub struct SqsConfig {
     /// the SQS message id when present; `""` turns this off. Default `"dedupe_id"`.
     #[serde(default = "default_dedupe_attribute")]
     pub dedupe_attribute: String,
+    /// A message SQS has handed out more often than this (its `ApproximateReceiveCount`) becomes a
+    /// dead letter saying so instead of being tried again: one that keeps failing mid-batch (a crash
+    /// loop) must not keep failing for ever. 1-1000. Default 10.
+    #[serde(default = "default_max_receives")]
+    pub max_receives: u32,
 }
 
 const fn default_pollers() -> usize {
@@ -120,6 +137,9 @@ const fn default_visibility_timeout_seconds() -> i32 {
 }
 const fn default_max_in_flight() -> usize {
     5000
+}
+const fn default_max_receives() -> u32 {
+    10
 }
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
@@ -248,10 +268,16 @@ pub struct PostgresConfig {
     /// Target table, optionally schema-qualified. Default `user_logins`.
     #[serde(default = "default_table")]
     pub table: TableName,
-    /// Rows (and dead-letter records) per transaction. Default 1000.
+    /// The most rows (and dead-letter records) per transaction. Batches grow towards it only while
+    /// the database is busy with the previous one, so a large cap costs no latency. Default 10000.
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
-    /// Longest a partial batch waits for more messages before it is committed, in ms. Default 500.
+    /// Message bodies one batch may hold, in bytes, whatever its row count (dead letters can be
+    /// large). Default 8388608 (8 MiB).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// Longest a batch's first message waits for a busy database before the batch stops growing,
+    /// in ms. Default 500.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// Table of committed messages' keys (SHA-256 of the source and the message's key), used to
@@ -281,7 +307,10 @@ fn default_table() -> TableName {
     TableName::unqualified("user_logins")
 }
 const fn default_batch_rows() -> usize {
-    1000
+    10_000
+}
+const fn default_batch_bytes() -> usize {
+    8 * 1024 * 1024
 }
 const fn default_linger_ms() -> u64 {
     500
@@ -308,6 +337,7 @@ impl fmt::Debug for PostgresConfig {
             .field("url", &self.url.as_deref().map(crate::pg::redact_url))
             .field("table", &self.table)
             .field("batch_rows", &self.batch_rows)
+            .field("batch_bytes", &self.batch_bytes)
             .field("linger_ms", &self.linger_ms)
             .field("ledger_table", &self.ledger_table)
             .field("ledger_retention_hours", &self.ledger_retention_hours)
@@ -437,7 +467,7 @@ fn format_problems(problems: &[Problem]) -> String {
 }
 
 /// Values that the environment supplies over the file.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct EnvOverrides {
     pub sqs_queue_url: Option<String>,
     pub sqs_endpoint_url: Option<String>,
@@ -446,6 +476,21 @@ pub struct EnvOverrides {
     pub kinesis_endpoint_url: Option<String>,
     pub database_url: Option<String>,
     pub mask_key: Option<String>,
+}
+
+/// The secrets redacted: the URL's password, the whole key.
+impl fmt::Debug for EnvOverrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnvOverrides")
+            .field("sqs_queue_url", &self.sqs_queue_url)
+            .field("sqs_endpoint_url", &self.sqs_endpoint_url)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(crate::pg::redact_url),
+            )
+            .field("mask_key", &self.mask_key.as_ref().map(|_| "[REDACTED]"))
+            .finish()
+    }
 }
 
 impl EnvOverrides {
@@ -540,12 +585,18 @@ impl Config {
         if let Some(url) = env.database_url {
             self.sink.postgres.url = Some(url);
         }
-        self.mask_key_from_env = env.mask_key;
+        self.mask_key_from_env = env.mask_key.map(SecretString::from);
     }
 
     /// Every problem in the tree, in file order.
     pub fn problems(&self) -> Vec<Problem> {
         let mut v = Validator::default();
+        v.range(
+            "source.max_message_bytes",
+            self.source.max_message_bytes,
+            1024,
+            64 * 1024 * 1024,
+        );
         if self.source.kind == SourceKind::Sqs {
             self.source.sqs.validate(&mut v);
         }
@@ -605,7 +656,9 @@ impl Config {
     /// The masking key (environment first, then `mask.key_file`).
     pub fn mask_key(&self) -> Result<MaskKey, ConfigError> {
         Ok(MaskKey::load(
-            self.mask_key_from_env.as_deref(),
+            self.mask_key_from_env
+                .as_ref()
+                .map(|key| key.expose_secret()),
             self.mask.key_file.as_deref(),
         )?)
     }
@@ -660,6 +713,7 @@ impl SqsConfig {
             20,
         );
         v.range("source.sqs.max_messages", self.max_messages, 1, 10);
+        v.range("source.sqs.max_receives", self.max_receives, 1, 1000);
         v.range(
             "source.sqs.visibility_timeout_seconds",
             self.visibility_timeout_seconds,
@@ -773,12 +827,15 @@ impl PostgresConfig {
         match &self.url {
             None => v.problem("sink.postgres.url", "required (or set SLUICE_DATABASE_URL)"),
             Some(url) => {
-                if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                    v.problem("sink.postgres.url", format!("not a PostgreSQL URL: {e}"));
+                if let Err(e) = crate::pg::ConnString::parse(url) {
+                    let why = crate::error_chain::Chain(&e);
+                    v.problem("sink.postgres.url", format!("not a PostgreSQL URL: {why}"));
                 }
             }
         }
+
         v.range("sink.postgres.batch_rows", self.batch_rows, 1, 1_000_000);
+        v.range("sink.postgres.batch_bytes", self.batch_bytes, 1024, 1 << 30);
         v.range("sink.postgres.connections", self.connections, 1, 64);
         v.range("sink.postgres.linger_ms", self.linger_ms, 0, 3_600_000);
         v.range(
@@ -856,7 +913,7 @@ mod tests {
         assert_eq!(c.source.sqs.max_messages, 10);
         assert_eq!(c.pipeline.channel_capacity, 2048);
         assert_eq!(c.sink.postgres.connections, 2);
-        assert_eq!(c.sink.postgres.batch_rows, 1000);
+        assert_eq!(c.sink.postgres.batch_rows, 10_000);
         assert_eq!(
             c.tables(),
             Tables {
@@ -1093,6 +1150,29 @@ mod tests {
         assert_eq!(k.endpoint_url.as_deref(), Some("http://127.0.0.1:4567"));
         let c = Config::from_toml(KINESIS, Path::new("t.toml"), env("b")).expect("valid");
         assert_eq!(c.source.kinesis.stream_name.as_deref(), Some("b"));
+    }
+
+    /// Printing the tree, or the environment it was built from, shows no secret: not the key, not
+    /// the database password in any spelling.
+    #[test]
+    fn secrets_never_print() {
+        for url in [
+            "postgres://u:pw-in-userinfo@db/x",
+            "postgres://u@db/x?password=pw-in-query",
+            "host=db user=u password=pw-key-value dbname=x",
+        ] {
+            let env = EnvOverrides {
+                database_url: Some(url.into()),
+                mask_key: Some("the-mask-key-0123456789".into()),
+                ..EnvOverrides::default()
+            };
+            let env_text = format!("{env:?}");
+            let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
+            for text in [format!("{c:?}"), env_text] {
+                assert!(!text.contains("the-mask-key"), "{text}");
+                assert!(!text.contains("pw-"), "{text}");
+            }
+        }
     }
 
     #[test]

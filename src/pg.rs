@@ -1,9 +1,12 @@
 //! Opening PostgreSQL connections the same way everywhere, and showing PostgreSQL's errors.
 //!
-//! Every command connects through one [`Connector`] built from `sink.postgres`: the same timeout,
-//! an `application_name` operators can find in `pg_stat_activity`, and, when it fails, one error
-//! that names the server with its password redacted. [`PgError`] carries a driver error as a typed
-//! cause and describes it (with the server's detail and hint) only when it is shown.
+//! Every command connects through one [`Connector`] built from `sink.postgres`, and every
+//! connection through [`connect`]: the same timeout, an `application_name` operators can find in
+//! `pg_stat_activity`, and, when it fails, one error that names the server with its password
+//! redacted ([`conn_string`]). [`PgError`] carries a driver error as a typed cause and describes it
+//! (with the server's detail and hint) only when it is shown.
+
+pub mod conn_string;
 
 use std::fmt;
 use std::time::Duration;
@@ -11,15 +14,16 @@ use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::PostgresConfig;
+pub use conn_string::{ConnString, ConnStringError, SslMode};
 
-/// Connects and drives the connection on its own task. `application_name` is set unless the URL
-/// names one, so operators can find sluice's sessions in `pg_stat_activity`.
+/// Connects as `target` says and drives the connection on its own task. `application_name` is set unless the string names one, so
+/// operators can find sluice's sessions in `pg_stat_activity`.
 pub async fn connect(
-    url: &str,
+    target: &ConnString,
     application_name: &str,
     timeout: Duration,
-) -> Result<Client, tokio_postgres::Error> {
-    let mut config: tokio_postgres::Config = url.parse()?;
+) -> Result<Client, ConnectFailure> {
+    let mut config = target.driver.clone();
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
@@ -33,7 +37,8 @@ pub async fn connect(
     Ok(client)
 }
 
-/// Where and how sluice connects: the URL (a secret: it may hold a password) and the timeout.
+/// Where and how sluice connects: the connection string (a secret: it may hold a password) and
+/// the timeout.
 #[derive(Clone)]
 pub struct Connector {
     url: String,
@@ -72,12 +77,14 @@ impl Connector {
 
     /// A connection driven on its own task, named `application_name` in `pg_stat_activity`.
     pub async fn connect(&self, application_name: &str) -> Result<Client, ConnectError> {
-        connect(&self.url, application_name, self.timeout)
-            .await
-            .map_err(|e| ConnectError {
-                url: self.redacted_url(),
-                source: PgError(e),
-            })
+        let attempt = async {
+            let target = ConnString::parse(&self.url)?;
+            connect(&target, application_name, self.timeout).await
+        };
+        attempt.await.map_err(|source| ConnectError {
+            url: self.redacted_url(),
+            source,
+        })
     }
 }
 
@@ -88,13 +95,31 @@ pub struct ConnectError {
     /// Redacted.
     url: String,
     #[source]
-    source: PgError,
+    source: ConnectFailure,
+}
+
+/// Why a connection could not be opened: its settings, or the driver (the network, the server).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectFailure {
+    #[error(transparent)]
+    Settings(#[from] ConnStringError),
+    #[error(transparent)]
+    Driver(#[from] PgError),
+}
+
+impl From<tokio_postgres::Error> for ConnectFailure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ConnectFailure::Driver(PgError(e))
+    }
 }
 
 impl ConnectError {
-    /// The driver's error, to classify.
-    pub fn driver(&self) -> &tokio_postgres::Error {
-        &self.source.0
+    /// The driver's error, to classify; `None` when the settings themselves are unusable.
+    pub fn driver(&self) -> Option<&tokio_postgres::Error> {
+        match &self.source {
+            ConnectFailure::Driver(e) => Some(&e.0),
+            ConnectFailure::Settings(_) => None,
+        }
     }
 }
 
@@ -143,23 +168,10 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A URL with its password replaced, for logs and reports.
+/// A connection string with its password replaced, for logs and reports (see
+/// [`conn_string::redact`]).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
+    conn_string::redact(url)
 }
 
 #[cfg(test)]
@@ -173,6 +185,8 @@ mod tests {
             "postgres://u:***@h:5432/d"
         );
         assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+        assert!(!redact_url("postgres://u@h/d?password=secret").contains("secret"));
+        assert!(!redact_url("host=h user=u password=secret").contains("secret"));
         let connector = Connector::new("postgres://u:secret@h/d", Duration::from_secs(1));
         assert!(!format!("{connector:?}").contains("secret"));
     }

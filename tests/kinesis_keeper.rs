@@ -71,8 +71,10 @@ impl Process {
         let keeper = LeaseKeeper::new(
             Leases::new(scope, owner, LEASE),
             KeeperSettings {
-                database_url: common::database_url(),
-                connect_timeout: Duration::from_secs(5),
+                connector: sluice::pg::Connector::new(
+                    common::database_url(),
+                    Duration::from_secs(5),
+                ),
                 interval: INTERVAL,
             },
         );

@@ -197,12 +197,8 @@ fn from_file(path: &Path) -> anyhow::Result<Vec<SeedMessage>> {
     messages
         .into_iter()
         .map(|m| {
-            let body = m.body.map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: message #{} is not valid UTF-8",
-                    path.display(),
-                    m.position
-                )
+            let body = m.body.map_err(|bad| {
+                anyhow::anyhow!("{}: message #{}: {bad}", path.display(), m.position)
             })?;
             let mut hash = Sha256::new();
             hash.update(name.as_bytes());

@@ -5,7 +5,10 @@ use std::io::IsTerminal;
 
 use serde::Serialize;
 use sluice::config::{LogConfig, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tracing::{Level, Metadata};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, filter};
 
 use crate::cli::output::errln;
 
@@ -13,14 +16,22 @@ pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(filter::filter_fn(not_driver_detail));
     match config.format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Human => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json().flatten_event(true)).init(),
     }
+}
+
+/// PostgreSQL's driver logs every statement's parameters at `debug` (dead letters' raw bodies,
+/// user ids): its events below `info` never print, whatever `log.level` or `RUST_LOG` asks for.
+fn not_driver_detail(meta: &Metadata<'_>) -> bool {
+    !(meta.target().starts_with("tokio_postgres") && *meta.level() > Level::INFO)
 }
 
 /// Says why the command failed, as its last line on stderr: with JSON logs a JSON object shaped like

@@ -1,9 +1,17 @@
-//! Gathering chunks into transaction-sized batches.
+//! Gathering chunks into transaction-sized batches, sized by the sink's own pace.
 //!
-//! A batch closes when it holds `batch_rows` messages or when its first message has waited `linger`,
-//! whichever comes first: big batches for throughput under load, bounded latency when traffic is thin.
-//! Chunks are split at the boundary, so no batch exceeds `batch_rows`. The batch's rows are encoded
-//! here, in their own task, so that the next batch is ready the moment the current one commits.
+//! Every COMMIT costs a round of durable writes whatever the batch holds, so under load a batch
+//! should be as large as possible, and when traffic is light a message should not wait for company
+//! that is not coming. The batcher therefore hands a batch over as soon as the sink has room for it
+//! and nothing more is waiting in its input; while the sink is busy, the batch keeps growing. The
+//! batch size follows the load without a setting to tune: a backlog (a file, a catching-up shard, a
+//! queue with a backlog) fills batches to the caps, a trickle commits each message promptly.
+//!
+//! Three bounds hold whatever the pace: `rows` messages (chunks are split at the boundary, so no
+//! batch exceeds it), `bytes` of message bodies held (checked per chunk, since a chunk is small, so a
+//! batch may pass it by one chunk), and `linger`, the longest the first message of a batch waits
+//! for a busy sink before the batch closes anyway. The batch's rows are encoded here, in their own
+//! task, so that the next batch is ready the moment the current one commits.
 
 use std::time::Duration;
 
@@ -100,21 +108,34 @@ impl Batch {
     }
 }
 
-/// Accumulates chunks up to a size limit.
+/// The bounds of one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// The most messages (rows and dead letters) in one transaction.
+    pub rows: usize,
+    /// Message bodies held by one batch, in bytes, after which it closes.
+    pub bytes: usize,
+    /// The longest a batch's first message waits for a busy sink.
+    pub linger: Duration,
+}
+
+/// Accumulates chunks up to the limits.
 struct Gathering {
     chunks: Vec<Vec<LoginRow>>,
     rows: usize,
     rejects: Vec<Reject>,
-    limit: usize,
+    bytes: usize,
+    limits: BatchLimits,
 }
 
 impl Gathering {
-    fn new(limit: usize) -> Gathering {
+    fn new(limits: BatchLimits) -> Gathering {
         Gathering {
             chunks: Vec::new(),
             rows: 0,
             rejects: Vec::new(),
-            limit,
+            bytes: 0,
+            limits,
         }
     }
 
@@ -123,12 +144,13 @@ impl Gathering {
     }
 
     fn is_full(&self) -> bool {
-        self.len() >= self.limit
+        self.len() >= self.limits.rows || self.bytes >= self.limits.bytes
     }
 
     /// Takes what fits; returns the rest of the chunk, if any.
     fn add(&mut self, mut chunk: Chunk<LoginRow>) -> Option<Chunk<LoginRow>> {
-        let room = self.limit - self.len();
+        self.bytes += held_bytes(&chunk);
+        let room = self.limits.rows - self.len();
         if chunk.len() <= room {
             self.keep_rows(chunk.items);
             self.rejects.append(&mut chunk.rejects);
@@ -158,18 +180,24 @@ impl Gathering {
     }
 }
 
+/// The bodies a chunk holds: what a batch's memory grows with (a dead letter may be a large body).
+fn held_bytes(chunk: &Chunk<LoginRow>) -> usize {
+    let rows: usize = chunk.items.iter().map(|r| r.event.body().len()).sum();
+    let rejects: usize = chunk.rejects.iter().map(|r| r.body.len()).sum();
+    rows + rejects
+}
+
 /// The batching task: runs until its input closes, then sends the last partial batch and closes its
 /// output.
 pub async fn run_batcher(
     mut input: mpsc::Receiver<Chunk<LoginRow>>,
     output: mpsc::Sender<Batch>,
-    batch_rows: usize,
-    linger: Duration,
+    limits: BatchLimits,
 ) {
     let mut carry: Option<Chunk<LoginRow>> = None;
     let mut input_open = true;
     while input_open || carry.is_some() {
-        let mut gathering = Gathering::new(batch_rows);
+        let mut gathering = Gathering::new(limits);
         let first = match carry.take() {
             Some(chunk) => chunk,
             None => match input.recv().await {
@@ -177,21 +205,35 @@ pub async fn run_batcher(
                 None => break,
             },
         };
-        let deadline = Instant::now() + linger;
+        let deadline = Instant::now() + limits.linger;
         carry = gathering.add(first);
-        while carry.is_none() && !gathering.is_full() && input_open {
+        let permit = loop {
+            // Whatever is already waiting joins this batch before the sink is even asked.
+            while carry.is_none() && !gathering.is_full() && input_open {
+                match input.try_recv() {
+                    Ok(chunk) => carry = gathering.add(chunk),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => input_open = false,
+                }
+            }
+            if carry.is_some() || gathering.is_full() || !input_open {
+                break output.reserve().await;
+            }
             tokio::select! {
+                biased;
+                permit = output.reserve() => break permit,
                 next = input.recv() => match next {
                     Some(chunk) => carry = gathering.add(chunk),
                     None => input_open = false,
                 },
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(deadline) => break output.reserve().await,
             }
-        }
-        if gathering.len() > 0 && output.send(gathering.into_batch()).await.is_err() {
+        };
+        let Ok(permit) = permit else {
             tracing::warn!("batcher: sink stopped; dropping out");
             return;
-        }
+        };
+        permit.send(gathering.into_batch());
     }
 }
 
@@ -249,7 +291,7 @@ mod tests {
     async fn batches_are_cut_at_the_limit_and_the_tail_is_flushed() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(16);
-        let task = tokio::spawn(run_batcher(rx, btx, 4, Duration::from_secs(60)));
+        let task = tokio::spawn(run_batcher(rx, btx, limits(4, Duration::from_secs(60))));
         tx.send(chunk_of_rejects(3)).await.expect("send");
         tx.send(chunk_of_rejects(3)).await.expect("send");
         tx.send(chunk_of_rejects(3)).await.expect("send");
@@ -262,17 +304,101 @@ mod tests {
         assert_eq!(sizes, [4, 4, 1]);
     }
 
+    fn limits(rows: usize, linger: Duration) -> BatchLimits {
+        BatchLimits {
+            rows,
+            bytes: usize::MAX,
+            linger,
+        }
+    }
+
+    /// A trickle: the sink is free, so the first message does not wait for company.
     #[tokio::test(start_paused = true)]
-    async fn a_partial_batch_leaves_after_linger_and_not_before() {
+    async fn a_lone_message_leaves_at_once_when_the_sink_is_free() {
         let (tx, rx) = mpsc::channel(16);
-        let (btx, mut brx) = mpsc::channel(16);
-        tokio::spawn(run_batcher(rx, btx, 100, Duration::from_millis(250)));
+        let (btx, mut brx) = mpsc::channel(1);
+        tokio::spawn(run_batcher(rx, btx, limits(100, Duration::from_secs(60))));
         tx.send(chunk_of_rejects(2)).await.expect("send");
         let started = Instant::now();
         let batch = brx.recv().await.expect("a batch");
         assert_eq!(batch.len(), 2);
-        assert_eq!(started.elapsed(), Duration::from_millis(250));
-        drop(tx);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    /// A busy sink: the batch grows with what arrives meanwhile, and leaves when the sink takes it.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_grows_while_the_sink_is_busy() {
+        let (tx, rx) = mpsc::channel(16);
+        let (btx, mut brx) = mpsc::channel(1);
+        tokio::spawn(run_batcher(rx, btx, limits(100, Duration::from_secs(60))));
+        tx.send(chunk_of_rejects(1)).await.expect("send");
+        wait_until(|| !brx.is_empty()).await; // the sink's one slot now holds the first batch
+        for _ in 0..5 {
+            tx.send(chunk_of_rejects(3)).await.expect("send");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(brx.recv().await.expect("first").len(), 1);
+        assert_eq!(brx.recv().await.expect("second").len(), 15);
+    }
+
+    /// A sink that stays busy: the batch closes after `linger` and waits for room, holding no more.
+    #[tokio::test(start_paused = true)]
+    async fn linger_bounds_how_long_a_batch_keeps_growing() {
+        let (tx, rx) = mpsc::channel(16);
+        let (btx, mut brx) = mpsc::channel(1);
+        tokio::spawn(run_batcher(
+            rx,
+            btx,
+            limits(100, Duration::from_millis(250)),
+        ));
+        tx.send(chunk_of_rejects(1)).await.expect("send");
+        wait_until(|| !brx.is_empty()).await;
+        tx.send(chunk_of_rejects(2)).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(chunk_of_rejects(4)).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let sizes: Vec<usize> = [
+            brx.recv().await.expect("1"),
+            brx.recv().await.expect("2"),
+            brx.recv().await.expect("3"),
+        ]
+        .iter()
+        .map(Batch::len)
+        .collect();
+        assert_eq!(sizes, [1, 2, 4], "the second batch closed at its linger");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_closes_at_its_byte_budget() {
+        let (tx, rx) = mpsc::channel(16);
+        let (btx, mut brx) = mpsc::channel(1);
+        let budget = BatchLimits {
+            rows: 100,
+            bytes: 10,
+            linger: Duration::from_secs(60),
+        };
+        tokio::spawn(run_batcher(rx, btx, budget));
+        tx.send(chunk_of_rejects(1)).await.expect("send");
+        wait_until(|| !brx.is_empty()).await;
+        for _ in 0..4 {
+            tx.send(chunk_of_rejects(1)).await.expect("send"); // "bad N": 5 bytes each
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let sizes: Vec<usize> = [
+            brx.recv().await.expect("1"),
+            brx.recv().await.expect("2"),
+            brx.recv().await.expect("3"),
+        ]
+        .iter()
+        .map(Batch::len)
+        .collect();
+        assert_eq!(sizes, [1, 2, 2]);
+    }
+
+    async fn wait_until(done: impl Fn() -> bool) {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     #[test]

@@ -39,8 +39,8 @@ pub enum LeaseEvent {
 /// How to reach the lease table.
 #[derive(Debug, Clone)]
 pub struct KeeperSettings {
-    pub database_url: String,
-    pub connect_timeout: Duration,
+    /// The sink's connection settings (URL, TLS, timeout).
+    pub connector: crate::pg::Connector,
     /// How often to renew and rebalance; well below the lease duration.
     pub interval: Duration,
 }
@@ -150,14 +150,7 @@ async fn connection<'a>(
 ) -> Result<&'a Client, LeaseError> {
     let client = match slot.take().filter(|c| !c.is_closed()) {
         Some(client) => client,
-        None => {
-            crate::pg::connect(
-                &settings.database_url,
-                "sluice kinesis leases",
-                settings.connect_timeout,
-            )
-            .await?
-        }
+        None => settings.connector.connect("sluice kinesis leases").await?,
     };
     Ok(slot.insert(client))
 }

@@ -110,6 +110,8 @@ pub struct LeaseRow {
 pub enum LeaseError {
     #[error("lease table: {}", crate::pg::describe(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("lease table")]
+    Connect(#[from] crate::pg::ConnectError),
     #[error("lease table holds {text:?} as a checkpoint: {source}")]
     BadCheckpoint {
         text: String,
@@ -230,14 +232,29 @@ impl Leases {
         Ok(taken)
     }
 
-    async fn views(&self, client: &Client) -> Result<Vec<LeaseView>, LeaseError> {
+    /// The lease rows of this application and stream, never another's.
+    async fn select(
+        &self,
+        client: &Client,
+        columns: &str,
+        rest: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, LeaseError> {
         let sql = format!(
-            "SELECT shard_id, owner, epoch, coalesce(expires_at > now(), false)
-             FROM {t} WHERE application = $1 AND stream = $2 AND NOT finished",
+            "SELECT {columns} FROM {t} WHERE application = $1 AND stream = $2 {rest}",
             t = self.table()
         );
-        let rows = client
+        Ok(client
             .query(&sql, &[&self.scope.application, &self.scope.stream])
+            .await?)
+    }
+
+    async fn views(&self, client: &Client) -> Result<Vec<LeaseView>, LeaseError> {
+        let rows = self
+            .select(
+                client,
+                "shard_id, owner, epoch, coalesce(expires_at > now(), false)",
+                "AND NOT finished",
+            )
             .await?;
         Ok(rows
             .iter()
@@ -267,31 +284,7 @@ impl Leases {
         client: &Client,
         view: &LeaseView,
     ) -> Result<Option<TakenLease>, LeaseError> {
-        let sql = format!(
-            "UPDATE {t} AS l SET owner = $4, epoch = l.epoch + 1,
-                 expires_at = now() + make_interval(secs => $6), updated_at = now()
-             WHERE l.application = $1 AND l.stream = $2 AND l.shard_id = $3 AND l.epoch = $5
-               AND NOT l.finished
-               AND (l.owner IS NULL OR l.expires_at IS NULL OR l.expires_at <= now())
-             {returning}",
-            t = self.table(),
-            returning = self.returning()
-        );
-        let row = client
-            .query_opt(
-                &sql,
-                &[
-                    &self.scope.application,
-                    &self.scope.stream,
-                    &view.shard_id,
-                    &&*self.owner,
-                    &view.epoch,
-                    &self.duration_seconds,
-                ],
-            )
-            .await?;
-        row.map(|r| self.taken(&view.shard_id, &r, None))
-            .transpose()
+        self.take_if(client, view, None).await
     }
 
     /// Takes a live lease from its holder, if the holder still has it at the epoch seen.
@@ -303,32 +296,7 @@ impl Leases {
         let Some(holder) = &view.owner else {
             return self.take_free(client, view).await;
         };
-        let sql = format!(
-            "UPDATE {t} AS l SET owner = $4, epoch = l.epoch + 1,
-                 expires_at = now() + make_interval(secs => $6), updated_at = now()
-             WHERE l.application = $1 AND l.stream = $2 AND l.shard_id = $3 AND l.epoch = $5
-               AND l.owner = $7 AND NOT l.finished
-             {returning}",
-            t = self.table(),
-            returning = self.returning()
-        );
-        let row = client
-            .query_opt(
-                &sql,
-                &[
-                    &self.scope.application,
-                    &self.scope.stream,
-                    &view.shard_id,
-                    &&*self.owner,
-                    &view.epoch,
-                    &self.duration_seconds,
-                    holder,
-                ],
-            )
-            .await?;
-        let taken = row
-            .map(|r| self.taken(&view.shard_id, &r, Some(holder.clone())))
-            .transpose()?;
+        let taken = self.take_if(client, view, Some(holder)).await?;
         if let Some(lease) = &taken {
             tracing::info!(
                 shard = %lease.claim.shard_id,
@@ -338,6 +306,45 @@ impl Leases {
             );
         }
         Ok(taken)
+    }
+
+    /// One conditional UPDATE for both ways of taking a lease: it succeeds only at the epoch seen,
+    /// so two processes racing for a shard cannot both win. Without a `holder` the lease must be
+    /// free or expired by the database's clock; with one, it must still be that holder's.
+    async fn take_if(
+        &self,
+        client: &Client,
+        view: &LeaseView,
+        holder: Option<&String>,
+    ) -> Result<Option<TakenLease>, LeaseError> {
+        let held_by = match holder {
+            None => "(l.owner IS NULL OR l.expires_at IS NULL OR l.expires_at <= now())",
+            Some(_) => "l.owner = $7",
+        };
+        let sql = format!(
+            "UPDATE {t} AS l SET owner = $4, epoch = l.epoch + 1,
+                 expires_at = now() + make_interval(secs => $6), updated_at = now()
+             WHERE l.application = $1 AND l.stream = $2 AND l.shard_id = $3 AND l.epoch = $5
+               AND NOT l.finished AND {held_by}
+             {returning}",
+            t = self.table(),
+            returning = self.returning()
+        );
+        let owner: &str = &self.owner;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &self.scope.application,
+            &self.scope.stream,
+            &view.shard_id,
+            &owner,
+            &view.epoch,
+            &self.duration_seconds,
+        ];
+        if let Some(holder) = holder {
+            params.push(holder);
+        }
+        let row = client.query_opt(&sql, &params).await?;
+        row.map(|r| self.taken(&view.shard_id, &r, holder.cloned()))
+            .transpose()
     }
 
     fn taken(
@@ -440,14 +447,13 @@ impl Leases {
 
     /// Every row of this application and stream, for reporting.
     pub async fn rows(&self, client: &Client) -> Result<Vec<LeaseRow>, LeaseError> {
-        let sql = format!(
-            "SELECT shard_id, parent_shard_ids, owner, epoch,
-                    extract(epoch FROM expires_at - now())::float8, checkpoint::text, finished
-             FROM {t} WHERE application = $1 AND stream = $2 ORDER BY shard_id",
-            t = self.table()
-        );
-        let rows = client
-            .query(&sql, &[&self.scope.application, &self.scope.stream])
+        let rows = self
+            .select(
+                client,
+                "shard_id, parent_shard_ids, owner, epoch,
+                 extract(epoch FROM expires_at - now())::float8, checkpoint::text, finished",
+                "ORDER BY shard_id",
+            )
             .await?;
         Ok(rows
             .iter()

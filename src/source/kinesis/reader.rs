@@ -537,6 +537,28 @@ mod tests {
         (0..n).map(|i| format!("{{\"n\":{i}}}")).collect()
     }
 
+    /// Reads a closed shard until the reader returns, its pages left in the channel.
+    async fn read_to_end(
+        api: &Arc<FakeKinesis>,
+        start: StartPosition,
+    ) -> (ReadEnd, mpsc::Receiver<Chunk<Envelope>>) {
+        let (tx, rx) = mpsc::channel(4);
+        let end = reader(api, start, 10)
+            .run(tx, Shutdown::new())
+            .await
+            .expect("read");
+        (end, rx)
+    }
+
+    /// A fake stream whose one shard holds `n` small records.
+    fn shard_holding(n: usize) -> Arc<FakeKinesis> {
+        let api = FakeKinesis::new();
+        for body in bodies(n) {
+            api.put(SHARD, body.as_bytes());
+        }
+        api
+    }
+
     /// No window of one second holds more than five calls.
     fn assert_within_five_calls_a_second(calls: &[Instant]) {
         for window in calls.windows(6) {
@@ -591,11 +613,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn throttling_and_expired_iterators_lose_nothing_and_keep_within_five_calls_a_second() {
-        let api = FakeKinesis::new();
         let sent = bodies(60);
-        for body in &sent {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(60);
         api.close(SHARD);
         let throttled = || Some(KinesisError::Throttled("Rate exceeded for shard".into()));
         let expired = || Some(KinesisError::ExpiredIterator("Iterator expired".into()));
@@ -667,17 +686,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_end_on_an_empty_page_is_left_to_a_separate_finish() {
-        let api = FakeKinesis::new();
-        for body in bodies(3) {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(3);
         api.close(SHARD);
         api.end_on_empty_page();
-        let (tx, mut rx) = mpsc::channel(4);
-        let end = reader(&api, StartPosition::TrimHorizon, 10)
-            .run(tx, Shutdown::new())
-            .await
-            .expect("read");
+        let (end, mut rx) = read_to_end(&api, StartPosition::TrimHorizon).await;
         let got = receive(&mut rx, 3).await;
         assert!(got.iter().all(|(_, a)| !a.ends_shard));
         assert_eq!(
@@ -694,11 +706,7 @@ mod tests {
         let api = FakeKinesis::new();
         let last = api.put(SHARD, b"already committed");
         api.close(SHARD);
-        let (tx, mut rx) = mpsc::channel(4);
-        let end = reader(&api, StartPosition::AfterSequence(last.clone()), 10)
-            .run(tx, Shutdown::new())
-            .await
-            .expect("read");
+        let (end, mut rx) = read_to_end(&api, StartPosition::AfterSequence(last.clone())).await;
         assert_eq!(
             end,
             ReadEnd::ShardEnded {
@@ -711,16 +719,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_last_message_of_a_closed_shard_says_so() {
-        let api = FakeKinesis::new();
-        for body in bodies(3) {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(3);
         api.close(SHARD);
-        let (tx, mut rx) = mpsc::channel(4);
-        let end = reader(&api, StartPosition::TrimHorizon, 10)
-            .run(tx, Shutdown::new())
-            .await
-            .expect("read");
+        let (end, mut rx) = read_to_end(&api, StartPosition::TrimHorizon).await;
         let got = receive(&mut rx, 3).await;
         let ends: Vec<bool> = got.iter().map(|(_, a)| a.ends_shard).collect();
         assert_eq!(ends, [false, false, true]);
@@ -782,11 +783,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_channel_holds_the_reader_until_there_is_room() {
-        let api = FakeKinesis::new();
         let sent = bodies(100);
-        for body in &sent {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(100);
         let (tx, mut rx) = mpsc::channel(1);
         let stop = Shutdown::new();
         let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
@@ -804,10 +802,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stop_releases_a_reader_blocked_on_a_full_channel() {
-        let api = FakeKinesis::new();
-        for body in bodies(30) {
-            api.put(SHARD, body.as_bytes());
-        }
+        let api = shard_holding(30);
         let (tx, _rx) = mpsc::channel(1);
         let stop = Shutdown::new();
         let task = tokio::spawn(reader(&api, StartPosition::TrimHorizon, 10).run(tx, stop.clone()));
