@@ -107,7 +107,17 @@ pub async fn create_lease_table(client: &Client, config: &Config) -> Result<bool
     let table = &config.source.kinesis.lease_table;
     let existed = lease_table_exists(client, config).await?;
     for statement in lease_ddl(table) {
-        client.batch_execute(&statement).await?;
+        match client.batch_execute(&statement).await {
+            Ok(()) => {}
+            // Replicas starting together race on `IF NOT EXISTS`: the loser's insert into the
+            // catalog fails although the table is there.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                if !lease_table_exists(client, config).await? {
+                    return Err(e.into());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(!existed)
 }
