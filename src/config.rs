@@ -5,12 +5,17 @@
 //! the README's table is checked against them by a test. Values arrive typed: table names are
 //! parsed while deserializing, the metrics address is a socket address, and paths are made absolute
 //! (relative to the file's directory) the moment the file is loaded, so the rest of the code never
-//! sees raw config text. [`Config::load`] then validates ranges and combinations across the whole
-//! tree, reporting every problem by its dotted key. Environment variables override what differs
-//! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
-//! `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`, `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`.
-//! The tree can be printed (`Debug`) without giving a secret away: the database URL shows `***` for
-//! its password, and the masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
+//! sees raw config text. A file is read whole ([`document`]): every key that cannot be read is
+//! reported, not only the first. [`Config::load`] then validates ranges and combinations across the
+//! whole tree, reporting every problem by its dotted key and line in one list. Environment variables
+//! override what differs between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`,
+//! `SLUICE_SQS_ENDPOINT_URL`, `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`,
+//! `SLUICE_DATABASE_URL`, `SLUICE_DATABASE_CA_FILE`, `SLUICE_MASK_KEY`; a bad value from one of them
+//! is blamed on the variable, not on the file. The tree can be printed (`Debug`) without giving a
+//! secret away: the database URL shows `***` for its password, and the masking key is held as a
+//! [`SecretString`], which prints as `[REDACTED]`.
+
+mod document;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -121,6 +126,10 @@ pub struct SqsConfig {
     /// loop) must not keep failing for ever. 1-1000. Default 10.
     #[serde(default = "default_max_receives")]
     pub max_receives: u32,
+    /// How often the queue's depth is read (GetQueueAttributes) for the progress line and the
+    /// scaling metrics, 1-3600 s. Default 10.
+    #[serde(default = "default_depth_sample_seconds")]
+    pub depth_sample_seconds: u64,
 }
 
 const fn default_pollers() -> usize {
@@ -143,6 +152,9 @@ const fn default_max_receives() -> u32 {
 }
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
+}
+const fn default_depth_sample_seconds() -> u64 {
+    10
 }
 
 /// Where a Kinesis shard that the application has never read starts.
@@ -301,6 +313,11 @@ pub struct PostgresConfig {
     /// Seconds to wait for a connection. Default 10.
     #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
+    /// PEM file of the CAs trusted to sign the server's certificate, for `sslmode=verify-ca`,
+    /// `verify-full` (and `require`, which then checks the chain); relative to the config file
+    /// (made absolute at load); env `SLUICE_DATABASE_CA_FILE` overrides. Default: none (the
+    /// system's trusted CAs).
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_table() -> TableName {
@@ -345,6 +362,7 @@ impl fmt::Debug for PostgresConfig {
             .field("create_tables", &self.create_tables)
             .field("connections", &self.connections)
             .field("connect_timeout_seconds", &self.connect_timeout_seconds)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -352,7 +370,8 @@ impl fmt::Debug for PostgresConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaskConfig {
-    /// `"hmac-sha256"` or `"salted-sha256"` (compatibility). Default `"hmac-sha256"`.
+    /// `"hmac-sha256"`, `"salted-sha256"` (compatibility) or `"aes-siv"` (recoverable; the key is
+    /// then a keyring). Default `"hmac-sha256"`.
     #[serde(default)]
     pub mode: MaskMode,
     /// File holding the key; relative to the config file (made absolute at load).
@@ -403,6 +422,14 @@ pub struct LogConfig {
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` wins. Default `"info"`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// Seconds between progress lines (rates per stage, queue depth, commits) while running; 0 turns
+    /// them off. Default 10.
+    #[serde(default = "default_progress_interval_seconds")]
+    pub progress_interval_seconds: u64,
+}
+
+const fn default_progress_interval_seconds() -> u64 {
+    10
 }
 
 fn default_log_level() -> String {
@@ -434,15 +461,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: `{key}`")]
-    Parse {
+    #[error("config file {path} is not valid TOML")]
+    Syntax {
         path: PathBuf,
-        /// The dotted key of the value that could not be read (`.` for the document itself).
-        key: String,
         #[source]
         source: Box<toml::de::Error>,
     },
-    #[error("config file {path} has {} problem(s):\n{}", .problems.len(), format_problems(.problems))]
+    #[error("{} {} problem(s):\n{}", blamed(.path, .problems), .problems.len(), format_problems(.problems))]
     Invalid {
         path: PathBuf,
         problems: Vec<Problem>,
@@ -451,17 +476,56 @@ pub enum ConfigError {
     MaskKey(#[from] KeyError),
 }
 
-/// One invalid key and what is wrong with it.
+/// One invalid key, where its value came from, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub key: String,
+    pub origin: Origin,
     pub message: String,
+}
+
+/// Where a value that is wrong was set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The file, on this line (none for a key the file lacks).
+    File { line: Option<usize> },
+    /// An environment variable that overrides the file.
+    Env(&'static str),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Origin::File { line: Some(line) } => {
+                write!(f, "`{}` (line {line}): {}", self.key, self.message)
+            }
+            Origin::File { line: None } => write!(f, "`{}`: {}", self.key, self.message),
+            Origin::Env(variable) => {
+                write!(f, "`{}` (from {variable}): {}", self.key, self.message)
+            }
+        }
+    }
+}
+
+/// Who the problems are blamed on: the file, the environment, or both.
+fn blamed(path: &Path, problems: &[Problem]) -> String {
+    let from_env = problems
+        .iter()
+        .filter(|p| matches!(p.origin, Origin::Env(_)))
+        .count();
+    if from_env == 0 {
+        format!("config file {} has", path.display())
+    } else if from_env == problems.len() {
+        "the environment has".to_owned()
+    } else {
+        format!("config file {} and the environment have", path.display())
+    }
 }
 
 fn format_problems(problems: &[Problem]) -> String {
     problems
         .iter()
-        .map(|p| format!("  - `{}`: {}", p.key, p.message))
+        .map(|p| format!("  - {p}"))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -475,6 +539,7 @@ pub struct EnvOverrides {
     pub kinesis_stream: Option<String>,
     pub kinesis_endpoint_url: Option<String>,
     pub database_url: Option<String>,
+    pub database_ca_file: Option<PathBuf>,
     pub mask_key: Option<String>,
 }
 
@@ -488,6 +553,7 @@ impl fmt::Debug for EnvOverrides {
                 "database_url",
                 &self.database_url.as_deref().map(crate::pg::redact_url),
             )
+            .field("database_ca_file", &self.database_ca_file)
             .field("mask_key", &self.mask_key.as_ref().map(|_| "[REDACTED]"))
             .finish()
     }
@@ -503,6 +569,7 @@ impl EnvOverrides {
             kinesis_stream: var("SLUICE_KINESIS_STREAM"),
             kinesis_endpoint_url: var("SLUICE_KINESIS_ENDPOINT_URL"),
             database_url: var("SLUICE_DATABASE_URL"),
+            database_ca_file: var("SLUICE_DATABASE_CA_FILE").map(PathBuf::from),
             mask_key: var("SLUICE_MASK_KEY"),
         }
     }
@@ -525,30 +592,56 @@ impl Config {
     /// Deserializes `text`, read from `path` (relative paths in it are taken from `path`'s
     /// directory), applies `env` and validates.
     pub fn from_toml(text: &str, path: &Path, env: EnvOverrides) -> Result<Config, ConfigError> {
-        let parse_error = |key: String, source| ConfigError::Parse {
+        let document = document::Document::parse(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
-            key,
-            source: Box::new(source),
-        };
-        let document =
-            toml::Deserializer::parse(text).map_err(|e| parse_error(".".to_owned(), e))?;
-        let mut config: Config = serde_path_to_error::deserialize(document)
-            .map_err(|e| parse_error(e.path().to_string(), e.into_inner()))?;
-        let base_dir = std::path::absolute(path)
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_owned))
-            .unwrap_or_default();
-        config.resolve_paths(&base_dir);
-        config.apply(env);
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                problems,
+            source: Box::new(e),
+        })?;
+        let (config, unreadable) = document.deserialize::<Config>();
+        let mut problems: Vec<Problem> = unreadable
+            .into_iter()
+            .map(|p| Problem {
+                origin: Origin::File {
+                    line: document.line_of(&p.key),
+                },
+                key: p.key,
+                message: p.message,
             })
+            .collect();
+        if let Some(mut config) = config {
+            let base_dir = std::path::absolute(path)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_owned))
+                .unwrap_or_default();
+            config.resolve_paths(&base_dir);
+            let overridden = config.apply(env);
+            // A key that could not be read was reported as such; its default is not to blame.
+            let unread: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+            for mut problem in config.problems() {
+                if unread.contains(&problem.key) {
+                    continue;
+                }
+                problem.origin = match overridden.iter().find(|(key, _)| *key == problem.key) {
+                    Some((_, variable)) => Origin::Env(variable),
+                    None => Origin::File {
+                        line: document.line_of(&problem.key),
+                    },
+                };
+                problems.push(problem);
+            }
+            if problems.is_empty() {
+                return Ok(config);
+            }
         }
+        // In file order; keys the file lacks, and the environment's, after the lines.
+        problems.sort_by_key(|p| match p.origin {
+            Origin::File { line: Some(line) } => (0, line),
+            Origin::File { line: None } => (1, 0),
+            Origin::Env(_) => (2, 0),
+        });
+        Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
     }
 
     /// Makes every path in the file absolute, relative to the file's directory (`-` stays standard
@@ -561,31 +654,46 @@ impl Config {
         };
         self.source.file.path.as_mut().map(resolve);
         self.mask.key_file.as_mut().map(resolve);
+        self.sink.postgres.ca_file.as_mut().map(resolve);
     }
 
-    fn apply(&mut self, env: EnvOverrides) {
+    /// Applies the overrides; returns the keys they set, each with its variable, so that a bad
+    /// value is blamed on the variable.
+    fn apply(&mut self, env: EnvOverrides) -> Vec<(&'static str, &'static str)> {
+        let mut overridden = Vec::new();
         if let Some(url) = env.sqs_queue_url {
             self.source.sqs.queue_url = Some(url);
             self.source.sqs.queue_name = None;
+            overridden.push(("source.sqs.queue_url", "SLUICE_SQS_QUEUE_URL"));
         }
         if let Some(url) = env.sqs_endpoint_url {
             self.source.sqs.endpoint_url = Some(url);
+            overridden.push(("source.sqs.endpoint_url", "SLUICE_SQS_ENDPOINT_URL"));
         }
         if let Some(stream) = env.kinesis_stream {
             let kinesis = &mut self.source.kinesis;
             if stream.starts_with("arn:") {
                 (kinesis.stream_arn, kinesis.stream_name) = (Some(stream), None);
+                overridden.push(("source.kinesis.stream_arn", "SLUICE_KINESIS_STREAM"));
             } else {
                 (kinesis.stream_name, kinesis.stream_arn) = (Some(stream), None);
+                overridden.push(("source.kinesis.stream_name", "SLUICE_KINESIS_STREAM"));
             }
         }
         if let Some(url) = env.kinesis_endpoint_url {
             self.source.kinesis.endpoint_url = Some(url);
+            overridden.push(("source.kinesis.endpoint_url", "SLUICE_KINESIS_ENDPOINT_URL"));
         }
         if let Some(url) = env.database_url {
             self.sink.postgres.url = Some(url);
+            overridden.push(("sink.postgres.url", "SLUICE_DATABASE_URL"));
+        }
+        if let Some(path) = env.database_ca_file {
+            self.sink.postgres.ca_file = Some(path);
+            overridden.push(("sink.postgres.ca_file", "SLUICE_DATABASE_CA_FILE"));
         }
         self.mask_key_from_env = env.mask_key.map(SecretString::from);
+        overridden
     }
 
     /// Every problem in the tree, in file order.
@@ -610,10 +718,11 @@ impl Config {
             }
         }
         self.validate_file(&mut v);
+        // Two chunks, so a stage can hand one on while the next is being filled.
         v.range(
             "pipeline.channel_capacity",
             self.pipeline.channel_capacity,
-            1,
+            2,
             1_000_000,
         );
         // A drain needs time for a receive in progress to return (up to a second) and a batch to
@@ -628,6 +737,15 @@ impl Config {
         if let Some(url) = &self.dead_letter.sqs_queue_url {
             v.url("dead_letter.sqs_queue_url", url);
         }
+        if let Err(message) = check_log_filter(&self.log.level) {
+            v.problem("log.level", message);
+        }
+        v.range(
+            "log.progress_interval_seconds",
+            self.log.progress_interval_seconds,
+            0,
+            86_400,
+        );
         v.range(
             "metrics.stall_after_seconds",
             self.metrics.stall_after_seconds,
@@ -681,6 +799,33 @@ impl Config {
     }
 }
 
+/// A log filter must name a level in each of its directives: a bare word such as `loud` is, in
+/// `RUST_LOG` syntax, a target to log at every level, and every other target (sluice's own warnings
+/// and errors included) is then silenced.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    use tracing::level_filters::LevelFilter;
+    const LEVELS: &str = "trace, debug, info, warn, error or off";
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(format!("must name a level ({LEVELS})"));
+    }
+    for directive in directives {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if level.parse::<LevelFilter>().is_err() {
+            return Err(format!(
+                "`{directive}` is neither a level ({LEVELS}) nor `target=level`"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("not a `RUST_LOG` filter: {e}"))
+}
+
 /// The most SQS messages held at once: with bodies of up to 1 MiB, more could exhaust memory long
 /// before it helped throughput.
 pub const MAX_IN_FLIGHT: usize = 100_000;
@@ -714,6 +859,12 @@ impl SqsConfig {
         );
         v.range("source.sqs.max_messages", self.max_messages, 1, 10);
         v.range("source.sqs.max_receives", self.max_receives, 1, 1000);
+        v.range(
+            "source.sqs.depth_sample_seconds",
+            self.depth_sample_seconds,
+            1,
+            3_600,
+        );
         v.range(
             "source.sqs.visibility_timeout_seconds",
             self.visibility_timeout_seconds,
@@ -833,7 +984,14 @@ impl PostgresConfig {
                 }
             }
         }
-
+        if let Some(path) = &self.ca_file
+            && let Err(e) = crate::pg::tls::load_ca_file(path)
+        {
+            v.problem(
+                "sink.postgres.ca_file",
+                crate::error_chain::Chain(&e).to_string(),
+            );
+        }
         v.range("sink.postgres.batch_rows", self.batch_rows, 1, 1_000_000);
         v.range("sink.postgres.batch_bytes", self.batch_bytes, 1024, 1 << 30);
         v.range("sink.postgres.connections", self.connections, 1, 64);
@@ -862,6 +1020,7 @@ impl Validator {
     fn problem(&mut self, key: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             key: key.to_owned(),
+            origin: Origin::File { line: None },
             message: message.into(),
         });
     }
@@ -1004,12 +1163,70 @@ mod tests {
         assert_eq!(
             problems(text),
             [
-                "source.sqs.queue_url",
-                "source.sqs.wait_time_seconds",
                 "source.sqs.max_messages",
-                "sink.postgres.url",
+                "source.sqs.wait_time_seconds",
                 "sink.postgres.batch_rows",
+                "source.sqs.queue_url",
+                "sink.postgres.url",
             ]
+        );
+    }
+
+    #[test]
+    fn a_log_filter_names_a_level_in_every_directive() {
+        for good in [
+            "info",
+            "warn",
+            "sluice=debug,info",
+            "OFF",
+            "tokio_postgres=warn, info",
+        ] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        for bad in ["loud", "", " , ", "sluice=loud", "info,sluice"] {
+            assert!(check_log_filter(bad).is_err(), "{bad:?} accepted");
+        }
+        let text = format!("{MINIMAL}\n[log]\nlevel = \"loud\"\n");
+        assert_eq!(problems(&text), ["log.level"]);
+    }
+
+    #[test]
+    fn channels_hold_at_least_two_chunks() {
+        let text = format!("{MINIMAL}\n[pipeline]\nchannel_capacity = 1\n");
+        assert_eq!(problems(&text), ["pipeline.channel_capacity"]);
+        let text = format!("{MINIMAL}\n[pipeline]\nchannel_capacity = 2\n");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn a_bad_override_is_blamed_on_its_variable() {
+        let env = EnvOverrides {
+            database_url: Some("mysql://nope".into()),
+            ..EnvOverrides::default()
+        };
+        let text = format!("{MINIMAL}\n[source.file]\nchunk_messages = 0\n");
+        let err = Config::from_toml(&text, Path::new("t.toml"), env).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err:?}");
+        };
+        let origins: Vec<(&str, &Origin)> = problems
+            .iter()
+            .map(|p| (p.key.as_str(), &p.origin))
+            .collect();
+        assert_eq!(
+            origins,
+            [
+                (
+                    "source.file.chunk_messages",
+                    &Origin::File { line: Some(10) }
+                ),
+                ("sink.postgres.url", &Origin::Env("SLUICE_DATABASE_URL")),
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config file t.toml and the environment have 2 problem(s)"),
+            "{text}"
         );
     }
 
@@ -1040,6 +1257,7 @@ mod tests {
             sqs_queue_url: Some("http://localhost:4566/000000000000/q".into()),
             sqs_endpoint_url: Some("http://localhost:4566".into()),
             database_url: Some("postgres://other@db/x".into()),
+            database_ca_file: None,
             mask_key: Some("0123456789abcdef0123".into()),
             ..EnvOverrides::default()
         };
@@ -1057,6 +1275,29 @@ mod tests {
             c.mask_key().expect("key"),
             MaskKey::from_bytes(b"0123456789abcdef0123")
         );
+    }
+
+    /// Printing the tree, or the environment it was built from, shows no secret: not the key, not
+    /// the database password in any spelling.
+    #[test]
+    fn secrets_never_print() {
+        for url in [
+            "postgres://u:pw-in-userinfo@db/x",
+            "postgres://u@db/x?password=pw-in-query",
+            "host=db user=u password=pw-key-value dbname=x",
+        ] {
+            let env = EnvOverrides {
+                database_url: Some(url.into()),
+                mask_key: Some("the-mask-key-0123456789".into()),
+                ..EnvOverrides::default()
+            };
+            let env_text = format!("{env:?}");
+            let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
+            for text in [format!("{c:?}"), env_text] {
+                assert!(!text.contains("the-mask-key"), "{text}");
+                assert!(!text.contains("pw-"), "{text}");
+            }
+        }
     }
 
     const KINESIS: &str = r#"
@@ -1104,15 +1345,16 @@ mod tests {
         "#;
         assert_eq!(
             problems(text),
+            // In file order; a missing key (at_timestamp) has no line and comes last.
             [
                 "source.kinesis.stream_arn",
                 "source.kinesis.endpoint_url",
-                "source.kinesis.at_timestamp",
                 "source.kinesis.max_records_per_call",
                 "source.kinesis.poll_interval_ms",
                 "source.kinesis.lease_duration_seconds",
                 "source.kinesis.application",
                 "sink.postgres.dedupe",
+                "source.kinesis.at_timestamp",
             ]
         );
         let missing = KINESIS.replace("stream_name = \"logins\"", "");
@@ -1150,29 +1392,6 @@ mod tests {
         assert_eq!(k.endpoint_url.as_deref(), Some("http://127.0.0.1:4567"));
         let c = Config::from_toml(KINESIS, Path::new("t.toml"), env("b")).expect("valid");
         assert_eq!(c.source.kinesis.stream_name.as_deref(), Some("b"));
-    }
-
-    /// Printing the tree, or the environment it was built from, shows no secret: not the key, not
-    /// the database password in any spelling.
-    #[test]
-    fn secrets_never_print() {
-        for url in [
-            "postgres://u:pw-in-userinfo@db/x",
-            "postgres://u@db/x?password=pw-in-query",
-            "host=db user=u password=pw-key-value dbname=x",
-        ] {
-            let env = EnvOverrides {
-                database_url: Some(url.into()),
-                mask_key: Some("the-mask-key-0123456789".into()),
-                ..EnvOverrides::default()
-            };
-            let env_text = format!("{env:?}");
-            let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
-            for text in [format!("{c:?}"), env_text] {
-                assert!(!text.contains("the-mask-key"), "{text}");
-                assert!(!text.contains("pw-"), "{text}");
-            }
-        }
     }
 
     #[test]

@@ -15,6 +15,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let path = match &args.command {
         Command::Completions { shell } => return cli::completions::print(*shell),
+        Command::Unmask { key_file, values } => {
+            return cli::unmask::unmask(key_file.clone(), values.clone());
+        }
+        Command::Keygen { id } => return cli::unmask::keygen(id),
         Command::Run { config, .. }
         | Command::Seed { config, .. }
         | Command::Migrate { config }
@@ -46,7 +50,11 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match args.command {
-            Command::Run { exit_when_idle, .. } => cli::run::run(&config, exit_when_idle).await,
+            Command::Run {
+                exit_when_idle,
+                summary,
+                ..
+            } => cli::run::run(&config, exit_when_idle, summary).await,
             Command::Seed {
                 file,
                 count,
@@ -71,8 +79,10 @@ fn main() -> ExitCode {
             Command::Migrate { .. } => cli::migrate::migrate(&config).await,
             Command::Check { .. } => cli::check::check(&config, &path).await,
             Command::Report { rows, .. } => cli::report::report(&config, rows).await,
-            // Printed above, before any configuration is read.
-            Command::Completions { .. } => Ok(ExitCode::SUCCESS),
+            // Done above, before any configuration is read.
+            Command::Completions { .. } | Command::Unmask { .. } | Command::Keygen { .. } => {
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     // Long polls and background connections need not finish: everything that matters is done.
@@ -81,7 +91,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             cli::telemetry::fatal(&config.log, &format!("{e:#}"));
-            ExitCode::FAILURE
+            exit_code_of(&e)
         }
     };
     match cli::output::finish() {
@@ -91,5 +101,24 @@ fn main() -> ExitCode {
             cli::telemetry::fatal(&config.log, &message);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// 2 when the configuration turned out unusable once a command looked closer (the masking key is
+/// read only by the commands that mask), 1 for anything that failed while running.
+fn exit_code_of(error: &anyhow::Error) -> ExitCode {
+    use sluice::pipeline::PipelineError;
+    let unusable = error.chain().any(|cause| {
+        cause.is::<sluice::config::ConfigError>()
+            || cause.is::<sluice::stage::mask::KeyError>()
+            || matches!(
+                cause.downcast_ref::<PipelineError>(),
+                Some(PipelineError::Config(_))
+            )
+    });
+    if unusable {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
     }
 }

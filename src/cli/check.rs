@@ -22,6 +22,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 struct Findings {
     failed: bool,
+    /// A finding that makes the configuration unusable (the masking key): exit 2, as for a bad file.
+    unusable: bool,
 }
 
 impl Findings {
@@ -54,7 +56,9 @@ pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
             Err(e) => findings.fail("dlq", e),
         }
     }
-    Ok(if findings.failed {
+    Ok(if findings.unusable {
+        ExitCode::from(2)
+    } else if findings.failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -68,7 +72,10 @@ fn check_key(config: &Config, findings: &mut Findings) {
             "the PUBLIC development key: fine for the demo, masks protect nothing; set SLUICE_MASK_KEY for real data",
         ),
         Ok(_) => findings.ok("mask key", format!("loaded ({:?})", config.mask.mode)),
-        Err(e) => findings.fail("mask key", Chain(&e).to_string()),
+        Err(e) => {
+            findings.unusable = true;
+            findings.fail("mask key", Chain(&e).to_string());
+        }
     }
 }
 
@@ -152,13 +159,19 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
         Ok(client) => client,
         Err(e) => return findings.fail("postgres", e),
     };
-    match client.query_one("SHOW server_version", &[]).await {
+    // Whether the session is encrypted, as the server sees it: `sslmode=prefer` falls back to
+    // plain text quietly when the server offers no TLS.
+    let probe_sql = "SELECT current_setting('server_version'), \
+                     coalesce((SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl), \
+                              'no TLS')";
+    match client.query_one(probe_sql, &[]).await {
         Ok(row) => findings.ok(
             "postgres",
             format!(
-                "{} (server {})",
+                "{} (server {}, {})",
                 connector.redacted_url(),
-                row.get::<_, String>(0)
+                row.get::<_, String>(0),
+                row.get::<_, String>(1)
             ),
         ),
         Err(e) => return findings.fail("postgres", PgError(e).to_string()),

@@ -6,6 +6,7 @@ use sluice::aws;
 use sluice::config::{Config, SourceKind};
 use sluice::error_chain::Chain;
 use sluice::pg::{Connector, PgError};
+use sluice::sink::schema;
 
 use sluice::source::kinesis::api::{KinesisApi, StreamRef};
 use sluice::source::kinesis::position::StartPosition;
@@ -19,6 +20,13 @@ pub async fn report(config: &Config, sample_rows: i64) -> anyhow::Result<ExitCod
         .connect("sluice-report")
         .await?;
     let t = config.tables();
+    let missing = schema::missing(&client, &[&t.target, &t.dead_letter]).await?;
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{} not created yet: run `sluice migrate` (or `sluice run`, which creates missing tables)",
+            missing.join(" and ")
+        );
+    }
 
     let totals = client_query(&client, &format!(
         "SELECT count(*)::text, count(DISTINCT masked_ip)::text, count(DISTINCT masked_device_id)::text,
