@@ -912,7 +912,12 @@ mod tests {
 
     #[test]
     fn shipped_configs_are_valid() {
-        for name in ["demo.toml", "example.toml", "file-backfill.toml"] {
+        for name in [
+            "demo.toml",
+            "example.toml",
+            "file-backfill.toml",
+            "container.toml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("config")
                 .join(name);
