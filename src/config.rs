@@ -8,7 +8,7 @@
 //! sees raw config text. [`Config::load`] then validates ranges and combinations across the whole
 //! tree, reporting every problem by its dotted key. Environment variables override what differs
 //! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
-//! `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`. The tree can be printed
+//! `SLUICE_DATABASE_URL`, `SLUICE_MASK_KEY`, `SLUICE_KMS_ENDPOINT_URL`. The tree can be printed
 //! (`Debug`) without giving a secret away: the database URL shows `***` for its password, and the
 //! masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
 
@@ -276,6 +276,30 @@ pub struct MaskConfig {
     /// File holding the key; relative to the config file (made absolute at load).
     /// `SLUICE_MASK_KEY` overrides it. Default: none.
     pub key_file: Option<PathBuf>,
+    /// Where the key comes from: `"local"` (`SLUICE_MASK_KEY` or `key_file`) or `"kms"` (the
+    /// data keys below, decrypted with AWS KMS at start). Default `"local"`.
+    #[serde(default)]
+    pub key_source: KeySource,
+    /// With `key_source = "kms"`: data keys encrypted under a KMS key (GenerateDataKey's
+    /// ciphertext, base64; `ID:CIPHERTEXT` for `aes-siv`), the last one current. Default: none.
+    #[serde(default)]
+    pub kms_data_keys: Vec<String>,
+    /// With `key_source = "kms"`: the KMS key (id, ARN or alias) the data keys are encrypted
+    /// under; KMS refuses to decrypt a data key of any other key. Required then. Default: none.
+    pub kms_key_id: Option<String>,
+    /// KMS endpoint, for emulators (env `SLUICE_KMS_ENDPOINT_URL`). Default: AWS.
+    pub kms_endpoint_url: Option<String>,
+}
+
+/// Where the masking key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    /// `SLUICE_MASK_KEY`, else `mask.key_file`.
+    #[default]
+    Local,
+    /// `mask.kms_data_keys`, decrypted by AWS KMS at start.
+    Kms,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -399,6 +423,7 @@ pub struct EnvOverrides {
     pub sqs_endpoint_url: Option<String>,
     pub database_url: Option<String>,
     pub mask_key: Option<String>,
+    pub kms_endpoint_url: Option<String>,
 }
 
 /// The secrets redacted: the URL's password, the whole key.
@@ -412,6 +437,7 @@ impl fmt::Debug for EnvOverrides {
                 &self.database_url.as_deref().map(crate::pg::redact_url),
             )
             .field("mask_key", &self.mask_key.as_ref().map(|_| "[REDACTED]"))
+            .field("kms_endpoint_url", &self.kms_endpoint_url)
             .finish()
     }
 }
@@ -425,6 +451,7 @@ impl EnvOverrides {
             sqs_endpoint_url: var("SLUICE_SQS_ENDPOINT_URL"),
             database_url: var("SLUICE_DATABASE_URL"),
             mask_key: var("SLUICE_MASK_KEY"),
+            kms_endpoint_url: var("SLUICE_KMS_ENDPOINT_URL"),
         }
     }
 }
@@ -496,6 +523,9 @@ impl Config {
             self.sink.postgres.url = Some(url);
         }
         self.mask_key_from_env = env.mask_key.map(SecretString::from);
+        if let Some(url) = env.kms_endpoint_url {
+            self.mask.kms_endpoint_url = Some(url);
+        }
     }
 
     /// Every problem in the tree, in file order.
@@ -522,6 +552,21 @@ impl Config {
         self.sink.postgres.validate(&mut v);
         if let Some(url) = &self.dead_letter.sqs_queue_url {
             v.url("dead_letter.sqs_queue_url", url);
+        }
+        if self.mask.key_source == KeySource::Kms && self.mask.kms_data_keys.is_empty() {
+            v.problem(
+                "mask.kms_data_keys",
+                "required when `mask.key_source = \"kms\"` (sluice keygen --kms-key-id makes one)",
+            );
+        }
+        if self.mask.key_source == KeySource::Kms && self.mask.kms_key_id.is_none() {
+            v.problem(
+                "mask.kms_key_id",
+                "required when `mask.key_source = \"kms\"`: the KMS key the data keys are encrypted under",
+            );
+        }
+        if let Some(url) = &self.mask.kms_endpoint_url {
+            v.url("mask.kms_endpoint_url", url);
         }
         v.range(
             "log.progress_interval_seconds",
@@ -834,6 +879,18 @@ mod tests {
     }
 
     #[test]
+    fn keys_from_kms_need_the_key_and_the_data_keys() {
+        assert_eq!(
+            problems(&format!("{MINIMAL}[mask]\nkey_source = \"kms\"\n")),
+            ["mask.kms_data_keys", "mask.kms_key_id"]
+        );
+        let text = format!(
+            "{MINIMAL}[mask]\nkey_source = \"kms\"\nkms_key_id = \"alias/k\"\nkms_data_keys = [\"AQID\"]\n"
+        );
+        assert_eq!(parse(&text).expect("valid").mask.key_source, KeySource::Kms);
+    }
+
+    #[test]
     fn paths_are_made_absolute_at_load() {
         let text = "[source]\nkind = \"file\"\n[source.file]\npath = \"data/x.ndjson\"\n\
                     [sink.postgres]\nurl = \"postgres://x@y/z\"\n[mask]\nkey_file = \"/etc/k\"\n";
@@ -861,8 +918,13 @@ mod tests {
             sqs_endpoint_url: Some("http://localhost:4566".into()),
             database_url: Some("postgres://other@db/x".into()),
             mask_key: Some("0123456789abcdef0123".into()),
+            kms_endpoint_url: Some("http://localhost:4566".into()),
         };
         let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
+        assert_eq!(
+            c.mask.kms_endpoint_url.as_deref(),
+            Some("http://localhost:4566")
+        );
         assert_eq!(
             c.source.sqs.queue_url.as_deref(),
             Some("http://localhost:4566/000000000000/q")

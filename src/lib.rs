@@ -8,6 +8,7 @@ pub mod aws;
 pub mod config;
 pub mod envelope;
 pub mod error_chain;
+pub mod kms;
 pub mod login_table;
 pub mod message_file;
 pub mod metrics;
