@@ -306,6 +306,17 @@ ensure_private_pg() {
         # A throwaway cluster: durability traded for speed; TCP only.
         printf '%s\n' "listen_addresses = '$HOST'" "unix_socket_directories = ''" \
             "fsync = off" "synchronous_commit = off" "full_page_writes = off" >>"$PG_DATA.init/postgresql.conf"
+        # TLS on, as on a real server, with a self-signed certificate for `localhost`: the tests
+        # of every sslmode read it back with SHOW ssl_cert_file.
+        if have openssl; then
+            as_pg_owner openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=localhost \
+                -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
+                -keyout "$PG_DATA.init/server.key" -out "$PG_DATA.init/server.crt" >/dev/null 2>&1 &&
+                printf '%s\n' "ssl = on" >>"$PG_DATA.init/postgresql.conf" ||
+                say "could not make a TLS certificate; the private cluster runs without TLS"
+        else
+            say "no openssl: the private cluster runs without TLS (the TLS tests need it)"
+        fi
         mv "$PG_DATA.init" "$PG_DATA"
     fi
     as_pg_owner "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -o "-p $PRIVATE_PG_PORT" start >/dev/null 9>&- ||

@@ -1,25 +1,33 @@
 //! Opening PostgreSQL connections the same way everywhere, and showing PostgreSQL's errors.
 //!
 //! Every command connects through one [`Connector`] built from `sink.postgres`, and every
-//! connection through [`connect`]: the same timeout, an `application_name` operators can find in
+//! connection through [`connect`]: the same timeout, the same TLS rules ([`tls`], chosen by the
+//! connection string's `sslmode`), an `application_name` operators can find in
 //! `pg_stat_activity`, and, when it fails, one error that names the server with its password
 //! redacted ([`conn_string`]). [`PgError`] carries a driver error as a typed cause and describes it
 //! (with the server's detail and hint) only when it is shown.
 
 pub mod conn_string;
+pub mod tls;
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::TlsStream;
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls};
 
 use crate::config::PostgresConfig;
 pub use conn_string::{ConnString, ConnStringError, SslMode};
+pub use tls::TlsError;
 
-/// Connects as `target` says and drives the connection on its own task. `application_name` is set unless the string names one, so
+/// Connects as `target` says (TLS per its `sslmode`, CAs from `ca_file`) and drives the
+/// connection on its own task. `application_name` is set unless the string names one, so
 /// operators can find sluice's sessions in `pg_stat_activity`.
 pub async fn connect(
     target: &ConnString,
+    ca_file: Option<&Path>,
     application_name: &str,
     timeout: Duration,
 ) -> Result<Client, ConnectFailure> {
@@ -28,20 +36,52 @@ pub async fn connect(
         config.application_name(application_name);
     }
     config.connect_timeout(timeout);
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %PgError(e), "PostgreSQL connection ended");
+    match tls::client_config(target.ssl_mode, ca_file)? {
+        None => Ok(drive(config.connect(NoTls).await?)),
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+            Ok(drive(config.connect(tls).await?))
         }
-    });
-    Ok(client)
+    }
 }
 
-/// Where and how sluice connects: the connection string (a secret: it may hold a password) and
-/// the timeout.
+/// Runs the connection's I/O on its own task and hands back the client. The server's notices
+/// ("already exists, skipping", …) are logged at debug level: they say nothing an operator must act
+/// on, and the driver would otherwise log each one at info level.
+fn drive<S, T>((client, mut connection): (Client, Connection<S, T>)) -> Client
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + TlsStream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notice(notice)) => {
+                    tracing::debug!(
+                        severity = notice.severity(),
+                        notice = notice.message(),
+                        "PostgreSQL notice"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %PgError(e), "PostgreSQL connection ended");
+                    break;
+                }
+            }
+        }
+    });
+    client
+}
+
+/// Where and how sluice connects: the connection string (a secret: it may hold a password), the
+/// CA file and the timeout.
 #[derive(Clone)]
 pub struct Connector {
     url: String,
+    ca_file: Option<PathBuf>,
     timeout: Duration,
 }
 
@@ -49,6 +89,7 @@ impl fmt::Debug for Connector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connector")
             .field("url", &self.redacted_url())
+            .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -58,16 +99,24 @@ impl Connector {
     pub fn new(url: impl Into<String>, timeout: Duration) -> Connector {
         Connector {
             url: url.into(),
+            ca_file: None,
             timeout,
         }
     }
 
-    /// `sink.postgres.url` (validation guarantees it is there) and its connect timeout.
+    /// Trusts the CAs in this PEM file (`sink.postgres.ca_file`) instead of the system's.
+    pub fn with_ca_file(mut self, ca_file: Option<PathBuf>) -> Connector {
+        self.ca_file = ca_file;
+        self
+    }
+
+    /// `sink.postgres.url` (validation guarantees it is there), its CA file and connect timeout.
     pub fn from_config(config: &PostgresConfig) -> Connector {
         Connector::new(
             config.url.clone().unwrap_or_default(),
             Duration::from_secs(config.connect_timeout_seconds),
         )
+        .with_ca_file(config.ca_file.clone())
     }
 
     /// The URL with its password replaced, for logs and reports.
@@ -79,7 +128,13 @@ impl Connector {
     pub async fn connect(&self, application_name: &str) -> Result<Client, ConnectError> {
         let attempt = async {
             let target = ConnString::parse(&self.url)?;
-            connect(&target, application_name, self.timeout).await
+            connect(
+                &target,
+                self.ca_file.as_deref(),
+                application_name,
+                self.timeout,
+            )
+            .await
         };
         attempt.await.map_err(|source| ConnectError {
             url: self.redacted_url(),
@@ -98,11 +153,14 @@ pub struct ConnectError {
     source: ConnectFailure,
 }
 
-/// Why a connection could not be opened: its settings, or the driver (the network, the server).
+/// Why a connection could not be opened: its settings, TLS setup, or the driver (the network, the
+/// server, the TLS handshake).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectFailure {
     #[error(transparent)]
     Settings(#[from] ConnStringError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error(transparent)]
     Driver(#[from] PgError),
 }
@@ -118,7 +176,7 @@ impl ConnectError {
     pub fn driver(&self) -> Option<&tokio_postgres::Error> {
         match &self.source {
             ConnectFailure::Driver(e) => Some(&e.0),
-            ConnectFailure::Settings(_) => None,
+            ConnectFailure::Settings(_) | ConnectFailure::Tls(_) => None,
         }
     }
 }
@@ -142,7 +200,7 @@ impl From<tokio_postgres::Error> for PgError {
     }
 }
 
-/// An error with the server's detail and hint, which `Display` alone leaves out.
+/// An error with what `Display` alone leaves out: the server's detail and hint, or the causes.
 pub fn describe(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {
         Some(db) => {
@@ -163,8 +221,21 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
             }
             text
         }
-        // The driver's `Display` already ends with its cause.
-        None => err.to_string(),
+        // The driver's `Display` names only the kind ("error performing TLS handshake"): the
+        // cause (the certificate's problem, the refused connection) follows, each once.
+        None => {
+            let mut text = err.to_string();
+            let mut cause = std::error::Error::source(err);
+            while let Some(c) = cause {
+                let said = c.to_string();
+                if !text.contains(&said) {
+                    text.push_str(": ");
+                    text.push_str(&said);
+                }
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 

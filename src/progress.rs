@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::background::BackgroundTask;
 use crate::stats::Stats;
 
 /// The counters the progress line compares between two ticks.
@@ -65,22 +66,22 @@ fn rates(before: &Counts, now: &Counts) -> Rates {
     }
 }
 
-/// Logs a progress line every `every` until `stop`.
-pub fn spawn(stats: Arc<Stats>, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
+/// Logs a progress line every `every` until the run stops it.
+pub fn task(stats: Arc<Stats>, every: Duration) -> BackgroundTask {
+    BackgroundTask::new("progress line", move |stop: CancellationToken| async move {
         let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut before = Counts::read(&stats);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => return Ok(()),
                 _ = ticks.tick() => {}
             }
             let now = Counts::read(&stats);
             log(&stats, &rates(&before, &now), &now);
             before = now;
         }
-    });
+    })
 }
 
 fn log(stats: &Stats, r: &Rates, now: &Counts) {

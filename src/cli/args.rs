@@ -14,6 +14,7 @@ const AFTER_HELP: &str = "\
 Environment:
   SLUICE_CONFIG            the configuration file when --config is not given
   SLUICE_DATABASE_URL      overrides sink.postgres.url (the place for a password)
+  SLUICE_DATABASE_CA_FILE  overrides sink.postgres.ca_file (CAs for sslmode=verify-*)
   SLUICE_SQS_QUEUE_URL     overrides source.sqs.queue_url and queue_name
   SLUICE_SQS_ENDPOINT_URL  overrides source.sqs.endpoint_url (an emulator)
   SLUICE_MASK_KEY          the masking key, over mask.key_file

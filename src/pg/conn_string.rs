@@ -71,7 +71,9 @@ impl fmt::Display for SslMode {
 pub enum ConnStringError {
     #[error("sslmode {0:?} is not one of disable, prefer, require, verify-ca, verify-full")]
     SslMode(String),
-    #[error("`{0}` is not read from the connection string: files are not supported")]
+    #[error(
+        "`{0}` is not read from the connection string: name the CA file in `sink.postgres.ca_file` (or SLUICE_DATABASE_CA_FILE); client certificates are not supported"
+    )]
     FileOption(String),
     #[error("a quoted value is not closed")]
     Unterminated,
@@ -361,7 +363,7 @@ mod tests {
         let err = ConnString::parse("postgres://u@h/d?sslmode=verify").unwrap_err();
         assert!(err.to_string().contains("\"verify\""), "{err}");
         let err = ConnString::parse("host=h sslrootcert=/x.pem").unwrap_err();
-        assert!(err.to_string().contains("`sslrootcert`"), "{err}");
+        assert!(err.to_string().contains("sink.postgres.ca_file"), "{err}");
         let err = ConnString::parse("host=h password='open").unwrap_err();
         assert!(!err.to_string().contains("open"), "{err}");
     }

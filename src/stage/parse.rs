@@ -143,12 +143,27 @@ pub enum ParseError {
     NulCharacter(&'static str),
     #[error("field `ip` is not an IPv4 or IPv6 address")]
     InvalidIp,
+    #[error("field `ip` is not an IPv4 or IPv6 address: it carries a zone id (`%…`)")]
+    IpZoneId,
+    #[error(
+        "field `ip` is not an IPv4 or IPv6 address: a part has a leading zero (octal or decimal?)"
+    )]
+    IpLeadingZero,
+    #[error("body starts with a byte-order mark (U+FEFF), which JSON text must not")]
+    ByteOrderMark,
+    #[error("body is JSON nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
     #[error("field `app_version` is not dot-separated decimal numbers: {0:?}")]
     InvalidVersion(String),
 }
 
 /// Bodies longer than this (SQS allows 256 KiB) are rejected before parsing.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Deepest nesting of arrays and objects accepted anywhere in a body. serde_json stops at 128
+/// levels in the values it builds, but skips the fields sluice ignores without any limit: the
+/// body is measured first, so a deep body is refused with this reason wherever the depth is.
+pub const MAX_DEPTH: usize = 128;
 
 /// Parses and validates one message body.
 /// A failure hands the envelope back (boxed: the failure path is the rare one) for its dead letter.
@@ -178,6 +193,12 @@ struct Fields {
 }
 
 fn validate(body: &str) -> Result<(Fields, IpAddr), ParseError> {
+    if body.starts_with('\u{feff}') {
+        return Err(ParseError::ByteOrderMark);
+    }
+    if nested_deeper_than(body.as_bytes(), MAX_DEPTH) {
+        return Err(ParseError::TooDeep);
+    }
     match body.trim_start().as_bytes().first() {
         None => return Err(ParseError::EmptyBody),
         Some(b'{') => {}
@@ -201,7 +222,7 @@ fn validate(body: &str) -> Result<(Fields, IpAddr), ParseError> {
         JsonValue::Str(s) => Some(checked(s, "locale", Some(LOCALE_MAX), true)?),
         other => return Err(wrong_type("locale", &other)),
     };
-    let ip: IpAddr = ip_text.parse().map_err(|_| ParseError::InvalidIp)?;
+    let ip: IpAddr = ip_text.parse().map_err(|_| ip_problem(&ip_text))?;
     if !is_version(&app_version) {
         return Err(ParseError::InvalidVersion(app_version.into_owned()));
     }
@@ -263,6 +284,54 @@ fn checked<'a>(
         return Err(ParseError::NulCharacter(field));
     }
     Ok(s)
+}
+
+/// Why a string is not an address, where a common near miss can be named: a zone id
+/// (`fe80::1%eth0`, meaningful only on the host that wrote it) or an IPv4 part with a leading zero
+/// (`010.0.0.1`, which some parsers read as octal and others as decimal).
+fn ip_problem(text: &str) -> ParseError {
+    if text.contains('%') {
+        return ParseError::IpZoneId;
+    }
+    let dotted = text.rsplit(':').next().unwrap_or_default();
+    let parts: Vec<&str> = dotted.split('.').collect();
+    let decimal = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if parts.len() == 4
+        && parts.iter().all(decimal)
+        && parts.iter().any(|p| p.len() > 1 && p.starts_with('0'))
+    {
+        return ParseError::IpLeadingZero;
+    }
+    ParseError::InvalidIp
+}
+
+/// Whether arrays and objects nest deeper than `max` anywhere in `body`, brackets inside strings
+/// not counted. One pass over the bytes, before any parsing: this runs for every message.
+fn nested_deeper_than(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn wrong_type(field: &'static str, value: &JsonValue<'_>) -> ParseError {
@@ -557,6 +626,47 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(&parse(body).unwrap_err(), want, "body {body}");
         }
+    }
+
+    /// Near misses of an address are named; valid forms of the same addresses still parse.
+    #[test]
+    fn addresses_near_misses_are_named() {
+        let with_ip = |ip: &str| {
+            format!(
+                r#"{{"user_id":"u","device_type":"ios","ip":"{ip}","device_id":"d","app_version":"1"}}"#
+            )
+        };
+        for (ip, want) in [
+            ("fe80::1%eth0", Some(ParseError::IpZoneId)),
+            ("10.0.0.1%1", Some(ParseError::IpZoneId)),
+            ("010.0.0.1", Some(ParseError::IpLeadingZero)),
+            ("10.0.0.01", Some(ParseError::IpLeadingZero)),
+            ("::ffff:10.00.0.1", Some(ParseError::IpLeadingZero)),
+            ("10.0.0.1.5", Some(ParseError::InvalidIp)),
+            ("10.0.0.0", None),
+            ("fe80::1", None),
+            ("::ffff:10.0.0.1", None),
+        ] {
+            assert_eq!(parse(&with_ip(ip)).err(), want, "{ip}");
+        }
+    }
+
+    /// Depth is measured before parsing, brackets inside strings not counted, so a deep value in a
+    /// field sluice ignores is refused too; a body at the limit parses.
+    #[test]
+    fn depth_is_bounded_wherever_the_nesting_is() {
+        let fields =
+            r#""user_id":"u","device_type":"ios","ip":"1.2.3.4","device_id":"d","app_version":"1""#;
+        let nested = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        let at_limit = format!("{{{fields},\"x\":{}}}", nested(MAX_DEPTH - 1));
+        assert!(parse(&at_limit).is_ok());
+        let too_deep = format!("{{{fields},\"x\":{}}}", nested(MAX_DEPTH));
+        assert_eq!(parse(&too_deep).unwrap_err(), ParseError::TooDeep);
+        assert_eq!(parse(&nested(10_000)).unwrap_err(), ParseError::TooDeep);
+        let brackets_in_a_string = format!("{{{fields},\"x\":\"{}\\\"\"}}", "[".repeat(10_000));
+        assert!(parse(&brackets_in_a_string).is_ok());
+        let bom = format!("\u{feff}{{{fields}}}");
+        assert_eq!(parse(&bom).unwrap_err(), ParseError::ByteOrderMark);
     }
 
     #[test]

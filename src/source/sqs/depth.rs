@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::aws;
+use crate::background::BackgroundTask;
 use crate::error_chain::Chain;
-use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
 /// One reading of the queue and of this replica's deletes.
@@ -41,13 +42,25 @@ fn arrival_rate(before: &Sample, now: &Sample) -> f64 {
     ((grown + deleted).max(0) as f64 / seconds * 10.0).round() / 10.0
 }
 
-/// Reads the queue's depth every `every` into `stats.queue` until shutdown.
-pub async fn sample_depth(
+/// Reads the queue's depth every `every` into `stats.queue` while the run lasts.
+pub fn sampler(
     client: aws_sdk_sqs::Client,
     queue_url: String,
     every: Duration,
     stats: Arc<Stats>,
-    shutdown: Shutdown,
+) -> BackgroundTask {
+    BackgroundTask::new("queue depth sampler", move |stop| async move {
+        sample_depth(client, queue_url, every, stats, stop).await;
+        Ok(())
+    })
+}
+
+async fn sample_depth(
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    every: Duration,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
 ) {
     let names = [
         QueueAttributeName::ApproximateNumberOfMessages,
@@ -58,7 +71,7 @@ pub async fn sample_depth(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.requested() => return,
+            _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
         let attributes = match aws::queue_attributes(&client, &queue_url, &names).await {
