@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sluice::config::Config;
-use sluice::pipeline::{Pipeline, RunOptions};
+use sluice::pipeline::{Pipeline, PipelineError, RunOptions};
 use sluice::source::build_source;
 
 use crate::cli::args::SummaryFormat;
@@ -16,9 +16,16 @@ pub async fn run(
     idle: Option<Duration>,
     format: SummaryFormat,
 ) -> anyhow::Result<ExitCode> {
-    let pipeline = Pipeline::prepare(config)
-        .await
-        .context("cannot start the pipeline")?;
+    let pipeline = match Pipeline::prepare(config).await {
+        Ok(pipeline) => pipeline,
+        // A key KMS will not give is a configuration that cannot be used, like a bad file.
+        Err(e @ PipelineError::Kms(_)) => {
+            let e = anyhow::Error::from(e).context("cannot start the pipeline");
+            crate::cli::telemetry::fatal(&config.log, &format!("{e:#}"));
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e).context("cannot start the pipeline"),
+    };
     let stats = pipeline.stats();
     let source = build_source(config, stats.clone())
         .await
