@@ -7,15 +7,16 @@ STACK  := scripts/stack.sh
 WITH_STACK := set -a && . .stack/env && set +a &&
 SLUICE := target/debug/sluice
 DEMO_CONFIG := config/demo.toml
+DEMO_KINESIS_CONFIG := config/demo-kinesis.toml
 # `make bench`: side results of the benchmarks and the message counts of the two memory runs.
 BENCH_OUT := target/bench
 BENCH_MEMORY_LARGE := 1000000
 BENCH_MEMORY_SMALL := 250000
 
-.PHONY: help up start down stop status build demo test lint unit bench clean
+.PHONY: help up start down stop status build demo demo-kinesis test lint unit bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 up: ## start the local stack: moto (SQS) on 4566, kinesis-mock (Kinesis) on 4567, PostgreSQL
 	@$(STACK) up
@@ -38,6 +39,12 @@ demo: up build ## load the 100 demo messages end to end and show what landed
 	@$(WITH_STACK) $(SLUICE) seed --config $(DEMO_CONFIG) --file data/demo-logins.json
 	@$(WITH_STACK) $(SLUICE) run --config $(DEMO_CONFIG) --exit-when-idle 3
 	@$(WITH_STACK) $(SLUICE) report --config $(DEMO_CONFIG)
+
+demo-kinesis: up build ## the same demo through Kinesis (stream login-stream, 4 shards): one line of config differs
+	@$(WITH_STACK) $(SLUICE) migrate --config $(DEMO_KINESIS_CONFIG)
+	@$(WITH_STACK) $(SLUICE) seed --config $(DEMO_KINESIS_CONFIG) --file data/demo-logins.json
+	@$(WITH_STACK) $(SLUICE) run --config $(DEMO_KINESIS_CONFIG) --exit-when-idle 3
+	@$(WITH_STACK) $(SLUICE) report --config $(DEMO_KINESIS_CONFIG)
 
 # Clippy checks every target of the workspace, the benchmarks and xtask included, in the dev
 # profile; the release profile (LTO, one codegen unit) is built only by `make bench`.

@@ -5,12 +5,17 @@
 //! the README's table is checked against them by a test. Values arrive typed: table names are
 //! parsed while deserializing, the metrics address is a socket address, and paths are made absolute
 //! (relative to the file's directory) the moment the file is loaded, so the rest of the code never
-//! sees raw config text. [`Config::load`] then validates ranges and combinations across the whole
-//! tree, reporting every problem by its dotted key. Environment variables override what differs
-//! between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`, `SLUICE_SQS_ENDPOINT_URL`,
-//! `SLUICE_DATABASE_URL`, `SLUICE_DATABASE_CA_FILE`, `SLUICE_MASK_KEY`. The tree can be printed
-//! (`Debug`) without giving a secret away: the database URL shows `***` for its password, and the
-//! masking key is held as a [`SecretString`], which prints as `[REDACTED]`.
+//! sees raw config text. A file is read whole ([`document`]): every key that cannot be read is
+//! reported, not only the first. [`Config::load`] then validates ranges and combinations across the
+//! whole tree, reporting every problem by its dotted key and line in one list. Environment variables
+//! override what differs between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`,
+//! `SLUICE_SQS_ENDPOINT_URL`, `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`,
+//! `SLUICE_DATABASE_URL`, `SLUICE_DATABASE_CA_FILE`, `SLUICE_MASK_KEY`; a bad value from one of them
+//! is blamed on the variable, not on the file. The tree can be printed (`Debug`) without giving a
+//! secret away: the database URL shows `***` for its password, and the masking key is held as a
+//! [`SecretString`], which prints as `[REDACTED]`.
+
+mod document;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -57,18 +62,30 @@ fn section_defaults<T: DeserializeOwned>() -> T {
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     Sqs,
+    Kinesis,
     File,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// Which source feeds the pipeline: `"sqs"` or `"file"`. Required.
+    /// Which source feeds the pipeline: `"sqs"`, `"kinesis"` or `"file"`. Required.
     pub kind: SourceKind,
     #[serde(default = "section_defaults")]
     pub sqs: SqsConfig,
     #[serde(default = "section_defaults")]
+    pub kinesis: KinesisConfig,
+    #[serde(default = "section_defaults")]
     pub file: FileConfig,
+    /// The longest message taken, in bytes (an SQS body, a file's line or array element, after
+    /// gunzip): a longer one becomes a dead letter naming its size, keeping its first KiB, and is
+    /// never held whole. 1024 to 67,108,864. Default 1,048,576 (SQS's own limit).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+const fn default_max_message_bytes() -> usize {
+    crate::message_file::DEFAULT_MAX_MESSAGE_BYTES
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +121,11 @@ pub struct SqsConfig {
     /// the SQS message id when present; `""` turns this off. Default `"dedupe_id"`.
     #[serde(default = "default_dedupe_attribute")]
     pub dedupe_attribute: String,
+    /// A message SQS has handed out more often than this (its `ApproximateReceiveCount`) becomes a
+    /// dead letter saying so instead of being tried again: one that keeps failing mid-batch (a crash
+    /// loop) must not keep failing for ever. 1-1000. Default 10.
+    #[serde(default = "default_max_receives")]
+    pub max_receives: u32,
 }
 
 const fn default_pollers() -> usize {
@@ -121,8 +143,81 @@ const fn default_visibility_timeout_seconds() -> i32 {
 const fn default_max_in_flight() -> usize {
     5000
 }
+const fn default_max_receives() -> u32 {
+    10
+}
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
+}
+
+/// Where a Kinesis shard that the application has never read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KinesisStartPosition {
+    /// The oldest record the stream retains.
+    #[default]
+    TrimHorizon,
+    /// Only records written after the shard's reader starts.
+    Latest,
+    /// Records that arrived at or after `at_timestamp`.
+    AtTimestamp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KinesisConfig {
+    /// The stream's name. Either this or `stream_arn` (env `SLUICE_KINESIS_STREAM`, a name or an
+    /// ARN, overrides both).
+    pub stream_name: Option<String>,
+    /// The stream's ARN.
+    pub stream_arn: Option<String>,
+    /// Custom endpoint, for emulators such as kinesis-mock or LocalStack (env
+    /// `SLUICE_KINESIS_ENDPOINT_URL`). Default: AWS.
+    pub endpoint_url: Option<String>,
+    /// AWS region. Default: the standard chain (`AWS_REGION`, profile), else `us-east-1`.
+    pub region: Option<String>,
+    /// Where a shard without a checkpoint starts: `"trim_horizon"`, `"latest"` or
+    /// `"at_timestamp"`. Default `"trim_horizon"`.
+    #[serde(default)]
+    pub start_position: KinesisStartPosition,
+    /// RFC 3339 time for `start_position = "at_timestamp"`, e.g. `"2026-11-01T00:00:00Z"`.
+    /// Default: none.
+    pub at_timestamp: Option<String>,
+    /// `Limit` of each GetRecords call, 1-10000. Default 10000.
+    #[serde(default = "default_max_records_per_call")]
+    pub max_records_per_call: i32,
+    /// Pause between GetRecords calls of a shard once it is caught up, in ms (at least 200: five
+    /// calls a second per shard is the service's limit). Default 1000.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// How long a shard lease lasts after its last renewal; renewed every third of it. A dead
+    /// process's shards move within this plus one renewal. Default 30.
+    #[serde(default = "default_lease_duration_seconds")]
+    pub lease_duration_seconds: u64,
+    /// Names the reading application: leases and checkpoints are kept per application and stream,
+    /// so two applications read one stream independently. Default `"sluice"`.
+    #[serde(default = "default_application")]
+    pub application: String,
+    /// Table of shard leases and checkpoints, optionally schema-qualified. Default
+    /// `sluice_kinesis_leases`.
+    #[serde(default = "default_lease_table")]
+    pub lease_table: TableName,
+}
+
+const fn default_max_records_per_call() -> i32 {
+    10_000
+}
+const fn default_poll_interval_ms() -> u64 {
+    1000
+}
+const fn default_lease_duration_seconds() -> u64 {
+    30
+}
+fn default_application() -> String {
+    "sluice".into()
+}
+fn default_lease_table() -> TableName {
+    TableName::unqualified("sluice_kinesis_leases")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -350,15 +445,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: `{key}`")]
-    Parse {
+    #[error("config file {path} is not valid TOML")]
+    Syntax {
         path: PathBuf,
-        /// The dotted key of the value that could not be read (`.` for the document itself).
-        key: String,
         #[source]
         source: Box<toml::de::Error>,
     },
-    #[error("config file {path} has {} problem(s):\n{}", .problems.len(), format_problems(.problems))]
+    #[error("{} {} problem(s):\n{}", blamed(.path, .problems), .problems.len(), format_problems(.problems))]
     Invalid {
         path: PathBuf,
         problems: Vec<Problem>,
@@ -367,17 +460,56 @@ pub enum ConfigError {
     MaskKey(#[from] KeyError),
 }
 
-/// One invalid key and what is wrong with it.
+/// One invalid key, where its value came from, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub key: String,
+    pub origin: Origin,
     pub message: String,
+}
+
+/// Where a value that is wrong was set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The file, on this line (none for a key the file lacks).
+    File { line: Option<usize> },
+    /// An environment variable that overrides the file.
+    Env(&'static str),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Origin::File { line: Some(line) } => {
+                write!(f, "`{}` (line {line}): {}", self.key, self.message)
+            }
+            Origin::File { line: None } => write!(f, "`{}`: {}", self.key, self.message),
+            Origin::Env(variable) => {
+                write!(f, "`{}` (from {variable}): {}", self.key, self.message)
+            }
+        }
+    }
+}
+
+/// Who the problems are blamed on: the file, the environment, or both.
+fn blamed(path: &Path, problems: &[Problem]) -> String {
+    let from_env = problems
+        .iter()
+        .filter(|p| matches!(p.origin, Origin::Env(_)))
+        .count();
+    if from_env == 0 {
+        format!("config file {} has", path.display())
+    } else if from_env == problems.len() {
+        "the environment has".to_owned()
+    } else {
+        format!("config file {} and the environment have", path.display())
+    }
 }
 
 fn format_problems(problems: &[Problem]) -> String {
     problems
         .iter()
-        .map(|p| format!("  - `{}`: {}", p.key, p.message))
+        .map(|p| format!("  - {p}"))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -387,6 +519,9 @@ fn format_problems(problems: &[Problem]) -> String {
 pub struct EnvOverrides {
     pub sqs_queue_url: Option<String>,
     pub sqs_endpoint_url: Option<String>,
+    /// `SLUICE_KINESIS_STREAM`: a stream name, or an ARN (`arn:…`).
+    pub kinesis_stream: Option<String>,
+    pub kinesis_endpoint_url: Option<String>,
     pub database_url: Option<String>,
     pub database_ca_file: Option<PathBuf>,
     pub mask_key: Option<String>,
@@ -415,6 +550,8 @@ impl EnvOverrides {
         EnvOverrides {
             sqs_queue_url: var("SLUICE_SQS_QUEUE_URL"),
             sqs_endpoint_url: var("SLUICE_SQS_ENDPOINT_URL"),
+            kinesis_stream: var("SLUICE_KINESIS_STREAM"),
+            kinesis_endpoint_url: var("SLUICE_KINESIS_ENDPOINT_URL"),
             database_url: var("SLUICE_DATABASE_URL"),
             database_ca_file: var("SLUICE_DATABASE_CA_FILE").map(PathBuf::from),
             mask_key: var("SLUICE_MASK_KEY"),
@@ -439,30 +576,56 @@ impl Config {
     /// Deserializes `text`, read from `path` (relative paths in it are taken from `path`'s
     /// directory), applies `env` and validates.
     pub fn from_toml(text: &str, path: &Path, env: EnvOverrides) -> Result<Config, ConfigError> {
-        let parse_error = |key: String, source| ConfigError::Parse {
+        let document = document::Document::parse(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
-            key,
-            source: Box::new(source),
-        };
-        let document =
-            toml::Deserializer::parse(text).map_err(|e| parse_error(".".to_owned(), e))?;
-        let mut config: Config = serde_path_to_error::deserialize(document)
-            .map_err(|e| parse_error(e.path().to_string(), e.into_inner()))?;
-        let base_dir = std::path::absolute(path)
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_owned))
-            .unwrap_or_default();
-        config.resolve_paths(&base_dir);
-        config.apply(env);
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                problems,
+            source: Box::new(e),
+        })?;
+        let (config, unreadable) = document.deserialize::<Config>();
+        let mut problems: Vec<Problem> = unreadable
+            .into_iter()
+            .map(|p| Problem {
+                origin: Origin::File {
+                    line: document.line_of(&p.key),
+                },
+                key: p.key,
+                message: p.message,
             })
+            .collect();
+        if let Some(mut config) = config {
+            let base_dir = std::path::absolute(path)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_owned))
+                .unwrap_or_default();
+            config.resolve_paths(&base_dir);
+            let overridden = config.apply(env);
+            // A key that could not be read was reported as such; its default is not to blame.
+            let unread: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+            for mut problem in config.problems() {
+                if unread.contains(&problem.key) {
+                    continue;
+                }
+                problem.origin = match overridden.iter().find(|(key, _)| *key == problem.key) {
+                    Some((_, variable)) => Origin::Env(variable),
+                    None => Origin::File {
+                        line: document.line_of(&problem.key),
+                    },
+                };
+                problems.push(problem);
+            }
+            if problems.is_empty() {
+                return Ok(config);
+            }
         }
+        // In file order; keys the file lacks, and the environment's, after the lines.
+        problems.sort_by_key(|p| match p.origin {
+            Origin::File { line: Some(line) } => (0, line),
+            Origin::File { line: None } => (1, 0),
+            Origin::Env(_) => (2, 0),
+        });
+        Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
     }
 
     /// Makes every path in the file absolute, relative to the file's directory (`-` stays standard
@@ -478,34 +641,72 @@ impl Config {
         self.sink.postgres.ca_file.as_mut().map(resolve);
     }
 
-    fn apply(&mut self, env: EnvOverrides) {
+    /// Applies the overrides; returns the keys they set, each with its variable, so that a bad
+    /// value is blamed on the variable.
+    fn apply(&mut self, env: EnvOverrides) -> Vec<(&'static str, &'static str)> {
+        let mut overridden = Vec::new();
         if let Some(url) = env.sqs_queue_url {
             self.source.sqs.queue_url = Some(url);
             self.source.sqs.queue_name = None;
+            overridden.push(("source.sqs.queue_url", "SLUICE_SQS_QUEUE_URL"));
         }
         if let Some(url) = env.sqs_endpoint_url {
             self.source.sqs.endpoint_url = Some(url);
+            overridden.push(("source.sqs.endpoint_url", "SLUICE_SQS_ENDPOINT_URL"));
+        }
+        if let Some(stream) = env.kinesis_stream {
+            let kinesis = &mut self.source.kinesis;
+            if stream.starts_with("arn:") {
+                (kinesis.stream_arn, kinesis.stream_name) = (Some(stream), None);
+                overridden.push(("source.kinesis.stream_arn", "SLUICE_KINESIS_STREAM"));
+            } else {
+                (kinesis.stream_name, kinesis.stream_arn) = (Some(stream), None);
+                overridden.push(("source.kinesis.stream_name", "SLUICE_KINESIS_STREAM"));
+            }
+        }
+        if let Some(url) = env.kinesis_endpoint_url {
+            self.source.kinesis.endpoint_url = Some(url);
+            overridden.push(("source.kinesis.endpoint_url", "SLUICE_KINESIS_ENDPOINT_URL"));
         }
         if let Some(url) = env.database_url {
             self.sink.postgres.url = Some(url);
+            overridden.push(("sink.postgres.url", "SLUICE_DATABASE_URL"));
         }
         if let Some(path) = env.database_ca_file {
             self.sink.postgres.ca_file = Some(path);
+            overridden.push(("sink.postgres.ca_file", "SLUICE_DATABASE_CA_FILE"));
         }
         self.mask_key_from_env = env.mask_key.map(SecretString::from);
+        overridden
     }
 
     /// Every problem in the tree, in file order.
     pub fn problems(&self) -> Vec<Problem> {
         let mut v = Validator::default();
+        v.range(
+            "source.max_message_bytes",
+            self.source.max_message_bytes,
+            1024,
+            64 * 1024 * 1024,
+        );
         if self.source.kind == SourceKind::Sqs {
             self.source.sqs.validate(&mut v);
         }
+        if self.source.kind == SourceKind::Kinesis {
+            self.source.kinesis.validate(&mut v);
+            if self.sink.postgres.dedupe == Some(true) {
+                v.problem(
+                    "sink.postgres.dedupe",
+                    "not used with Kinesis: checkpoints committed with the rows make it exactly once",
+                );
+            }
+        }
         self.validate_file(&mut v);
+        // Two chunks, so a stage can hand one on while the next is being filled.
         v.range(
             "pipeline.channel_capacity",
             self.pipeline.channel_capacity,
-            1,
+            2,
             1_000_000,
         );
         // A drain needs time for a receive in progress to return (up to a second) and a batch to
@@ -519,6 +720,9 @@ impl Config {
         self.sink.postgres.validate(&mut v);
         if let Some(url) = &self.dead_letter.sqs_queue_url {
             v.url("dead_letter.sqs_queue_url", url);
+        }
+        if let Err(message) = check_log_filter(&self.log.level) {
+            v.problem("log.level", message);
         }
         v.range(
             "metrics.stall_after_seconds",
@@ -573,6 +777,33 @@ impl Config {
     }
 }
 
+/// A log filter must name a level in each of its directives: a bare word such as `loud` is, in
+/// `RUST_LOG` syntax, a target to log at every level, and every other target (sluice's own warnings
+/// and errors included) is then silenced.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    use tracing::level_filters::LevelFilter;
+    const LEVELS: &str = "trace, debug, info, warn, error or off";
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(format!("must name a level ({LEVELS})"));
+    }
+    for directive in directives {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if level.parse::<LevelFilter>().is_err() {
+            return Err(format!(
+                "`{directive}` is neither a level ({LEVELS}) nor `target=level`"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("not a `RUST_LOG` filter: {e}"))
+}
+
 /// The most SQS messages held at once: with bodies of up to 1 MiB, more could exhaust memory long
 /// before it helped throughput.
 pub const MAX_IN_FLIGHT: usize = 100_000;
@@ -605,6 +836,7 @@ impl SqsConfig {
             20,
         );
         v.range("source.sqs.max_messages", self.max_messages, 1, 10);
+        v.range("source.sqs.max_receives", self.max_receives, 1, 1000);
         v.range(
             "source.sqs.visibility_timeout_seconds",
             self.visibility_timeout_seconds,
@@ -625,6 +857,92 @@ impl SqsConfig {
             );
         }
     }
+}
+
+impl KinesisConfig {
+    fn validate(&self, v: &mut Validator) {
+        match (&self.stream_name, &self.stream_arn) {
+            (None, None) => v.problem(
+                "source.kinesis.stream_name",
+                "one of `stream_name` or `stream_arn` is required (or set SLUICE_KINESIS_STREAM)",
+            ),
+            (Some(_), Some(_)) => v.problem(
+                "source.kinesis.stream_arn",
+                "give either `stream_name` or `stream_arn`, not both",
+            ),
+            (Some(name), None) if !valid_stream_name(name) => v.problem(
+                "source.kinesis.stream_name",
+                "must be 1 to 128 characters of a-z, A-Z, 0-9, `_`, `-` and `.`",
+            ),
+            (None, Some(arn)) if !arn.starts_with("arn:") || !arn.contains(":stream/") => v
+                .problem(
+                    "source.kinesis.stream_arn",
+                    format!(
+                        "{arn:?} is not a stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)"
+                    ),
+                ),
+            _ => {}
+        }
+        if let Some(url) = &self.endpoint_url {
+            v.url("source.kinesis.endpoint_url", url);
+        }
+        match (self.start_position, &self.at_timestamp) {
+            (KinesisStartPosition::AtTimestamp, None) => v.problem(
+                "source.kinesis.at_timestamp",
+                "required when `start_position = \"at_timestamp\"`",
+            ),
+            (KinesisStartPosition::AtTimestamp, Some(_)) => {}
+            (_, Some(_)) => v.problem(
+                "source.kinesis.at_timestamp",
+                "only used with `start_position = \"at_timestamp\"`",
+            ),
+            (_, None) => {}
+        }
+        if let Some(at) = &self.at_timestamp
+            && let Err(e) = chrono::DateTime::parse_from_rfc3339(at)
+        {
+            v.problem(
+                "source.kinesis.at_timestamp",
+                format!("{at:?} is not an RFC 3339 time such as 2026-11-01T00:00:00Z: {e}"),
+            );
+        }
+        v.range(
+            "source.kinesis.max_records_per_call",
+            self.max_records_per_call,
+            1,
+            10_000,
+        );
+        v.range(
+            "source.kinesis.poll_interval_ms",
+            self.poll_interval_ms,
+            200,
+            3_600_000,
+        );
+        v.range(
+            "source.kinesis.lease_duration_seconds",
+            self.lease_duration_seconds,
+            1,
+            3_600,
+        );
+        if self.application.is_empty() || self.application.len() > 128 {
+            v.problem("source.kinesis.application", "must be 1 to 128 characters");
+        }
+    }
+
+    /// `at_timestamp` in milliseconds since the Unix epoch (validation guarantees it parses).
+    pub fn at_timestamp_millis(&self) -> Option<i64> {
+        let at = self.at_timestamp.as_deref()?;
+        chrono::DateTime::parse_from_rfc3339(at)
+            .ok()
+            .map(|t| t.timestamp_millis())
+    }
+}
+
+fn valid_stream_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 impl PostgresConfig {
@@ -674,6 +992,7 @@ impl Validator {
     fn problem(&mut self, key: &str, message: impl Into<String>) {
         self.problems.push(Problem {
             key: key.to_owned(),
+            origin: Origin::File { line: None },
             message: message.into(),
         });
     }
@@ -816,12 +1135,70 @@ mod tests {
         assert_eq!(
             problems(text),
             [
-                "source.sqs.queue_url",
-                "source.sqs.wait_time_seconds",
                 "source.sqs.max_messages",
-                "sink.postgres.url",
+                "source.sqs.wait_time_seconds",
                 "sink.postgres.batch_rows",
+                "source.sqs.queue_url",
+                "sink.postgres.url",
             ]
+        );
+    }
+
+    #[test]
+    fn a_log_filter_names_a_level_in_every_directive() {
+        for good in [
+            "info",
+            "warn",
+            "sluice=debug,info",
+            "OFF",
+            "tokio_postgres=warn, info",
+        ] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        for bad in ["loud", "", " , ", "sluice=loud", "info,sluice"] {
+            assert!(check_log_filter(bad).is_err(), "{bad:?} accepted");
+        }
+        let text = format!("{MINIMAL}\n[log]\nlevel = \"loud\"\n");
+        assert_eq!(problems(&text), ["log.level"]);
+    }
+
+    #[test]
+    fn channels_hold_at_least_two_chunks() {
+        let text = format!("{MINIMAL}\n[pipeline]\nchannel_capacity = 1\n");
+        assert_eq!(problems(&text), ["pipeline.channel_capacity"]);
+        let text = format!("{MINIMAL}\n[pipeline]\nchannel_capacity = 2\n");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn a_bad_override_is_blamed_on_its_variable() {
+        let env = EnvOverrides {
+            database_url: Some("mysql://nope".into()),
+            ..EnvOverrides::default()
+        };
+        let text = format!("{MINIMAL}\n[source.file]\nchunk_messages = 0\n");
+        let err = Config::from_toml(&text, Path::new("t.toml"), env).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err:?}");
+        };
+        let origins: Vec<(&str, &Origin)> = problems
+            .iter()
+            .map(|p| (p.key.as_str(), &p.origin))
+            .collect();
+        assert_eq!(
+            origins,
+            [
+                (
+                    "source.file.chunk_messages",
+                    &Origin::File { line: Some(10) }
+                ),
+                ("sink.postgres.url", &Origin::Env("SLUICE_DATABASE_URL")),
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config file t.toml and the environment have 2 problem(s)"),
+            "{text}"
         );
     }
 
@@ -854,6 +1231,7 @@ mod tests {
             database_url: Some("postgres://other@db/x".into()),
             database_ca_file: None,
             mask_key: Some("0123456789abcdef0123".into()),
+            ..EnvOverrides::default()
         };
         let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
         assert_eq!(
@@ -894,6 +1272,99 @@ mod tests {
         }
     }
 
+    const KINESIS: &str = r#"
+        [source]
+        kind = "kinesis"
+        [source.kinesis]
+        stream_name = "logins"
+        [sink.postgres]
+        url = "postgres://postgres@127.0.0.1:5432/postgres"
+    "#;
+
+    #[test]
+    fn a_kinesis_source_gets_documented_defaults() {
+        let c = parse(KINESIS).expect("valid");
+        let k = &c.source.kinesis;
+        assert_eq!(k.start_position, KinesisStartPosition::TrimHorizon);
+        assert_eq!(k.max_records_per_call, 10_000);
+        assert_eq!(k.poll_interval_ms, 1000);
+        assert_eq!(k.lease_duration_seconds, 30);
+        assert_eq!(k.application, "sluice");
+        assert_eq!(
+            k.lease_table,
+            TableName::unqualified("sluice_kinesis_leases")
+        );
+        assert!(!c.dedupe_enabled(), "checkpoints, not the ledger");
+    }
+
+    #[test]
+    fn bad_kinesis_values_name_their_keys() {
+        let text = r#"
+            [source]
+            kind = "kinesis"
+            [source.kinesis]
+            stream_name = "logins"
+            stream_arn = "arn:aws:kinesis:us-east-1:123456789012:stream/logins"
+            endpoint_url = "localhost:4567"
+            start_position = "at_timestamp"
+            max_records_per_call = 10001
+            poll_interval_ms = 100
+            lease_duration_seconds = 0
+            application = ""
+            [sink.postgres]
+            url = "postgres://x@y/z"
+            dedupe = true
+        "#;
+        assert_eq!(
+            problems(text),
+            [
+                "source.kinesis.stream_arn",
+                "source.kinesis.endpoint_url",
+                "source.kinesis.at_timestamp",
+                "source.kinesis.max_records_per_call",
+                "source.kinesis.poll_interval_ms",
+                "source.kinesis.lease_duration_seconds",
+                "source.kinesis.application",
+                "sink.postgres.dedupe",
+            ]
+        );
+        let missing = KINESIS.replace("stream_name = \"logins\"", "");
+        assert_eq!(problems(&missing), ["source.kinesis.stream_name"]);
+        let bad_time = KINESIS.replace(
+            "stream_name = \"logins\"",
+            "stream_name = \"logins\"\nstart_position = \"at_timestamp\"\nat_timestamp = \"yesterday\"",
+        );
+        assert_eq!(problems(&bad_time), ["source.kinesis.at_timestamp"]);
+        let start = KINESIS.replace(
+            "stream_name = \"logins\"",
+            "stream_name = \"logins\"\nstart_position = \"at_timestamp\"\nat_timestamp = \"2026-11-01T00:00:00Z\"",
+        );
+        let c = parse(&start).expect("valid");
+        assert_eq!(
+            c.source.kinesis.at_timestamp_millis(),
+            Some(1_793_491_200_000)
+        );
+    }
+
+    #[test]
+    fn the_environment_names_the_kinesis_stream_and_endpoint() {
+        let arn = "arn:aws:kinesis:us-east-1:123456789012:stream/other";
+        let env = |stream: &str| EnvOverrides {
+            kinesis_stream: Some(stream.into()),
+            kinesis_endpoint_url: Some("http://127.0.0.1:4567".into()),
+            ..EnvOverrides::default()
+        };
+        let c = Config::from_toml(KINESIS, Path::new("t.toml"), env(arn)).expect("valid");
+        let k = &c.source.kinesis;
+        assert_eq!(
+            (k.stream_name.as_deref(), k.stream_arn.as_deref()),
+            (None, Some(arn))
+        );
+        assert_eq!(k.endpoint_url.as_deref(), Some("http://127.0.0.1:4567"));
+        let c = Config::from_toml(KINESIS, Path::new("t.toml"), env("b")).expect("valid");
+        assert_eq!(c.source.kinesis.stream_name.as_deref(), Some("b"));
+    }
+
     #[test]
     fn missing_key_is_a_clear_error() {
         let c = parse(MINIMAL).expect("valid");
@@ -905,7 +1376,12 @@ mod tests {
 
     #[test]
     fn shipped_configs_are_valid() {
-        for name in ["demo.toml", "example.toml", "file-backfill.toml"] {
+        for name in [
+            "demo.toml",
+            "demo-kinesis.toml",
+            "example.toml",
+            "file-backfill.toml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("config")
                 .join(name);

@@ -5,6 +5,7 @@
 //! binary (`src/main.rs`) only parses the command line and reports.
 
 pub mod aws;
+pub mod background;
 pub mod config;
 pub mod envelope;
 pub mod error_chain;

@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             cli::telemetry::fatal(&config.log, &format!("{e:#}"));
-            ExitCode::FAILURE
+            exit_code_of(&e)
         }
     };
     match cli::output::finish() {
@@ -91,5 +91,24 @@ fn main() -> ExitCode {
             cli::telemetry::fatal(&config.log, &message);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// 2 when the configuration turned out unusable once a command looked closer (the masking key is
+/// read only by the commands that mask), 1 for anything that failed while running.
+fn exit_code_of(error: &anyhow::Error) -> ExitCode {
+    use sluice::pipeline::PipelineError;
+    let unusable = error.chain().any(|cause| {
+        cause.is::<sluice::config::ConfigError>()
+            || cause.is::<sluice::stage::mask::KeyError>()
+            || matches!(
+                cause.downcast_ref::<PipelineError>(),
+                Some(PipelineError::Config(_))
+            )
+    });
+    if unusable {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
     }
 }

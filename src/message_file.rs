@@ -8,7 +8,13 @@
 //! Files are streamed, never loaded whole, so a backfill of any size runs in constant memory. NDJSON
 //! lines are passed on exactly as written (a malformed line is the parse stage's business, and gets a
 //! dead-letter record like any other bad message); array elements are passed on as their raw JSON
-//! text.
+//! text, found by a scanner that only tracks nesting and strings (so a malformed element, too, is
+//! the parse stage's business).
+//!
+//! No message is held beyond a limit in bytes (`source.max_message_bytes`): a longer line or element
+//! (a gzip bomb is one endless line) is read through without being kept, and handed on as
+//! [`BadBody::TooLarge`] with its size and its first bytes, to become a dead letter. Memory stays
+//! bounded whatever the input.
 
 use std::fmt;
 use std::fs::File;
@@ -16,15 +22,51 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use serde::de::{Deserializer, SeqAccess, Visitor};
-use serde_json::value::RawValue;
-
 /// One message read from a file.
 pub struct FileMessage {
     /// 1-based line (NDJSON) or element (array) number.
     pub position: u64,
-    /// The text, or the raw bytes of a line that is not UTF-8.
-    pub body: Result<String, Vec<u8>>,
+    /// The text, or why there is none.
+    pub body: Result<String, BadBody>,
+}
+
+/// A message that cannot be handed on as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadBody {
+    /// Its bytes are not UTF-8.
+    NotUtf8(Vec<u8>),
+    /// It is `bytes` long, more than `limit`; `head` is its start.
+    TooLarge {
+        bytes: u64,
+        limit: usize,
+        head: Vec<u8>,
+    },
+}
+
+/// How much of a message over the limit is kept for its dead letter.
+pub const TOO_LARGE_HEAD_BYTES: usize = 1024;
+
+impl BadBody {
+    /// What the dead letter keeps of the message.
+    pub fn kept_bytes(&self) -> &[u8] {
+        match self {
+            BadBody::NotUtf8(bytes) => bytes,
+            BadBody::TooLarge { head, .. } => head,
+        }
+    }
+}
+
+impl fmt::Display for BadBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadBody::NotUtf8(_) => f.write_str("body is not valid UTF-8"),
+            BadBody::TooLarge { bytes, limit, head } => write!(
+                f,
+                "message is {bytes} bytes, more than `source.max_message_bytes` ({limit}); its first {} bytes are kept",
+                head.len()
+            ),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +75,32 @@ pub enum MessageFileError {
     Open { path: String, source: io::Error },
     #[error("cannot read {path}")]
     Read { path: String, source: io::Error },
-    #[error("{path} is not a JSON array of messages")]
-    Array {
-        path: String,
-        source: serde_json::Error,
-    },
+    #[error("{path} is not a JSON array of messages: {problem}")]
+    Array { path: String, problem: ArrayProblem },
 }
+
+/// Where a JSON array of messages stops making sense (a malformed element is not the array's
+/// problem: it becomes a dead letter like any bad message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArrayProblem {
+    #[error("it ends inside element {0}, before the closing `]`")]
+    Unfinished(u64),
+}
+
+/// A file that fails half-way through: an I/O error, or an array that stops making sense.
+enum ReadFailure {
+    Io(io::Error),
+    Array(ArrayProblem),
+}
+
+impl From<io::Error> for ReadFailure {
+    fn from(e: io::Error) -> Self {
+        ReadFailure::Io(e)
+    }
+}
+
+/// The default of `source.max_message_bytes`: SQS's own largest message.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -48,6 +110,7 @@ const READ_BUFFER: usize = 256 * 1024;
 pub struct MessageReader {
     name: String,
     raw: Box<dyn Read + Send>,
+    limit: usize,
 }
 
 impl MessageReader {
@@ -63,7 +126,18 @@ impl MessageReader {
             })?;
             Box::new(file)
         };
-        Ok(MessageReader { name, raw })
+        Ok(MessageReader {
+            name,
+            raw,
+            limit: DEFAULT_MAX_MESSAGE_BYTES,
+        })
+    }
+
+    /// Messages longer than `limit` bytes are handed on as [`BadBody::TooLarge`], not read into
+    /// memory.
+    pub fn limit(mut self, limit: usize) -> MessageReader {
+        self.limit = limit.max(1);
+        self
     }
 
     /// Calls `each` for every message until the file ends or `each` breaks. Returns how many were
@@ -72,20 +146,24 @@ impl MessageReader {
         self,
         mut each: impl FnMut(FileMessage) -> ControlFlow<()>,
     ) -> Result<u64, MessageFileError> {
-        let MessageReader { name, raw } = self;
+        let MessageReader { name, raw, limit } = self;
         let read_err = |source| MessageFileError::Read {
             path: name.clone(),
             source,
         };
         let mut reader = decode(raw).map_err(read_err)?;
-        if starts_with_array(&mut reader).map_err(read_err)? {
-            read_array(reader, &mut each).map_err(|source| MessageFileError::Array {
-                path: name.clone(),
-                source,
-            })
+        let read = if starts_with_array(&mut reader).map_err(read_err)? {
+            read_array(reader, limit, &mut each)
         } else {
-            read_lines(reader, &mut each).map_err(read_err)
-        }
+            read_lines(reader, limit, &mut each).map_err(ReadFailure::Io)
+        };
+        read.map_err(|failure| match failure {
+            ReadFailure::Io(source) => read_err(source),
+            ReadFailure::Array(problem) => MessageFileError::Array {
+                path: name.clone(),
+                problem,
+            },
+        })
     }
 }
 
@@ -164,6 +242,7 @@ fn starts_with_array(reader: &mut Box<dyn BufRead + Send>) -> io::Result<bool> {
 
 fn read_lines(
     mut reader: Box<dyn BufRead + Send>,
+    limit: usize,
     each: &mut impl FnMut(FileMessage) -> ControlFlow<()>,
 ) -> io::Result<u64> {
     let (mut line_no, mut count) = (0u64, 0u64);
@@ -172,18 +251,21 @@ fn read_lines(
     let mut line = Vec::with_capacity(4096);
     loop {
         line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        let Some(mut size) = read_line_bounded(&mut reader, &mut line, limit)? else {
             return Ok(count);
-        }
+        };
         line_no += 1;
-        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            line.pop();
+        if size == line.len() as u64 {
+            while line.last().is_some_and(|b| *b == b'\r') {
+                line.pop();
+                size -= 1;
+            }
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if size <= limit as u64 && line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         count += 1;
-        let body = String::from_utf8(line.to_vec()).map_err(|e| e.into_bytes());
+        let body = checked_body(&line, size, limit);
         if each(FileMessage {
             position: line_no,
             body,
@@ -195,41 +277,180 @@ fn read_lines(
     }
 }
 
-fn read_array(
-    reader: Box<dyn BufRead + Send>,
-    each: &mut impl FnMut(FileMessage) -> ControlFlow<()>,
-) -> Result<u64, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_reader(reader);
-    let count = de.deserialize_seq(ArrayVisitor { each })?;
-    Ok(count)
-}
-
-struct ArrayVisitor<'a, F> {
-    each: &'a mut F,
-}
-
-impl<'de, F: FnMut(FileMessage) -> ControlFlow<()>> Visitor<'de> for ArrayVisitor<'_, F> {
-    type Value = u64;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON array of messages")
+/// Reads one line into `line` without its `\n`, keeping at most `limit + 1` bytes of it (enough to
+/// tell it is too long); returns the line's full length, or `None` at the end of the input.
+fn read_line_bounded(
+    reader: &mut Box<dyn BufRead + Send>,
+    line: &mut Vec<u8>,
+    limit: usize,
+) -> io::Result<Option<u64>> {
+    let mut size = 0u64;
+    let mut any = false;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(any.then_some(size));
+        }
+        any = true;
+        let newline = buf.iter().position(|b| *b == b'\n');
+        let part = &buf[..newline.unwrap_or(buf.len())];
+        let room = (limit + 1).saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        size += part.len() as u64;
+        let used = newline.map_or(buf.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            return Ok(Some(size));
+        }
     }
+}
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
-        let mut count = 0;
-        while let Some(element) = seq.next_element::<Box<RawValue>>()? {
-            count += 1;
-            let body = String::from(Box::<str>::from(element));
-            if (self.each)(FileMessage {
-                position: count,
-                body: Ok(body),
-            })
-            .is_break()
-            {
+/// The message of `size` bytes whose start is `kept`: its text, or why there is none.
+fn checked_body(kept: &[u8], size: u64, limit: usize) -> Result<String, BadBody> {
+    if size > limit as u64 {
+        let head = kept[..kept.len().min(TOO_LARGE_HEAD_BYTES)].to_vec();
+        return Err(BadBody::TooLarge {
+            bytes: size,
+            limit,
+            head,
+        });
+    }
+    String::from_utf8(kept.to_vec()).map_err(|e| BadBody::NotUtf8(e.into_bytes()))
+}
+
+/// Reads the elements of a JSON array whose `[` is next, each as its raw text (at most `limit`
+/// bytes kept), until the closing `]`.
+fn read_array(
+    mut reader: Box<dyn BufRead + Send>,
+    limit: usize,
+    each: &mut impl FnMut(FileMessage) -> ControlFlow<()>,
+) -> Result<u64, ReadFailure> {
+    reader.consume(1);
+    let mut count = 0u64;
+    let mut element = Vec::with_capacity(4096);
+    loop {
+        element.clear();
+        let (size, end) = read_element(&mut reader, &mut element, limit)?;
+        let Some(end) = end else {
+            return Err(ReadFailure::Array(ArrayProblem::Unfinished(count + 1)));
+        };
+        if size == 0 && end == b']' {
+            // `[]`, or a trailing comma before the `]`.
+            return Ok(count);
+        }
+        count += 1;
+        let body = checked_body(&element, size, limit);
+        if each(FileMessage {
+            position: count,
+            body,
+        })
+        .is_break()
+        {
+            return Ok(count);
+        }
+        if end == b']' {
+            return Ok(count);
+        }
+    }
+}
+
+/// Scans one array element into `element` (trimmed, at most `limit + 1` bytes kept), up to the
+/// `,` or `]` that ends it outside any string or nesting. Returns the element's size and that
+/// byte, or no byte if the input ended first.
+fn read_element(
+    reader: &mut Box<dyn BufRead + Send>,
+    element: &mut Vec<u8>,
+    limit: usize,
+) -> Result<(u64, Option<u8>), ReadFailure> {
+    let mut scan = ElementScan::default();
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if buf.is_empty() {
+            return Ok((scan.size, None));
+        }
+        let mut used = buf.len();
+        let mut end = None;
+        for (i, &b) in buf.iter().enumerate() {
+            if let Some(last) = scan.feed(b) {
+                used = i + 1;
+                end = Some(last);
                 break;
             }
+            if scan.started && element.len() <= limit {
+                element.push(b);
+            }
         }
-        Ok(count)
+        reader.consume(used);
+        if let Some(end) = end {
+            while element.last().is_some_and(u8::is_ascii_whitespace) {
+                element.pop();
+            }
+            return Ok((scan.size, Some(end)));
+        }
+    }
+}
+
+/// The state of the scan through one element: nesting, strings, and how long it is.
+#[derive(Default)]
+struct ElementScan {
+    started: bool,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+    /// Bytes of the element from its first non-blank byte to its last.
+    size: u64,
+    /// Blank bytes seen since the last non-blank one (counted into `size` only if more follows).
+    pending_space: u64,
+}
+
+impl ElementScan {
+    /// Takes one byte; returns it when it ends the element (a `,` or `]` at the top level).
+    fn feed(&mut self, b: u8) -> Option<u8> {
+        if !self.started {
+            if b.is_ascii_whitespace() {
+                return None;
+            }
+            if b == b']' || b == b',' {
+                return Some(b);
+            }
+            self.started = true;
+        }
+        if self.in_string {
+            self.grow(b);
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
+                _ => {}
+            }
+            return None;
+        }
+        match b {
+            b',' | b']' if self.depth == 0 => return Some(b),
+            b'[' | b'{' => self.depth += 1,
+            b']' | b'}' => self.depth = self.depth.saturating_sub(1),
+            b'"' => self.in_string = true,
+            _ => {}
+        }
+        self.grow(b);
+        None
+    }
+
+    fn grow(&mut self, b: u8) {
+        if b.is_ascii_whitespace() && !self.in_string {
+            self.pending_space += 1;
+        } else {
+            self.size += self.pending_space + 1;
+            self.pending_space = 0;
+        }
     }
 }
 
@@ -250,13 +471,7 @@ mod tests {
         read_all(path)
             .expect("readable")
             .into_iter()
-            .map(|m| {
-                (
-                    m.position,
-                    m.body
-                        .unwrap_or_else(|b| format!("<{} raw bytes>", b.len())),
-                )
-            })
+            .map(|m| (m.position, m.body.unwrap_or_else(|bad| format!("<{bad}>"))))
             .collect()
     }
 
@@ -345,6 +560,81 @@ mod tests {
         let p = temp("d.ndjson", b"{\"a\":1}\n\xff\xfe\n");
         let all = read_all(&p).expect("readable");
         assert!(all[1].body.is_err());
+    }
+
+    /// Messages over the limit are read through, never held: what comes on is their size and
+    /// their first bytes, and the messages after them are read as usual.
+    #[test]
+    fn messages_over_the_limit_keep_only_their_size_and_start() {
+        let limit = 2048;
+        let big = "x".repeat(5000);
+        let lines = format!("{{\"a\":1}}\n{big}\n{}\r\n{{\"b\":2}}\n", "y".repeat(limit));
+        let array = format!("[{{\"a\":1}}, \"{big}\" , {{\"s\": \"],{{\\\"\"}}]");
+        for (name, content, n) in [("h.ndjson", &lines, 4), ("h.json", &array, 3)] {
+            let path = temp(name, content.as_bytes());
+            let mut all = Vec::new();
+            MessageReader::open(&path)
+                .expect("open")
+                .limit(limit)
+                .for_each(|m| {
+                    all.push(m);
+                    ControlFlow::Continue(())
+                })
+                .expect("readable");
+            assert_eq!(all.len(), n, "{name}");
+            let Err(BadBody::TooLarge { bytes, head, .. }) = &all[1].body else {
+                panic!("{name}: expected too large, got {:?}", all[1].body);
+            };
+            let size = if name == "h.json" { 5002 } else { 5000 };
+            assert_eq!((*bytes, head.len()), (size, TOO_LARGE_HEAD_BYTES), "{name}");
+            assert_eq!(all[0].body.as_deref(), Ok("{\"a\":1}"), "{name}");
+            if n == 4 {
+                assert_eq!(
+                    all[2].body.as_ref().map(String::len),
+                    Ok(limit),
+                    "at the limit"
+                );
+            } else {
+                assert_eq!(all[2].body.as_deref(), Ok("{\"s\": \"],{\\\"\"}"), "{name}");
+            }
+        }
+    }
+
+    /// A gzip bomb (a few KiB inflating to 64 MiB with no line break) is one message over the
+    /// limit, read through in constant memory.
+    #[test]
+    fn a_gzip_bomb_is_one_message_over_the_limit() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![b'0'; 1024 * 1024];
+        for _ in 0..64 {
+            gz.write_all(&zeros).expect("compress");
+        }
+        let bomb = gz.finish().expect("finish");
+        assert!(bomb.len() < 256 * 1024, "{}", bomb.len());
+        let path = temp("bomb.gz", &bomb);
+        let mut all = Vec::new();
+        MessageReader::open(&path)
+            .expect("open")
+            .for_each(|m| {
+                all.push(m.body);
+                ControlFlow::Continue(())
+            })
+            .expect("readable");
+        assert_eq!(all.len(), 1);
+        let Err(bad) = &all[0] else {
+            panic!("kept whole")
+        };
+        assert_eq!(
+            bad.to_string(),
+            "message is 67108864 bytes, more than `source.max_message_bytes` (1048576); its first 1024 bytes are kept"
+        );
+    }
+
+    #[test]
+    fn arrays_empty_or_with_a_trailing_comma_end_cleanly() {
+        assert!(bodies(&temp("i.json", b"[]")).is_empty());
+        assert!(bodies(&temp("j.json", b" [ \n ] ")).is_empty());
+        assert_eq!(bodies(&temp("k.json", b"[1,]")), [(1, "1".into())]);
     }
 
     #[test]

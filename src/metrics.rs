@@ -18,8 +18,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
+use crate::background::{BackgroundError, BackgroundTask};
 use crate::stats::Stats;
 
 /// Reads how full one channel is: (messages-in-chunks used, capacity), or `None` once it is closed.
@@ -52,15 +52,16 @@ struct Endpoint {
     stall_after: Duration,
 }
 
-/// Serves on `listener` until `stop`. The caller binds it, so a taken port is an error at start, not
-/// a log line later, and a listener bound to port 0 serves on whichever port it got (logged here).
+/// The endpoint serving on `listener` until its stop token is cancelled, as a background task of the
+/// run (an endpoint that fails ends the run rather than going dark unnoticed). The caller binds the
+/// listener, so a taken port is an error at start, not a log line later, and a listener bound to
+/// port 0 serves on whichever port it got (logged here).
 pub fn serve(
     listener: tokio::net::TcpListener,
     stats: Arc<Stats>,
     channels: Vec<ChannelProbe>,
     stall_after: Duration,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> BackgroundTask {
     let mut registry = Registry::default();
     stats.register(&mut registry);
     let used = ChannelGauges::default();
@@ -91,13 +92,11 @@ pub fn serve(
     if let Ok(listen) = listener.local_addr() {
         tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
     }
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
+    BackgroundTask::new("metrics endpoint", move |stop| async move {
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::warn!(error = %e, "metrics endpoint stopped");
-        }
+            .await
+            .map_err(BackgroundError::new)
     })
 }
 
@@ -172,19 +171,14 @@ mod tests {
     async fn endpoint(
         stats: Arc<Stats>,
         channels: Vec<ChannelProbe>,
-    ) -> (std::net::SocketAddr, CancellationToken) {
+    ) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a free port");
         let addr = listener.local_addr().expect("bound");
-        let stop = CancellationToken::new();
-        serve(
-            listener,
-            stats,
-            channels,
-            Duration::from_secs(60),
-            stop.clone(),
-        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = serve(listener, stats, channels, Duration::from_secs(60));
+        tokio::spawn(task.start(stop.clone()));
         (addr, stop)
     }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::tls::TlsStream;
-use tokio_postgres::{Client, Connection, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls};
 
 use crate::config::PostgresConfig;
 pub use conn_string::{ConnString, ConnStringError, SslMode};
@@ -45,15 +45,32 @@ pub async fn connect(
     }
 }
 
-/// Runs the connection's I/O on its own task and hands back the client.
-fn drive<S, T>((client, connection): (Client, Connection<S, T>)) -> Client
+/// Runs the connection's I/O on its own task and hands back the client. The server's notices
+/// ("already exists, skipping", …) are logged at debug level: they say nothing an operator must act
+/// on, and the driver would otherwise log each one at info level.
+fn drive<S, T>((client, mut connection): (Client, Connection<S, T>)) -> Client
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: AsyncRead + AsyncWrite + TlsStream + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %PgError(e), "PostgreSQL connection ended");
+        use futures::StreamExt;
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notice(notice)) => {
+                    tracing::debug!(
+                        severity = notice.severity(),
+                        notice = notice.message(),
+                        "PostgreSQL notice"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %PgError(e), "PostgreSQL connection ended");
+                    break;
+                }
+            }
         }
     });
     client

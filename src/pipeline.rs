@@ -13,8 +13,9 @@
 //! the pipeline only hands it over, and commits on one connection when the record needs its
 //! batches in order.
 //!
-//! [`Pipeline::run`] supervises the tasks: the first fatal error stops the source, and the rest drain
-//! as in a graceful shutdown. A drain that exceeds `pipeline.shutdown_timeout_seconds` is abandoned:
+//! [`Pipeline::run`] supervises the tasks, the stages and the background work beside them
+//! ([`crate::background`]): the first failure or panic of either stops the source, the stages drain
+//! as in a graceful shutdown, and the run ends with that error. A drain that exceeds `pipeline.shutdown_timeout_seconds` is abandoned:
 //! the unfinished messages are handed back to the source and the run ends with an error.
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::background::{BackgroundError, BackgroundTask};
 use crate::config::{Config, ConfigError};
 use crate::envelope::{AckToken, Chunk, Envelope};
 use crate::error_chain::Chain;
@@ -65,6 +67,8 @@ pub enum PipelineError {
     },
     #[error("the {0} task stopped abnormally")]
     Task(&'static str, #[source] tokio::task::JoinError),
+    #[error("the {0} failed")]
+    Background(&'static str, #[source] BackgroundError),
 }
 
 /// How a run ends, besides the source running dry.
@@ -130,25 +134,43 @@ impl Pipeline {
     }
 
     /// Starts the run: the operations endpoint (whose address may be taken), signal handlers, the
-    /// idle watch and the stage tasks. An error here means nothing ran and no message was touched.
+    /// idle watch, the source's and sink's background work and the stage tasks. An error here means
+    /// nothing ran and no message was touched.
     pub async fn start(
         mut self,
-        source: BuiltSource,
+        mut source: BuiltSource,
         options: RunOptions,
     ) -> Result<Running, PipelineError> {
         let channels = Channels::new(self.config.pipeline.channel_capacity, source.chunk_messages);
-        let endpoint = self.start_endpoint(&channels).await?;
         let token = options.shutdown.clone();
-        if options.handle_signals
-            && let Err(e) = shutdown::listen_for_signals(token.clone())
-        {
-            endpoint.cancel();
-            return Err(PipelineError::Signals(e));
+        let mut background = Background::default();
+        if let Some(endpoint) = self.endpoint(&channels).await? {
+            background.spawn(endpoint);
+        }
+        if options.handle_signals {
+            let listener = shutdown::listen_for_signals(token.clone());
+            match listener {
+                Ok(listener) => background.spawn(listener),
+                Err(e) => {
+                    // Nothing has run yet; the failure to start is the error that matters.
+                    let _ = background.stop().await;
+                    return Err(PipelineError::Signals(e));
+                }
+            }
         }
         if let Some(idle) = options.exit_when_idle {
-            shutdown::exit_when_idle(token.clone(), self.stats.clone(), idle);
+            background.spawn(shutdown::exit_when_idle(
+                token.clone(),
+                self.stats.clone(),
+                idle,
+            ));
         }
-        let pruner = self.sink.start_ledger_pruning();
+        if let Some(pruner) = self.sink.ledger_pruning() {
+            background.spawn(pruner);
+        }
+        for task in std::mem::take(&mut source.background) {
+            background.spawn(task);
+        }
         let acknowledger = source.acknowledger.clone();
         let stats = self.stats.clone();
         let limits = DrainLimits {
@@ -158,36 +180,29 @@ impl Pipeline {
         let tasks = self.spawn_stages(source, channels, token.clone());
         Ok(Running {
             tasks,
+            background,
             token,
             limits,
             acknowledger,
             stats,
-            pruner,
-            endpoint,
         })
     }
 
-    /// Starts `/metrics`, `/healthz` and `/readyz` if configured; cancel the token to stop them.
-    async fn start_endpoint(
-        &self,
-        channels: &Channels,
-    ) -> Result<CancellationToken, PipelineError> {
-        let stop = CancellationToken::new();
+    /// `/metrics`, `/healthz` and `/readyz`, if configured: bound now, served by the task.
+    async fn endpoint(&self, channels: &Channels) -> Result<Option<BackgroundTask>, PipelineError> {
         let Some(addr) = self.config.metrics.listen else {
-            return Ok(stop);
+            return Ok(None);
         };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| PipelineError::MetricsListen { addr, source })?;
         let stall_after = Duration::from_secs(self.config.metrics.stall_after_seconds);
-        metrics::serve(
+        Ok(Some(metrics::serve(
             listener,
             self.stats.clone(),
             channels.probes(),
             stall_after,
-            stop.clone(),
-        );
-        Ok(stop)
+        )))
     }
 
     /// One task per stage, joined by the channels.
@@ -260,23 +275,21 @@ impl Pipeline {
 /// A pipeline whose stages are running.
 pub struct Running {
     tasks: StageTasks,
+    background: Background,
     token: Shutdown,
     limits: DrainLimits,
     acknowledger: Arc<dyn Acknowledger>,
     stats: Arc<Stats>,
-    pruner: CancellationToken,
-    endpoint: CancellationToken,
 }
 
 impl Running {
-    /// Waits until the source ends, shutdown is requested, or a stage fails; then hands back what
-    /// is unacknowledged and stops the background work.
-    pub async fn finish(self) -> Result<Summary, PipelineError> {
-        let outcome = supervise(self.tasks, &self.token, self.limits).await;
+    /// Waits until the source ends, shutdown is requested, or a task fails (a stage or a background
+    /// task); then stops the background work and hands back what is unacknowledged.
+    pub async fn finish(mut self) -> Result<Summary, PipelineError> {
+        let outcome = supervise(self.tasks, &mut self.background, &self.token, self.limits).await;
+        let stopped = self.background.stop().await;
         self.acknowledger.finish().await;
-        self.pruner.cancel();
-        self.endpoint.cancel();
-        outcome.map(|()| self.stats.summary())
+        outcome.and(stopped).map(|()| self.stats.summary())
     }
 }
 
@@ -295,6 +308,74 @@ impl StageTasks {
     ) {
         let handle = self.set.spawn(async move { (name, work.await) });
         self.names.insert(handle.id(), name);
+    }
+}
+
+/// How long background tasks get to end once told to stop, after the stages have finished.
+const BACKGROUND_STOP: Duration = Duration::from_secs(5);
+
+/// The run's background tasks (see [`crate::background`]), all stopped by one token.
+#[derive(Default)]
+struct Background {
+    set: JoinSet<(&'static str, Result<(), BackgroundError>)>,
+    names: HashMap<tokio::task::Id, &'static str>,
+    stop: CancellationToken,
+}
+
+impl Background {
+    fn spawn(&mut self, task: BackgroundTask) {
+        let name = task.name;
+        let work = task.start(self.stop.clone());
+        let handle = self.set.spawn(async move { (name, work.await) });
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end, as an error if it failed or panicked; `None` when none is left.
+    async fn next_failure(&mut self) -> Option<Option<PipelineError>> {
+        let joined = self.set.join_next_with_id().await?;
+        Some(match joined {
+            Ok((id, (_, Ok(())))) => {
+                self.names.remove(&id);
+                None
+            }
+            Ok((id, (name, Err(e)))) => {
+                self.names.remove(&id);
+                tracing::error!(task = name, error = %Chain(&e), "background task failed; stopping");
+                Some(PipelineError::Background(name, e))
+            }
+            Err(e) => {
+                let name = self.names.remove(&e.id()).unwrap_or("background");
+                if e.is_cancelled() {
+                    return Some(None);
+                }
+                tracing::error!(task = name, error = %Chain(&e), "background task stopped abnormally; stopping");
+                Some(PipelineError::Task(name, e))
+            }
+        })
+    }
+
+    /// Stops every task and waits for them (at most [`BACKGROUND_STOP`]; then they are aborted).
+    /// Returns the first failure among them.
+    async fn stop(&mut self) -> Result<(), PipelineError> {
+        self.stop.cancel();
+        let mut first = None;
+        let all = async {
+            while let Some(failure) = self.next_failure().await {
+                if let Some(e) = failure {
+                    first.get_or_insert(e);
+                }
+            }
+        };
+        if tokio::time::timeout(BACKGROUND_STOP, all).await.is_err() {
+            let mut late: Vec<&str> = self.names.values().copied().collect();
+            late.sort_unstable();
+            tracing::warn!(
+                tasks = late.join(", "),
+                "background tasks did not stop in time; aborted"
+            );
+            self.set.abort_all();
+        }
+        first.map_or(Ok(()), Err)
     }
 }
 
@@ -375,10 +456,12 @@ impl DrainLimits {
     }
 }
 
-/// Waits for every task; the first failure cancels `token` so the rest drain. Gives up on the drain
+/// Waits for every stage task, watching the background tasks meanwhile; the first failure of either
+/// cancels `token` so the stages drain. Gives up on the drain
 /// once the stop has waited longer than `limits` allow, naming the tasks still running.
 async fn supervise(
     tasks: StageTasks,
+    background: &mut Background,
     token: &Shutdown,
     limits: DrainLimits,
 ) -> Result<(), PipelineError> {
@@ -412,6 +495,10 @@ async fn supervise(
                         PipelineError::Task(name, e)
                     }
                 };
+                token.stop();
+                first_error.get_or_insert(failure);
+            }
+            Some(Some(failure)) = background.next_failure(), if !background.set.is_empty() => {
                 token.stop();
                 first_error.get_or_insert(failure);
             }
@@ -586,6 +673,16 @@ mod tests {
         committers: impl FnOnce(&Log) -> Vec<FakeCommitter>,
         stop_after: Option<Duration>,
     ) -> Run {
+        run_with(n, committers, stop_after, Vec::new()).await
+    }
+
+    /// [`run`], with background tasks of the source's.
+    async fn run_with(
+        n: usize,
+        committers: impl FnOnce(&Log) -> Vec<FakeCommitter>,
+        stop_after: Option<Duration>,
+        background: Vec<BackgroundTask>,
+    ) -> Run {
         let log = Log::default();
         let stats = Arc::new(Stats::default());
         let committers = committers(&log)
@@ -597,7 +694,9 @@ mod tests {
         let acknowledger = Arc::new(FakeAcknowledger { log: log.clone() });
         let record: Arc<dyn CommitRecord> = Arc::new(NoCommitRecord);
         // One message per chunk, so a stop can come between them.
-        let source = MemorySource::build_with(messages(n), 1, stats.clone(), acknowledger, record);
+        let mut source =
+            MemorySource::build_with(messages(n), 1, stats.clone(), acknowledger, record);
+        source.background = background;
         let options = RunOptions::default();
         if let Some(after) = stop_after {
             let stop = options.shutdown.clone();
@@ -713,6 +812,61 @@ mod tests {
         );
     }
 
+    /// A background task that fails after `after`, by panicking or with an error.
+    fn failing(after: Duration, panics: bool) -> BackgroundTask {
+        BackgroundTask::new("visibility extender", move |_stop| async move {
+            tokio::time::sleep(after).await;
+            if panics {
+                panic!("injected fault");
+            }
+            Err(BackgroundError::new(std::io::Error::other(
+                "injected fault",
+            )))
+        })
+    }
+
+    /// A background task that dies (panic or error) stops the run: everything received is still
+    /// committed and acknowledged, as after a signal, and the run ends with an error naming it.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_background_task_ends_the_run_after_the_drain() {
+        for panics in [true, false] {
+            let one = |log: &Log| vec![committer(log, Duration::from_millis(100))];
+            let fault = failing(Duration::from_millis(250), panics);
+            let done = run_with(1000, one, None, vec![fault]).await;
+            match &done.result {
+                Err(PipelineError::Task("visibility extender", _)) if panics => {}
+                Err(PipelineError::Background("visibility extender", _)) if !panics => {}
+                other => panic!("expected the extender's failure, got {other:?}"),
+            }
+            let summary = done.stats.summary();
+            assert!(
+                summary.received > 0 && summary.received < 1000,
+                "{summary:?}"
+            );
+            assert_eq!(summary.loaded, summary.received, "drained: {summary:?}");
+            let events = log_of(&done.log);
+            let acknowledged = assert_acknowledged_after_commit(&events);
+            assert_eq!(acknowledged.len() as u64, summary.received);
+            assert_eq!(events.last(), Some(&Event::Finished));
+        }
+    }
+
+    /// Background tasks are stopped once the stages are done, before the acknowledger finishes.
+    #[tokio::test(start_paused = true)]
+    async fn background_tasks_stop_when_the_run_ends() {
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = stopped.clone();
+        let task = BackgroundTask::new("visibility extender", move |stop| async move {
+            stop.cancelled().await;
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        let one = |log: &Log| vec![committer(log, Duration::from_millis(10))];
+        let done = run_with(20, one, None, vec![task]).await;
+        assert_eq!(done.result.expect("a clean run").loaded, 20);
+        assert!(stopped.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
     fn limits(timeout: u64) -> DrainLimits {
         DrainLimits {
             timeout: Duration::from_secs(timeout),
@@ -732,7 +886,7 @@ mod tests {
             waiting.requested().await;
             Ok(())
         });
-        let result = supervise(tasks, &token, limits(5)).await;
+        let result = supervise(tasks, &mut Background::default(), &token, limits(5)).await;
         assert!(
             matches!(
                 result,
@@ -748,7 +902,7 @@ mod tests {
         let token = Shutdown::new();
         let mut tasks = StageTasks::default();
         tasks.spawn("transform", async { panic!("a bug") });
-        let result = supervise(tasks, &token, limits(5)).await;
+        let result = supervise(tasks, &mut Background::default(), &token, limits(5)).await;
         assert!(
             matches!(result, Err(PipelineError::Task("transform", _))),
             "{result:?}"
@@ -762,7 +916,7 @@ mod tests {
         tasks.spawn("source", std::future::pending());
         token.stop_after_receives();
         let started = tokio::time::Instant::now();
-        let result = supervise(tasks, &token, limits(5)).await;
+        let result = supervise(tasks, &mut Background::default(), &token, limits(5)).await;
         assert!(
             matches!(&result, Err(PipelineError::DrainTimeout { unfinished, .. }) if unfinished == &["source"]),
             "{result:?}"

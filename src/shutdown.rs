@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::background::BackgroundTask;
 use crate::stats::Stats;
 
 /// The request to stop receiving, and how urgently.
@@ -63,40 +64,45 @@ impl Shutdown {
 /// Exit status after a second signal: the conventional 128 + SIGINT.
 pub const FORCED_EXIT_CODE: i32 = 130;
 
-/// Listens for SIGINT/SIGTERM: the first requests `shutdown`, the second exits the process.
-pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<()> {
+/// Listens for SIGINT/SIGTERM: the first requests `shutdown`, the second exits the process. The
+/// handlers are installed now (so that a failure to install them stops the start); the returned
+/// task listens until it is stopped.
+pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<BackgroundTask> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    tokio::spawn(async move {
-        let mut seen = 0;
-        loop {
-            let name = tokio::select! {
-                _ = interrupt.recv() => "SIGINT",
-                _ = terminate.recv() => "SIGTERM",
-            };
-            seen += 1;
-            if seen == 1 {
-                tracing::info!(
-                    signal = name,
-                    "shutting down: draining the pipeline (signal again to exit at once)"
-                );
-                shutdown.stop();
-            } else {
-                tracing::warn!(
-                    signal = name,
-                    "second signal: exiting now; uncommitted messages stay at the source"
-                );
-                std::process::exit(FORCED_EXIT_CODE);
+    Ok(BackgroundTask::new(
+        "signal listener",
+        move |stop| async move {
+            let mut seen = 0;
+            loop {
+                let name = tokio::select! {
+                    _ = interrupt.recv() => "SIGINT",
+                    _ = terminate.recv() => "SIGTERM",
+                    _ = stop.cancelled() => return Ok(()),
+                };
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(
+                        signal = name,
+                        "shutting down: draining the pipeline (signal again to exit at once)"
+                    );
+                    shutdown.stop();
+                } else {
+                    tracing::warn!(
+                        signal = name,
+                        "second signal: exiting now; uncommitted messages stay at the source"
+                    );
+                    std::process::exit(FORCED_EXIT_CODE);
+                }
             }
-        }
-    });
-    Ok(())
+        },
+    ))
 }
 
 /// Requests `shutdown` once every message received has been committed and acknowledged and,
 /// since then, the source has delivered nothing for `idle` (see [`Stats::idle_for`]).
-pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
-    tokio::spawn(async move {
+pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) -> BackgroundTask {
+    BackgroundTask::new("idle watch", move |stop| async move {
         // Idle time counts from the start of the run at the earliest: a slow start-up (connecting,
         // resolving the queue) is not time in which the source found nothing.
         let running_since = tokio::time::Instant::now();
@@ -104,7 +110,8 @@ pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.requested() => return,
+                _ = shutdown.requested() => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
             }
             let idle_for = stats.idle_for().min(running_since.elapsed());
             if stats.in_flight() == 0 && idle_for >= idle {
@@ -113,10 +120,10 @@ pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) {
                     "source idle and everything acknowledged; stopping"
                 );
                 shutdown.stop_after_receives();
-                return;
+                return Ok(());
             }
         }
-    });
+    })
 }
 
 #[cfg(test)]
@@ -131,7 +138,8 @@ mod tests {
         let shutdown = Shutdown::new();
         let idle = Duration::from_secs(1);
         stats.record_received(5);
-        exit_when_idle(shutdown.clone(), stats.clone(), idle);
+        let watch = exit_when_idle(shutdown.clone(), stats.clone(), idle);
+        tokio::spawn(watch.start(CancellationToken::new()));
 
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(!shutdown.is_requested(), "messages are still in flight");

@@ -5,6 +5,7 @@
 //! are prometheus-client's (atomics behind an `Arc`), so recording costs an atomic add and exporting
 //! needs no copying.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::source::kinesis::metrics::KinesisStats;
 
 /// Pipeline-wide measurements. Each stage only ever adds to its own.
 #[derive(Debug)]
@@ -46,6 +49,8 @@ pub struct Stats {
     pub end_to_end_seconds: Histogram,
     /// Sink connections open and prepared.
     pub postgres_connections: Gauge,
+    /// The Kinesis source's own measurements, when that source runs (exported only then).
+    pub kinesis: std::sync::OnceLock<Arc<KinesisStats>>,
     /// Milliseconds after `started` at which the source last delivered a message.
     last_receive_ms: AtomicU64,
     /// Milliseconds after `started` of the last commit or acknowledgement.
@@ -64,6 +69,7 @@ impl Default for Stats {
             rejected: Counter::default(),
             dead_letters_not_forwarded: Counter::default(),
             duplicates: Counter::default(),
+            kinesis: std::sync::OnceLock::new(),
             acknowledged: Counter::default(),
             released: Counter::default(),
             batches_committed: Counter::default(),
@@ -277,6 +283,9 @@ impl Stats {
             "Sink connections to PostgreSQL that are open and ready",
             self.postgres_connections.clone(),
         );
+        if let Some(kinesis) = self.kinesis.get() {
+            kinesis.register(r);
+        }
     }
 }
 

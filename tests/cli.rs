@@ -26,7 +26,7 @@ async fn bad_configuration_fails_at_start_naming_the_key() {
         ),
         (
             "[source]\nkind = \"sqs\"\n[source.sqs]\nqueue_name = \"q\"\nmax_messages = 11\n[sink.postgres]\nurl = \"postgres://x@y/z\"\n",
-            "`source.sqs.max_messages`: must be between 1 and 10, got 11",
+            "`source.sqs.max_messages` (line 5): must be between 1 and 10, got 11",
         ),
         (
             "[source]\nkind = \"sqs\"\n[sink.postgres]\nurl = \"postgres://x@y/z\"\n",
@@ -75,7 +75,7 @@ async fn a_missing_mask_key_stops_the_daemon_before_it_touches_anything() {
     let mut cmd = run_command(&config.path, None);
     cmd.env_remove("SLUICE_MASK_KEY");
     let out = run_to_end(cmd, LIMIT).await;
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("SLUICE_MASK_KEY"), "{}", out.stderr);
     assert_eq!(
         queue.depth().await,
@@ -412,7 +412,7 @@ async fn errors_show_each_cause_once() {
     let mut no_key = run_command(&config.path, None);
     no_key.env_remove("SLUICE_MASK_KEY");
     let out = run_to_end(no_key, LIMIT).await;
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(
         out.stderr.contains(
             "cannot start the pipeline: masking key: no masking key: set SLUICE_MASK_KEY"
@@ -837,4 +837,199 @@ async fn the_config_is_found_and_the_help_tells_the_rest() {
     let out = run_with_stdout_closed(sluice(&["completions", "bash"]), LIMIT).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_quiet_about_the_pipe(&out);
+}
+
+/// A file with several problems of every kind (unknown keys, values of the wrong type or outside
+/// their enum, out-of-range numbers, a log filter that would silence everything) is reported whole in
+/// one run, each problem by its key and line.
+#[tokio::test]
+async fn a_bad_configuration_is_reported_whole_in_one_run() {
+    let toml = r#"[source]
+kind = "sqs"
+[source.sqs]
+queue_name = "q"
+polers = 3
+max_messages = 11
+[pipeline]
+channel_capacity = 1
+[sink.postgres]
+url = "postgres://x@y/z"
+batch_rows = "many"
+conections = 2
+[mask]
+mode = "md5"
+[log]
+level = "loud"
+"#;
+    for command in ["run", "check"] {
+        let out = run_with_config(toml, &[command]).await;
+        assert_eq!(out.code, Some(2), "{command}: {out:?}");
+        for expected in [
+            "has 7 problem(s)",
+            "`source.sqs.polers` (line 5): unknown field `polers`",
+            "`source.sqs.max_messages` (line 6): must be between 1 and 10, got 11",
+            "`pipeline.channel_capacity` (line 8): must be between 2 and",
+            "`sink.postgres.batch_rows` (line 11): invalid type: string \"many\"",
+            "`sink.postgres.conections` (line 12): unknown field `conections`",
+            "`mask.mode` (line 14): unknown variant `md5`",
+            "`log.level` (line 16): ",
+        ] {
+            assert!(
+                out.stderr.contains(expected),
+                "{command}: expected {expected:?} in:\n{}",
+                out.stderr
+            );
+        }
+    }
+
+    // A source kind that does not exist leaves nothing to check the source's keys against; the
+    // rest of the file is still checked.
+    let toml = "[source]\nkind = \"kafka\"\n[pipeline]\nchanel_capacity = 3\n";
+    let out = run_with_config(toml, &["run"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("has 2 problem(s)"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("`source.kind` (line 2): unknown variant `kafka`"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("`pipeline.chanel_capacity` (line 4): unknown field"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("missing field"), "{}", out.stderr);
+}
+
+/// A bad value from an environment override is blamed on the variable, not on the file.
+#[tokio::test]
+async fn a_bad_environment_override_names_the_variable() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
+    for (variable, value) in [
+        ("SLUICE_DATABASE_URL", "postgres://x@y/z?sslmode=sometimes"),
+        ("SLUICE_SQS_QUEUE_URL", "ftp://queue"),
+        ("SLUICE_SQS_ENDPOINT_URL", "localhost:4566"),
+    ] {
+        let mut cmd = run_command(&config.path, None);
+        cmd.env(variable, value);
+        let out = run_to_end(cmd, LIMIT).await;
+        assert_eq!(out.code, Some(2), "{variable}: {out:?}");
+        assert!(
+            out.stderr.contains(&format!("(from {variable})")),
+            "{variable}: {}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("config file"),
+            "{variable}: the file is not to blame:\n{}",
+            out.stderr
+        );
+    }
+}
+
+/// Every problem with the masking key (none, too short, a file that cannot be read) is a
+/// configuration problem: exit 2, as for any other unusable setting, before anything is touched.
+#[tokio::test]
+async fn mask_key_problems_are_configuration_problems() {
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    queue.send(&[login("kept")]).await;
+    let no_file = format!(
+        "{}\n[mask]\nkey_file = \"absent.key\"\n",
+        sqs_config(&queue, &schema, "", "", "")
+    );
+    let config = TestConfig::write(&no_file);
+    let cases: [(Option<&str>, &str); 3] = [
+        (None, "absent.key"),
+        (Some("short"), "SLUICE_MASK_KEY is 5 bytes"),
+        (Some(""), "absent.key"),
+    ];
+    for (key, expected) in cases {
+        for command in ["run", "check"] {
+            let mut cmd = sluice(&[command, "--config", path_str(&config.path)]);
+            match key {
+                Some(key) => cmd.env("SLUICE_MASK_KEY", key),
+                None => cmd.env_remove("SLUICE_MASK_KEY"),
+            };
+            let out = run_to_end(cmd, LIMIT).await;
+            assert_eq!(out.code, Some(2), "{command} {key:?}: {out:?}");
+            assert!(
+                out.stderr.contains(expected) || out.stdout.contains(expected),
+                "{command} {key:?}: expected {expected:?} in {out:?}"
+            );
+        }
+    }
+    assert_eq!(queue.depth().await, (1, 0), "the message must stay queued");
+}
+/// `migrate` on a table that does not fit reports every column that is off, with the types it
+/// accepts, before it creates anything; a repeated `migrate` is quiet on stderr; `report` before
+/// `migrate` says to run it.
+#[tokio::test]
+async fn migrate_reports_every_mismatch_before_changing_anything() {
+    let queue = TestQueue::new().await;
+    let schema = TestSchema::new().await;
+    let toml = sqs_config(&queue, &schema, "", "", "");
+
+    let report = run_with_config(&toml, &["report"]).await;
+    assert_eq!(report.code, Some(1), "{report:?}");
+    assert!(
+        report.stderr.contains("sluice migrate"),
+        "{}",
+        report.stderr
+    );
+    assert!(!report.stderr.contains("SQLSTATE"), "{}", report.stderr);
+
+    for attempt in ["first", "second"] {
+        let out = run_with_config(&toml, &["migrate"]).await;
+        out.assert_success();
+        assert!(
+            !out.stderr.contains("NOTICE"),
+            "{attempt} migrate: {}",
+            out.stderr
+        );
+    }
+
+    let other = TestSchema::new().await;
+    other
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE {}(user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+             locale varchar(32), app_version bigint, create_date text)",
+            other.table()
+        ))
+        .await
+        .expect("create");
+    let toml = sqs_config(&queue, &other, "", "", "");
+    let out = run_with_config(&toml, &["migrate"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    for expected in [
+        "column `masked_device_id` is missing",
+        "column `app_version` is `bigint`, accepted: `integer`",
+        "column `create_date` is `text`, accepted: `date`",
+    ] {
+        assert!(
+            out.stderr.contains(expected),
+            "expected {expected:?} in:\n{}",
+            out.stderr
+        );
+    }
+    assert!(
+        !out.stdout.contains("exists, left unchanged"),
+        "{}",
+        out.stdout
+    );
+    let created: bool = other
+        .client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&other.dead_letters()],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(!created, "nothing may be created while a table is off");
 }

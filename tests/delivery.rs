@@ -487,7 +487,7 @@ async fn a_receipt_handle_acknowledged_twice_is_deleted_once() {
         handles.iter().map(String::as_str),
         tokio::time::Instant::now(),
     );
-    let acknowledger = SqsAcknowledger::start(
+    let acknowledger = SqsAcknowledger::new(
         queue.client.clone(),
         queue.url.clone(),
         in_flight.clone(),

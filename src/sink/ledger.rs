@@ -146,12 +146,12 @@ pub async fn prune_periodically(
     connector: Connector,
     retention_hours: i32,
     stop: CancellationToken,
-) {
+) -> Result<(), crate::background::BackgroundError> {
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tokio::select! {
             _ = every.tick() => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Ok(()),
         }
         let outcome = async {
             let client = connector.connect("sluice-ledger-pruner").await?;
@@ -166,7 +166,7 @@ pub async fn prune_periodically(
                 Ok(n) => tracing::info!(pruned = n, "pruned the dedupe ledger"),
                 Err(e) => tracing::warn!(error = %Chain(&e), "pruning the dedupe ledger failed; will try again"),
             },
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return Ok(()),
         }
     }
 }

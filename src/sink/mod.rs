@@ -19,9 +19,9 @@ pub mod schema;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::background::BackgroundTask;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::aws;
 use crate::config::Config;
@@ -143,18 +143,12 @@ impl Sink {
         }
     }
 
-    /// Starts pruning the ledger (if there is one) in the background; cancel the token to stop.
-    pub fn start_ledger_pruning(&mut self) -> CancellationToken {
-        let stop = CancellationToken::new();
-        if let Some(p) = self.ledger_pruning.take() {
-            tokio::spawn(ledger::prune_periodically(
-                p.ledger,
-                p.connector,
-                p.retention_hours,
-                stop.clone(),
-            ));
-        }
-        stop
+    /// The background task that prunes the ledger, if there is one to prune.
+    pub fn ledger_pruning(&mut self) -> Option<BackgroundTask> {
+        let p = self.ledger_pruning.take()?;
+        Some(BackgroundTask::new("ledger pruner", move |stop| {
+            ledger::prune_periodically(p.ledger, p.connector, p.retention_hours, stop)
+        }))
     }
 }
 

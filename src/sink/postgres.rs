@@ -33,7 +33,7 @@ use crate::sink::commit_record::{
     CommitRecord, Entry, Fence, InTransaction, Outcome, RecordError, Statements,
 };
 use crate::sink::copy_encode::{copy_statement, encode_rows};
-use crate::sink::dead_letter::DeadLetterWriter;
+use crate::sink::dead_letter::{DeadLetterWriter, storable};
 use crate::sink::dead_letter_queue::DeadLetterQueue;
 use crate::sink::errors::{ErrorClass, classify};
 use crate::sink::schema::DeadLetterColumns;
@@ -409,30 +409,51 @@ async fn copy(
     sink.finish().await
 }
 
-/// Splits a batch the database refused for `reason`: halves while it holds several rows, and a lone
-/// row becomes a dead-letter record with the database's reason. Returned in reverse order of
-/// processing; `None` when there is no row left to blame (the dead letters themselves were refused).
+/// Splits a batch the database refused for `reason`, to find what it refuses: rows apart from dead
+/// letters first (so a good row is never blamed for a dead letter), then halves while a piece holds
+/// several; a lone row becomes a dead-letter record with the database's reason, and a lone dead
+/// letter is stored in a form the database takes ([`storable`]). Returned in reverse order of
+/// processing; `None` when nothing is left to change (a dead letter without a body refused).
 fn split(batch: Batch, reason: &str) -> Option<Vec<Batch>> {
-    let (mut rows, rejects) = batch.into_parts();
-    match rows.len() {
-        0 => None,
-        1 => {
+    let (mut rows, mut rejects) = batch.into_parts();
+    if !rows.is_empty() && !rejects.is_empty() {
+        return Some(vec![
+            Batch::new(rows, Vec::new()),
+            Batch::new(Vec::new(), rejects),
+        ]);
+    }
+    match (rows.len(), rejects.len()) {
+        (0, 0) => None,
+        (0, 1) => {
+            let reject = storable(rejects.remove(0), reason)?;
+            tracing::warn!(message_id = %reject.meta.message_id, reason, "PostgreSQL refused a dead letter; storing it escaped and truncated");
+            Some(vec![Batch::new(Vec::new(), vec![reject])])
+        }
+        (0, n) => {
+            let second = rejects.split_off(n / 2);
+            Some(vec![
+                Batch::new(Vec::new(), second),
+                Batch::new(Vec::new(), rejects),
+            ])
+        }
+        (1, _) => {
             let (body, meta) = rows.remove(0).event.into_body_and_meta();
             tracing::warn!(message_id = %meta.message_id, reason, "PostgreSQL refused a row; dead-lettering it");
-            let mut rejects = rejects;
-            rejects.push(Reject {
-                body,
-                meta,
-                stage: Stage::Sink,
-                reason: format!("refused by PostgreSQL: {reason}"),
-            });
-            Some(vec![Batch::new(Vec::new(), rejects)])
+            Some(vec![Batch::new(
+                Vec::new(),
+                vec![Reject {
+                    body,
+                    meta,
+                    stage: Stage::Sink,
+                    reason: format!("refused by PostgreSQL: {reason}"),
+                }],
+            )])
         }
-        n => {
+        (n, _) => {
             let second = rows.split_off(n / 2);
             Some(vec![
                 Batch::new(second, Vec::new()),
-                Batch::new(rows, rejects),
+                Batch::new(rows, Vec::new()),
             ])
         }
     }
@@ -448,34 +469,55 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_batch_is_halved_until_the_row_is_alone() {
+    fn a_refused_batch_is_split_into_rows_and_dead_letters_then_halved() {
         let (rows, rejects) = test_rows(5, 1);
         let pieces = split(Batch::new(rows, rejects), "no").expect("rows to split");
-        // Processed from the end: the first half (with the batch's dead letters) first.
+        // Processed from the end: the dead letters alone first, then the rows.
         assert_eq!(pieces.len(), 2);
-        assert_eq!(users(&pieces[1]), ["u0", "u1"]);
-        assert_eq!(pieces[1].rejects.len(), 1);
-        assert_eq!(users(&pieces[0]), ["u2", "u3", "u4"]);
-        assert!(pieces[0].rejects.is_empty());
+        assert_eq!((pieces[1].row_count(), pieces[1].rejects.len()), (0, 1));
+        assert_eq!(users(&pieces[0]), ["u0", "u1", "u2", "u3", "u4"]);
+        let halves = split(pieces.into_iter().next().expect("rows"), "no").expect("halves");
+        assert_eq!(users(&halves[1]), ["u0", "u1"]);
+        assert_eq!(users(&halves[0]), ["u2", "u3", "u4"]);
     }
 
     #[test]
     fn a_lone_refused_row_becomes_a_dead_letter_with_the_reason() {
-        let (rows, rejects) = test_rows(1, 1);
-        let pieces = split(Batch::new(rows, rejects), "ERROR: check violation").expect("a row");
+        let (rows, _) = test_rows(1, 0);
+        let pieces = split(Batch::new(rows, Vec::new()), "ERROR: check violation").expect("a row");
         assert_eq!(pieces.len(), 1);
         let piece = &pieces[0];
         assert_eq!(piece.row_count(), 0);
-        assert_eq!(piece.rejects.len(), 2);
-        let last = &piece.rejects[1];
+        assert_eq!(piece.rejects.len(), 1);
+        let last = &piece.rejects[0];
         assert_eq!(last.stage, Stage::Sink);
         assert_eq!(last.reason, "refused by PostgreSQL: ERROR: check violation");
         assert!(last.body.contains("\"u0\""), "{}", last.body);
     }
 
     #[test]
-    fn dead_letters_alone_cannot_be_split() {
+    fn refused_dead_letters_are_halved_then_stored_in_a_form_the_database_takes() {
         let (_, rejects) = test_rows(0, 2);
-        assert!(split(Batch::new(Vec::new(), rejects), "no").is_none());
+        let halves = split(Batch::new(Vec::new(), rejects), "no").expect("halves");
+        assert_eq!(
+            halves.iter().map(|b| b.rejects.len()).collect::<Vec<_>>(),
+            [1, 1]
+        );
+        let lone = halves.into_iter().next().expect("a dead letter");
+        let stored = split(lone, "ERROR: too long").expect("a storable form");
+        let reject = &stored[0].rejects[0];
+        assert!(
+            reject.reason.contains("ERROR: too long"),
+            "{}",
+            reject.reason
+        );
+        let emptied = Batch::new(
+            Vec::new(),
+            vec![Reject {
+                body: String::new(),
+                ..reject.clone()
+            }],
+        );
+        assert!(split(emptied, "no").is_none(), "nothing left to change");
     }
 }

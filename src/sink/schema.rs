@@ -2,8 +2,11 @@
 //!
 //! `user_logins` has a fixed DDL ([`crate::login_table`]) that sluice never alters. What it does
 //! instead is check, at start, that an existing table has the columns and types binary COPY will
-//! send, because a mismatch would otherwise surface as every row failing at runtime. A ledger table
-//! of an earlier version (unscoped text keys) is recognised and refused, never converted.
+//! send, because a mismatch would otherwise surface as every row failing at runtime. Every table is
+//! inspected before anything is created, and every column that is off is reported at once, so that
+//! one look tells an operator everything to fix and a refused `migrate` leaves the database as it
+//! found it. A ledger table of an earlier version (unscoped text keys) is recognised and refused,
+//! never converted.
 
 use tokio_postgres::Client;
 
@@ -19,8 +22,11 @@ pub enum SchemaError {
         "table {table} does not exist; run `sluice migrate` (or set `sink.postgres.create_tables = true`)"
     )]
     Missing { table: String },
-    #[error("table {table}: {problem}")]
-    Mismatch { table: String, problem: String },
+    #[error("existing tables cannot be used as they are (nothing was changed): {}", .problems.join("; "))]
+    Mismatch {
+        /// `table "t": column `c` is …`, one per column that is off.
+        problems: Vec<String>,
+    },
     #[error(
         "table {table} is a dedupe ledger of an earlier sluice (text keys not scoped to their source); \
          sluice leaves it unchanged and does not use it: point `sink.postgres.ledger_table` at a new \
@@ -88,6 +94,8 @@ pub async fn migrate(
         &[],
     )
     .await?;
+    let inspection = inspect(&tx, tables, with_ledger).await?;
+    inspection.fits()?;
     let mut statuses = Vec::new();
     let mut plan: Vec<(&TableName, Vec<String>)> = vec![
         (&tables.target, vec![login_table::ddl(&tables.target)]),
@@ -100,7 +108,7 @@ pub async fn migrate(
         plan.push((&tables.ledger, ledger_ddl(&tables.ledger)));
     }
     for (table, statements) in plan {
-        let existed = exists(&tx, table).await?;
+        let existed = !inspection.missing.contains(table);
         if !existed {
             if let Some(schema) = &table.schema {
                 tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
@@ -131,7 +139,7 @@ async fn exists(
 
 /// Column name → `format_type` text, or `None` if the table does not exist.
 async fn columns(
-    client: &Client,
+    client: &impl tokio_postgres::GenericClient,
     table: &TableName,
 ) -> Result<Option<Vec<(String, String)>>, SchemaError> {
     if !exists(client, table).await? {
@@ -156,85 +164,140 @@ pub struct DeadLetterColumns {
     pub sent_at: bool,
 }
 
-/// Checks all tables; the error names the table and the column that is off.
+/// What the tables look like, read before anything is changed.
+struct Inspection {
+    /// Tables that do not exist, in the order they are created.
+    missing: Vec<TableName>,
+    /// Every column of an existing table that is off.
+    problems: Vec<String>,
+    dead_letter: DeadLetterColumns,
+}
+
+impl Inspection {
+    fn fits(&self) -> Result<(), SchemaError> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SchemaError::Mismatch {
+                problems: self.problems.clone(),
+            })
+        }
+    }
+}
+
+async fn inspect(
+    client: &impl tokio_postgres::GenericClient,
+    tables: &Tables,
+    with_ledger: bool,
+) -> Result<Inspection, SchemaError> {
+    let mut inspection = Inspection {
+        missing: Vec::new(),
+        problems: Vec::new(),
+        // What a table made by `migrate` has.
+        dead_letter: DeadLetterColumns {
+            stage: true,
+            sent_at: true,
+        },
+    };
+    let wanted: Vec<(&str, &[&str])> = login_table::COLUMNS
+        .iter()
+        .map(|c| (c.name, c.ty.accepted()))
+        .collect();
+    match columns(client, &tables.target).await? {
+        Some(actual) => check_columns(&tables.target, &actual, &wanted, &mut inspection.problems),
+        None => inspection.missing.push(tables.target.clone()),
+    }
+
+    let ts: &[&str] = &["timestamp with time zone"];
+    match columns(client, &tables.dead_letter).await? {
+        Some(actual) => {
+            check_columns(
+                &tables.dead_letter,
+                &actual,
+                &[
+                    ("message_id", TEXT_TYPES),
+                    ("body", TEXT_TYPES),
+                    ("reason", TEXT_TYPES),
+                    ("received_at", ts),
+                ],
+                &mut inspection.problems,
+            );
+            let has = |name: &str| actual.iter().any(|(n, _)| n == name);
+            inspection.dead_letter = DeadLetterColumns {
+                stage: has("stage"),
+                sent_at: has("sent_at"),
+            };
+        }
+        None => inspection.missing.push(tables.dead_letter.clone()),
+    }
+
+    if with_ledger {
+        match columns(client, &tables.ledger).await? {
+            Some(actual) if actual.iter().any(|(name, _)| name == "message_key") => {
+                return Err(SchemaError::OldLedger {
+                    table: tables.ledger.to_string(),
+                });
+            }
+            Some(actual) => check_columns(
+                &tables.ledger,
+                &actual,
+                &[("scoped_key", &["bytea"]), ("seen_at", ts)],
+                &mut inspection.problems,
+            ),
+            None => inspection.missing.push(tables.ledger.clone()),
+        }
+    }
+    Ok(inspection)
+}
+
+/// Checks all tables: every column that is off is named (with the types accepted), and only then
+/// a table that is missing.
 pub async fn verify(
     client: &Client,
     tables: &Tables,
     with_ledger: bool,
 ) -> Result<DeadLetterColumns, SchemaError> {
-    let target = require(client, &tables.target).await?;
-    let wanted: Vec<(&str, &[&str])> = login_table::COLUMNS
-        .iter()
-        .map(|c| (c.name, c.ty.accepted()))
-        .collect();
-    check_columns(&tables.target, &target, &wanted)?;
-
-    let dead_letter = require(client, &tables.dead_letter).await?;
-    let ts: &[&str] = &["timestamp with time zone"];
-    check_columns(
-        &tables.dead_letter,
-        &dead_letter,
-        &[
-            ("message_id", TEXT_TYPES),
-            ("body", TEXT_TYPES),
-            ("reason", TEXT_TYPES),
-            ("received_at", ts),
-        ],
-    )?;
-    let has = |name: &str| dead_letter.iter().any(|(n, _)| n == name);
-    let optional = DeadLetterColumns {
-        stage: has("stage"),
-        sent_at: has("sent_at"),
-    };
-
-    if with_ledger {
-        let ledger = require(client, &tables.ledger).await?;
-        if ledger.iter().any(|(name, _)| name == "message_key") {
-            return Err(SchemaError::OldLedger {
-                table: tables.ledger.to_string(),
-            });
-        }
-        check_columns(
-            &tables.ledger,
-            &ledger,
-            &[("scoped_key", &["bytea"]), ("seen_at", ts)],
-        )?;
+    let inspection = inspect(client, tables, with_ledger).await?;
+    inspection.fits()?;
+    match inspection.missing.first() {
+        Some(table) => Err(SchemaError::Missing {
+            table: table.to_string(),
+        }),
+        None => Ok(inspection.dead_letter),
     }
-    Ok(optional)
 }
 
-async fn require(client: &Client, table: &TableName) -> Result<Vec<(String, String)>, SchemaError> {
-    columns(client, table)
-        .await?
-        .ok_or_else(|| SchemaError::Missing {
-            table: table.to_string(),
-        })
+/// The tables of `tables` that do not exist.
+pub async fn missing(client: &Client, tables: &[&TableName]) -> Result<Vec<String>, SchemaError> {
+    let mut missing = Vec::new();
+    for table in tables {
+        if !exists(client, table).await? {
+            missing.push(table.to_string());
+        }
+    }
+    Ok(missing)
 }
 
 fn check_columns(
     table: &TableName,
     actual: &[(String, String)],
     wanted: &[(&str, &[&str])],
-) -> Result<(), SchemaError> {
+    problems: &mut Vec<String>,
+) {
     for (name, types) in wanted {
         let Some((_, ty)) = actual.iter().find(|(n, _)| n == name) else {
-            return Err(SchemaError::Mismatch {
-                table: table.to_string(),
-                problem: format!("column `{name}` is missing"),
-            });
+            problems.push(format!("table {table}: column `{name}` is missing"));
+            continue;
         };
         let base = ty.split('(').next().unwrap_or_default();
         if !types.contains(&base) {
-            return Err(SchemaError::Mismatch {
-                table: table.to_string(),
-                problem: format!(
-                    "column `{name}` is `{ty}`; sluice writes {}",
-                    types.join(" or ")
-                ),
-            });
+            let accepted: Vec<String> = types.iter().map(|t| format!("`{t}`")).collect();
+            problems.push(format!(
+                "table {table}: column `{name}` is `{ty}`, accepted: {} (binary COPY does not convert)",
+                accepted.join(" or ")
+            ));
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -242,15 +305,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mismatches_name_the_column() {
+    fn every_mismatch_is_named_with_the_types_accepted() {
         let t = TableName::unqualified("t");
-        let actual = vec![("app_version".to_owned(), "bigint".to_owned())];
-        let err = check_columns(&t, &actual, &[("app_version", &["integer"])]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "table \"t\": column `app_version` is `bigint`; sluice writes integer"
+        let actual = vec![
+            ("app_version".to_owned(), "bigint".to_owned()),
+            ("user_id".to_owned(), "character varying(64)".to_owned()),
+        ];
+        let mut problems = Vec::new();
+        check_columns(
+            &t,
+            &actual,
+            &[
+                ("app_version", &["integer"]),
+                ("user_id", TEXT_TYPES),
+                ("locale", TEXT_TYPES),
+            ],
+            &mut problems,
         );
-        let ok = vec![("user_id".to_owned(), "character varying(64)".to_owned())];
-        assert!(check_columns(&t, &ok, &[("user_id", TEXT_TYPES)]).is_ok());
+        assert_eq!(
+            problems,
+            [
+                "table \"t\": column `app_version` is `bigint`, accepted: `integer` (binary COPY does not convert)",
+                "table \"t\": column `locale` is missing",
+            ]
+        );
     }
 }

@@ -38,10 +38,11 @@ impl FileSource {
     pub fn build(
         path: PathBuf,
         chunk_messages: usize,
+        max_message_bytes: usize,
         ledger: Option<&TableName>,
         stats: Arc<Stats>,
     ) -> Result<BuiltSource, SourceError> {
-        let file = MessageReader::open(&path)?;
+        let file = MessageReader::open(&path)?.limit(max_message_bytes);
         let commit_record: Arc<dyn CommitRecord> = match ledger {
             Some(table) => {
                 let keys = FileLedgerKeys::new(FileIdentity::of(&path));
@@ -59,6 +60,7 @@ impl FileSource {
             commit_record,
             chunk_messages: chunk_messages.max(1),
             receive_allowance: std::time::Duration::ZERO,
+            background: Vec::new(),
         })
     }
 }
@@ -161,11 +163,11 @@ fn push(chunk: &mut Chunk<Envelope>, message: FileMessage, received_at: SystemTi
     let meta = Meta::at_position(message.position, received_at);
     match message.body {
         Ok(body) => chunk.items.push(Envelope { body, meta }),
-        Err(bytes) => chunk.rejects.push(Reject {
-            body: String::from_utf8_lossy(&bytes).into_owned(),
+        Err(bad) => chunk.rejects.push(Reject {
+            body: String::from_utf8_lossy(bad.kept_bytes()).into_owned(),
             meta,
             stage: Stage::Source,
-            reason: "body is not valid UTF-8".into(),
+            reason: bad.to_string(),
         }),
     }
 }

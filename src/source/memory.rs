@@ -48,6 +48,7 @@ impl MemorySource {
             commit_record,
             chunk_messages: chunk_messages.max(1),
             receive_allowance: std::time::Duration::ZERO,
+            background: Vec::new(),
         }
     }
 }

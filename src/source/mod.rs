@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::aws::{AwsError, QueueError};
+use crate::background::BackgroundTask;
 use crate::config::{Config, SourceKind};
 use crate::envelope::{AckToken, Chunk, Envelope};
 use crate::message_file::MessageFileError;
@@ -44,6 +45,8 @@ pub enum SourceError {
     File(#[from] MessageFileError),
     #[error("the file reader stopped")]
     FileReader(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Kinesis(#[from] kinesis::KinesisSourceError),
 }
 
 /// Where a source delivers its chunks: the channel into the parse stage.
@@ -89,16 +92,24 @@ pub struct BuiltSource {
     /// How long receives in progress may take to return when a stop lets them finish (an idle
     /// exit): added to the drain timeout then, since that wait is not part of draining.
     pub receive_allowance: Duration,
+    /// Work the source needs done while the run lasts (extending SQS visibility), supervised by
+    /// the pipeline and stopped before the acknowledger finishes.
+    pub background: Vec<BackgroundTask>,
 }
 
 /// Builds the configured source; with dedupe on, its batches record their keys in the ledger.
 pub async fn build_source(config: &Config, stats: Arc<Stats>) -> Result<BuiltSource, SourceError> {
     let ledger = config.dedupe_enabled().then(|| config.tables().ledger);
     match config.source.kind {
-        SourceKind::Sqs => SqsSource::build(&config.source.sqs, ledger.as_ref(), stats).await,
+        SourceKind::Sqs => {
+            let limit = config.source.max_message_bytes;
+            SqsSource::build(&config.source.sqs, limit, ledger.as_ref(), stats).await
+        }
+        SourceKind::Kinesis => kinesis::KinesisSource::build(config, stats).await,
         SourceKind::File => FileSource::build(
             file_path(config),
             config.source.file.chunk_messages,
+            config.source.max_message_bytes,
             ledger.as_ref(),
             stats,
         ),

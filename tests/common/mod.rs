@@ -358,6 +358,8 @@ pub fn sluice(args: &[&str]) -> tokio::process::Command {
         .env_remove("SLUICE_CONFIG")
         .env_remove("SLUICE_SQS_QUEUE_URL")
         .env_remove("SLUICE_SQS_ENDPOINT_URL")
+        .env_remove("SLUICE_KINESIS_STREAM")
+        .env_remove("SLUICE_KINESIS_ENDPOINT_URL")
         .env_remove("SLUICE_DATABASE_URL")
         .env_remove("SLUICE_DATABASE_CA_FILE")
         .env("SLUICE_MASK_KEY", MASK_KEY)

@@ -9,6 +9,9 @@
 //! - [`keeper`]: the task that renews this process's leases and takes its share, as events.
 //! - [`checkpoint`] and [`progress`]: what a committed batch writes per shard, fenced by the lease.
 //! - [`position`] and [`sequence`]: where a shard's reading starts; sequence numbers as numbers.
+//! - [`record`]: the checkpoints as the commit record the sink writes in each batch's transaction.
+//! - [`source`]: all of it wired into the pipeline's [`crate::source::Source`].
+//! - [`metrics`]: leases held, per-shard lag, checkpoint commits, fenced-off commits.
 
 pub mod api;
 pub mod balance;
@@ -18,10 +21,14 @@ mod fake;
 pub mod keeper;
 pub mod kpl;
 pub mod lease;
+pub mod metrics;
 pub mod position;
 pub mod progress;
 pub mod reader;
+pub mod record;
 pub mod sequence;
 pub mod shards;
+pub mod source;
 
 pub use progress::KinesisAck;
+pub use source::{KinesisAcknowledger, KinesisSource, KinesisSourceError};

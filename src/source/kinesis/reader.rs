@@ -35,6 +35,7 @@ use super::sequence::SequenceNumber;
 use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta, Reject, Stage};
 use crate::retry;
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 
 /// At most five `GetRecords` calls per second per shard.
 pub const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
@@ -117,6 +118,8 @@ pub struct ShardReader {
     start: StartPosition,
     settings: ReaderSettings,
     progress: Arc<ShardProgress>,
+    /// Counts messages delivered (and those dropped on stop), when running in a pipeline.
+    stats: Option<Arc<Stats>>,
 }
 
 /// When the next call may go out.
@@ -152,7 +155,15 @@ impl ShardReader {
             start,
             settings,
             progress: Arc::default(),
+            stats: None,
         }
+    }
+
+    /// Counts what this reader delivers in the pipeline's figures: received when it is handed
+    /// over, released when a stop drops it in hand.
+    pub fn with_stats(mut self, stats: Arc<Stats>) -> ShardReader {
+        self.stats = Some(stats);
+        self
     }
 
     pub fn progress(&self) -> Arc<ShardProgress> {
@@ -234,11 +245,19 @@ impl ShardReader {
                     .records
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 let chunk = self.chunk(records, ended);
-                tokio::select! {
-                    sent = out.send(chunk) => if sent.is_err() {
-                        return Ok(ReadEnd::ChannelClosed);
-                    },
-                    _ = stop.requested() => return Ok(ReadEnd::Stopped),
+                let n = chunk.len();
+                if let Some(stats) = &self.stats {
+                    stats.record_received(n);
+                }
+                let stopped = tokio::select! {
+                    sent = out.send(chunk) => sent.err().map(|_| ReadEnd::ChannelClosed),
+                    _ = stop.requested() => Some(ReadEnd::Stopped),
+                };
+                if let Some(end) = stopped {
+                    if let Some(stats) = &self.stats {
+                        stats.record_released(n);
+                    }
+                    return Ok(end);
                 }
             }
             match next_iterator {

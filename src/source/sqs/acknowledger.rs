@@ -4,20 +4,20 @@
 //! message's row is already committed, so when SQS hands it out again the dedupe ledger skips it. A
 //! message is never deleted before its commit, whatever fails.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::in_flight::InFlight;
 use crate::aws::AwsError;
 use crate::aws::sqs_batch::{self, BatchCall, EntryFailure, entry_failures};
+use crate::background::BackgroundTask;
 use crate::envelope::AckToken;
 use crate::error_chain::Chain;
 use crate::retry::RetryPolicy;
@@ -36,36 +36,38 @@ pub struct SqsAcknowledger {
     client: aws_sdk_sqs::Client,
     queue_url: String,
     in_flight: Arc<InFlight>,
+    visibility: Duration,
     stats: Arc<Stats>,
-    stop: CancellationToken,
-    extender: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SqsAcknowledger {
-    /// Starts the visibility extender, which runs until [`Acknowledger::finish`].
-    pub fn start(
+    /// Messages received with `visibility` are deleted once committed; the extender that keeps
+    /// waiting ones invisible is [`SqsAcknowledger::visibility_extender`], run by the pipeline.
+    pub fn new(
         client: aws_sdk_sqs::Client,
         queue_url: String,
         in_flight: Arc<InFlight>,
         visibility: Duration,
         stats: Arc<Stats>,
     ) -> SqsAcknowledger {
-        let stop = CancellationToken::new();
-        let extender = tokio::spawn(extend_visibility(
-            client.clone(),
-            queue_url.clone(),
-            in_flight.clone(),
-            visibility,
-            stop.clone(),
-        ));
         SqsAcknowledger {
             client,
             queue_url,
             in_flight,
+            visibility,
             stats,
-            stop,
-            extender: Mutex::new(Some(extender)),
         }
+    }
+
+    /// The background task that extends the visibility of the messages held; the pipeline stops it
+    /// before [`Acknowledger::finish`] hands the rest back.
+    pub fn visibility_extender(&self) -> BackgroundTask {
+        let (client, queue_url) = (self.client.clone(), self.queue_url.clone());
+        let (in_flight, visibility) = (self.in_flight.clone(), self.visibility);
+        BackgroundTask::new("visibility extender", move |stop| async move {
+            extend_visibility(client, queue_url, in_flight, visibility, stop).await;
+            Ok(())
+        })
     }
 
     async fn delete(&self, handles: Vec<String>) {
@@ -227,15 +229,6 @@ impl Acknowledger for SqsAcknowledger {
     }
 
     async fn finish(&self) -> usize {
-        self.stop.cancel();
-        let extender = self
-            .extender
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(extender) = extender {
-            let _ = extender.await;
-        }
         let left = self.in_flight.handles();
         if left.is_empty() {
             return 0;

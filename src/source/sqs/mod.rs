@@ -6,9 +6,9 @@
 //! [`SqsAcknowledger`], after commit.
 //!
 //! On shutdown a poller stops starting receives. After a signal, a receive already waiting gets a
-//! short grace to return what it has, then is abandoned: under traffic receives return at once, so
-//! nothing is cut off. But the queue server may still hold an abandoned long poll and hand it messages
-//! that arrive meanwhile; those stay invisible until their visibility timeout and are then delivered
+//! grace of a few seconds to return what it has, then is abandoned: under traffic receives return
+//! at once, so nothing is cut off. But the queue server may still hold an abandoned long poll and
+//! hand it messages that arrive meanwhile; those stay invisible until their visibility timeout and are then delivered
 //! again, delayed but never lost. When the run stops because the queue went idle there is no hurry,
 //! so receives in progress are allowed to return (within `wait_time_seconds`) and nothing is
 //! stranded.
@@ -31,8 +31,9 @@ use tokio::time::Instant;
 
 use crate::aws::{self, AwsError};
 use crate::config::SqsConfig;
-use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta};
+use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta, Reject, Stage};
 use crate::error_chain::Chain;
+use crate::message_file::TOO_LARGE_HEAD_BYTES;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::commit_record::{CommitRecord, NoCommitRecord};
@@ -43,8 +44,11 @@ use crate::table_name::TableName;
 
 use in_flight::InFlight;
 
-/// How long a receive in progress may finish after shutdown begins.
-const RECEIVE_GRACE: Duration = Duration::from_secs(1);
+/// How long a receive in progress may finish after a signal. A queue with messages answers at
+/// once, but a busy queue server can take seconds; a receive abandoned before it answers strands
+/// the messages it takes until their visibility timeout, so the grace is generous. An empty queue's
+/// long poll is the only receive that lasts longer, and abandoning it strands nothing.
+const RECEIVE_GRACE: Duration = Duration::from_secs(5);
 /// A receive that fails for a passing reason is tried again for as long as the failure lasts.
 const RECEIVE: RetryPolicy = RetryPolicy::FOREVER;
 
@@ -52,6 +56,8 @@ pub struct SqsSource {
     client: aws_sdk_sqs::Client,
     queue_url: String,
     cfg: SqsConfig,
+    /// `source.max_message_bytes`.
+    max_message_bytes: usize,
     in_flight: Arc<InFlight>,
     stats: Arc<Stats>,
 }
@@ -62,6 +68,7 @@ impl SqsSource {
     /// there, scoped to this queue.
     pub async fn build(
         cfg: &SqsConfig,
+        max_message_bytes: usize,
         ledger: Option<&TableName>,
         stats: Arc<Stats>,
     ) -> Result<BuiltSource, SourceError> {
@@ -97,7 +104,7 @@ impl SqsSource {
         };
         let in_flight = Arc::new(InFlight::new(cfg.max_in_flight));
         let visibility = Duration::from_secs(cfg.visibility_timeout_seconds as u64);
-        let acknowledger = SqsAcknowledger::start(
+        let acknowledger = SqsAcknowledger::new(
             client.clone(),
             queue_url.clone(),
             in_flight.clone(),
@@ -110,9 +117,11 @@ impl SqsSource {
                 client,
                 queue_url,
                 cfg: cfg.clone(),
+                max_message_bytes,
                 in_flight,
                 stats,
             }),
+            background: vec![acknowledger.visibility_extender()],
             acknowledger: Arc::new(acknowledger),
             commit_record,
             chunk_messages: cfg.max_messages as usize,
@@ -290,8 +299,67 @@ impl SqsSource {
             }),
             visible_again,
         );
-        (Chunk::new(envelopes), tracked)
+        let limits = Limits {
+            max_receives: self.cfg.max_receives,
+            max_message_bytes: self.max_message_bytes,
+        };
+        (checked(envelopes, limits), tracked)
     }
+}
+
+/// What a received message must stay within to go on to the parse stage.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// `source.sqs.max_receives`.
+    max_receives: u32,
+    /// `source.max_message_bytes`.
+    max_message_bytes: usize,
+}
+
+/// The chunk of `envelopes`, those over a limit as dead letters: a message handed out more than
+/// `max_receives` times keeps failing somewhere (a crash loop), and trying it again would only fail
+/// again; a body over `max_message_bytes` is kept only by its start, so that what the pipeline
+/// holds is bounded in bytes.
+fn checked(envelopes: Vec<Envelope>, limits: Limits) -> Chunk<Envelope> {
+    let mut chunk = Chunk::new(Vec::with_capacity(envelopes.len()));
+    for mut envelope in envelopes {
+        let count = envelope.meta.receive_count;
+        let size = envelope.body.len();
+        let reason = if count > limits.max_receives {
+            format!(
+                "received {count} times, more than `source.sqs.max_receives` ({})",
+                limits.max_receives
+            )
+        } else if size > limits.max_message_bytes {
+            let head = floor_char_boundary(&envelope.body, TOO_LARGE_HEAD_BYTES);
+            envelope.body.truncate(head);
+            envelope.body.shrink_to_fit();
+            format!(
+                "message is {size} bytes, more than `source.max_message_bytes` ({}); its first {head} bytes are kept",
+                limits.max_message_bytes
+            )
+        } else {
+            chunk.items.push(envelope);
+            continue;
+        };
+        tracing::warn!(message_id = %envelope.meta.message_id, reason, "SQS message over a limit; dead-lettering it");
+        chunk.rejects.push(Reject {
+            body: envelope.body,
+            meta: envelope.meta,
+            stage: Stage::Source,
+            reason,
+        });
+    }
+    chunk
+}
+
+/// The largest index at most `at` that falls on a character boundary of `text`.
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
 }
 
 /// Moves what the pipeline needs out of an SQS message. A message without a receipt handle could never
@@ -364,6 +432,55 @@ mod tests {
                 receipt_handle: "rh".into()
             }
         );
+    }
+
+    #[test]
+    fn messages_received_too_often_become_dead_letters_saying_so() {
+        let at = |count: u32| {
+            let mut meta = Meta::at_position(u64::from(count), SystemTime::now());
+            meta.receive_count = count;
+            Envelope {
+                body: format!("{{\"n\": {count}}}"),
+                meta,
+            }
+        };
+        let limits = Limits {
+            max_receives: 10,
+            max_message_bytes: 1024,
+        };
+        let chunk = checked(vec![at(1), at(10), at(11), at(40)], limits);
+        assert_eq!(chunk.items.len(), 2);
+        let reasons: Vec<&str> = chunk.rejects.iter().map(|r| r.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "received 11 times, more than `source.sqs.max_receives` (10)",
+                "received 40 times, more than `source.sqs.max_receives` (10)"
+            ]
+        );
+        assert_eq!(chunk.rejects[0].body, "{\"n\": 11}");
+        assert_eq!(chunk.rejects[0].stage, Stage::Source);
+    }
+
+    #[test]
+    fn a_body_over_the_limit_becomes_a_dead_letter_naming_its_size() {
+        let envelope = |body: String| Envelope {
+            body,
+            meta: Meta::at_position(1, SystemTime::now()),
+        };
+        let limits = Limits {
+            max_receives: 10,
+            max_message_bytes: 2048,
+        };
+        let big = format!("{{\"x\": \"{}\"}}", "é".repeat(3000));
+        let chunk = checked(vec![envelope("a".repeat(2048)), envelope(big)], limits);
+        assert_eq!(chunk.items.len(), 1, "at the limit is within it");
+        let reject = &chunk.rejects[0];
+        assert_eq!(
+            reject.reason,
+            "message is 6009 bytes, more than `source.max_message_bytes` (2048); its first 1023 bytes are kept"
+        );
+        assert_eq!(reject.body.len(), 1023, "cut at a character boundary");
     }
 
     #[test]

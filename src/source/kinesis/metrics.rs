@@ -1,0 +1,65 @@
+//! The Kinesis source's own measurements, exported beside the pipeline's under `sluice_kinesis_`.
+//!
+//! They answer the questions an operator of a shared stream asks: does this replica hold its share
+//! (leases held), is any shard falling behind (milliseconds behind the tip, per shard, as GetRecords
+//! reports it), are checkpoints advancing (checkpoint commits), and are replicas fighting over shards
+//! (fenced-off commits: each one is a batch rolled back because its lease had moved on).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of a per-shard series.
+type ShardLabels = Vec<(&'static str, String)>;
+
+#[derive(Debug, Default)]
+pub struct KinesisStats {
+    /// Shard leases this process holds now.
+    pub leases_held: Gauge,
+    /// Per shard read here: `MillisBehindLatest` of its last GetRecords.
+    pub millis_behind: Family<ShardLabels, Gauge>,
+    /// Shard checkpoints committed (one per shard per committed batch).
+    pub checkpoint_commits: Counter,
+    /// Transactions rolled back because a shard's lease had moved to another owner or epoch.
+    pub fenced_commits: Counter,
+}
+
+impl KinesisStats {
+    pub fn set_millis_behind(&self, shard: &str, millis: i64) {
+        self.millis_behind.get_or_create(&labels(shard)).set(millis);
+    }
+
+    /// Forgets a shard this process no longer reads, so a stale figure is not exported.
+    pub fn forget_shard(&self, shard: &str) {
+        self.millis_behind.remove(&labels(shard));
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("kinesis");
+        r.register(
+            "leases_held",
+            "Kinesis shard leases held by this process",
+            self.leases_held.clone(),
+        );
+        r.register(
+            "millis_behind_latest",
+            "Milliseconds the shard's reader is behind the tip of the shard (MillisBehindLatest)",
+            self.millis_behind.clone(),
+        );
+        r.register(
+            "checkpoint_commits",
+            "Shard checkpoints committed with their batch",
+            self.checkpoint_commits.clone(),
+        );
+        r.register(
+            "fenced_commits",
+            "Transactions rolled back because a shard's lease had moved on",
+            self.fenced_commits.clone(),
+        );
+    }
+}
+
+fn labels(shard: &str) -> ShardLabels {
+    vec![("shard", shard.to_owned())]
+}
