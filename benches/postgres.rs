@@ -543,8 +543,7 @@ struct NaiveRow {
 
 impl From<&LoginRow> for NaiveRow {
     fn from(row: &LoginRow) -> NaiveRow {
-        let hex =
-            |d| String::from_utf8(sluice::stage::mask::to_hex(d).to_vec()).expect("hex is ascii");
+        let hex = |m: &sluice::stage::mask::Masked| m.to_text();
         NaiveRow {
             user_id: row.event.user_id().to_owned(),
             device_type: row.event.device_type().to_owned(),

@@ -126,6 +126,10 @@ pub struct SqsConfig {
     /// loop) must not keep failing for ever. 1-1000. Default 10.
     #[serde(default = "default_max_receives")]
     pub max_receives: u32,
+    /// How often the queue's depth is read (GetQueueAttributes) for the progress line and the
+    /// scaling metrics, 1-3600 s. Default 10.
+    #[serde(default = "default_depth_sample_seconds")]
+    pub depth_sample_seconds: u64,
 }
 
 const fn default_pollers() -> usize {
@@ -148,6 +152,9 @@ const fn default_max_receives() -> u32 {
 }
 fn default_dedupe_attribute() -> String {
     "dedupe_id".into()
+}
+const fn default_depth_sample_seconds() -> u64 {
+    10
 }
 
 /// Where a Kinesis shard that the application has never read starts.
@@ -363,7 +370,8 @@ impl fmt::Debug for PostgresConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaskConfig {
-    /// `"hmac-sha256"` or `"salted-sha256"` (compatibility). Default `"hmac-sha256"`.
+    /// `"hmac-sha256"`, `"salted-sha256"` (compatibility) or `"aes-siv"` (recoverable; the key is
+    /// then a keyring). Default `"hmac-sha256"`.
     #[serde(default)]
     pub mode: MaskMode,
     /// File holding the key; relative to the config file (made absolute at load).
@@ -414,6 +422,14 @@ pub struct LogConfig {
     /// Filter in `RUST_LOG` syntax; `RUST_LOG` wins. Default `"info"`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// Seconds between progress lines (rates per stage, queue depth, commits) while running; 0 turns
+    /// them off. Default 10.
+    #[serde(default = "default_progress_interval_seconds")]
+    pub progress_interval_seconds: u64,
+}
+
+const fn default_progress_interval_seconds() -> u64 {
+    10
 }
 
 fn default_log_level() -> String {
@@ -725,6 +741,12 @@ impl Config {
             v.problem("log.level", message);
         }
         v.range(
+            "log.progress_interval_seconds",
+            self.log.progress_interval_seconds,
+            0,
+            86_400,
+        );
+        v.range(
             "metrics.stall_after_seconds",
             self.metrics.stall_after_seconds,
             1,
@@ -837,6 +859,12 @@ impl SqsConfig {
         );
         v.range("source.sqs.max_messages", self.max_messages, 1, 10);
         v.range("source.sqs.max_receives", self.max_receives, 1, 1000);
+        v.range(
+            "source.sqs.depth_sample_seconds",
+            self.depth_sample_seconds,
+            1,
+            3_600,
+        );
         v.range(
             "source.sqs.visibility_timeout_seconds",
             self.visibility_timeout_seconds,

@@ -14,6 +14,7 @@ pub mod message_file;
 pub mod metrics;
 pub mod pg;
 pub mod pipeline;
+pub mod progress;
 pub mod retry;
 pub mod seed;
 pub mod shutdown;

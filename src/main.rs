@@ -15,6 +15,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let path = match &args.command {
         Command::Completions { shell } => return cli::completions::print(*shell),
+        Command::Unmask { key_file, values } => {
+            return cli::unmask::unmask(key_file.clone(), values.clone());
+        }
+        Command::Keygen { id } => return cli::unmask::keygen(id),
         Command::Run { config, .. }
         | Command::Seed { config, .. }
         | Command::Migrate { config }
@@ -46,7 +50,11 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match args.command {
-            Command::Run { exit_when_idle, .. } => cli::run::run(&config, exit_when_idle).await,
+            Command::Run {
+                exit_when_idle,
+                summary,
+                ..
+            } => cli::run::run(&config, exit_when_idle, summary).await,
             Command::Seed {
                 file,
                 count,
@@ -71,8 +79,10 @@ fn main() -> ExitCode {
             Command::Migrate { .. } => cli::migrate::migrate(&config).await,
             Command::Check { .. } => cli::check::check(&config, &path).await,
             Command::Report { rows, .. } => cli::report::report(&config, rows).await,
-            // Printed above, before any configuration is read.
-            Command::Completions { .. } => Ok(ExitCode::SUCCESS),
+            // Done above, before any configuration is read.
+            Command::Completions { .. } | Command::Unmask { .. } | Command::Keygen { .. } => {
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     // Long polls and background connections need not finish: everything that matters is done.

@@ -32,6 +32,7 @@ use crate::config::{Config, ConfigError};
 use crate::envelope::{AckToken, Chunk, Envelope};
 use crate::error_chain::Chain;
 use crate::metrics::{self, ChannelProbe};
+use crate::progress;
 use crate::shutdown::{self, Shutdown};
 use crate::sink::batch::{Batch, BatchLimits, run_batcher};
 use crate::sink::{self, Sink, SinkError, run_committer};
@@ -146,6 +147,13 @@ impl Pipeline {
         let mut background = Background::default();
         if let Some(endpoint) = self.endpoint(&channels).await? {
             background.spawn(endpoint);
+        }
+        let progress_every = self.config.log.progress_interval_seconds;
+        if progress_every > 0 {
+            background.spawn(progress::task(
+                self.stats.clone(),
+                Duration::from_secs(progress_every),
+            ));
         }
         if options.handle_signals {
             let listener = shutdown::listen_for_signals(token.clone());
@@ -527,8 +535,9 @@ fn transformer(config: &Config) -> Result<Transformer, PipelineError> {
             "masking with the PUBLIC development key: masked values are NOT protected; set SLUICE_MASK_KEY or `mask.key_file` for real data"
         );
     }
+    let masker = Masker::new(config.mask.mode, &key).map_err(ConfigError::from)?;
     Ok(Transformer::new(
-        Masker::new(config.mask.mode, &key),
+        masker,
         config.transform.app_version,
         config.transform.create_date,
     ))

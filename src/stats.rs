@@ -6,7 +6,7 @@
 //! needs no copying.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -51,6 +51,8 @@ pub struct Stats {
     pub postgres_connections: Gauge,
     /// The Kinesis source's own measurements, when that source runs (exported only then).
     pub kinesis: std::sync::OnceLock<Arc<KinesisStats>>,
+    /// What the source's queue reports, sampled (SQS only): the scaling signal.
+    pub queue: QueueGauges,
     /// Milliseconds after `started` at which the source last delivered a message.
     last_receive_ms: AtomicU64,
     /// Milliseconds after `started` of the last commit or acknowledgement.
@@ -78,20 +80,51 @@ impl Default for Stats {
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.5, 12)),
             end_to_end_seconds: Histogram::new(exponential_buckets(0.01, 3.0, 12)),
             postgres_connections: Gauge::default(),
+            queue: QueueGauges::default(),
             last_receive_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
         }
     }
 }
 
-/// A consistent-enough copy of the counters, for printing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The source queue's depth and arrival rate as last sampled. An autoscaler reads these to add
+/// replicas before a backlog grows; they stay 0 (and `sampled` false) for sources without a queue.
+#[derive(Debug, Default)]
+pub struct QueueGauges {
+    /// Messages waiting to be received (SQS `ApproximateNumberOfMessages`).
+    pub waiting: Gauge,
+    /// Messages received by some consumer and not yet deleted (`ApproximateNumberOfMessagesNotVisible`).
+    pub not_visible: Gauge,
+    /// Messages per second entering the queue, estimated between two samples.
+    pub arrival_per_second: Gauge<f64, AtomicU64>,
+    sampled: AtomicBool,
+}
+
+impl QueueGauges {
+    /// Records one sample of the queue's counts.
+    pub fn record(&self, waiting: i64, not_visible: i64) {
+        self.waiting.set(waiting);
+        self.not_visible.set(not_visible);
+        self.sampled.store(true, Relaxed);
+    }
+
+    /// The last sample's waiting count, if the queue has been sampled.
+    pub fn waiting_if_sampled(&self) -> Option<i64> {
+        self.sampled.load(Relaxed).then(|| self.waiting.get())
+    }
+}
+
+/// A consistent-enough copy of the counters, for printing. `sluice run --summary json` prints it as
+/// one JSON object with these field names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Summary {
     pub received: u64,
     pub loaded: u64,
     pub rejected: u64,
     pub duplicates: u64,
     pub released: u64,
+    pub acknowledged: u64,
+    pub batches_committed: u64,
 }
 
 impl std::fmt::Display for Summary {
@@ -190,6 +223,8 @@ impl Stats {
             rejected: self.rejected.get(),
             duplicates: self.duplicates.get(),
             released: self.released.get(),
+            acknowledged: self.acknowledged.get(),
+            batches_committed: self.batches_committed.get(),
         }
     }
 
@@ -286,6 +321,21 @@ impl Stats {
         if let Some(kinesis) = self.kinesis.get() {
             kinesis.register(r);
         }
+        r.register(
+            "queue_messages_waiting",
+            "Messages waiting in the source queue (SQS ApproximateNumberOfMessages, sampled)",
+            self.queue.waiting.clone(),
+        );
+        r.register(
+            "queue_messages_not_visible",
+            "Messages received from the source queue by any consumer and not yet deleted (sampled)",
+            self.queue.not_visible.clone(),
+        );
+        r.register(
+            "queue_arrival_per_second",
+            "Messages per second entering the source queue, estimated between two samples",
+            self.queue.arrival_per_second.clone(),
+        );
     }
 }
 
@@ -306,6 +356,12 @@ mod tests {
         stats.record_acknowledged(4);
         stats.record_released(1);
         assert_eq!(stats.in_flight(), 0);
+        let json = serde_json::to_value(stats.summary()).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"received": 5, "loaded": 3, "rejected": 1, "duplicates": 1,
+                "released": 1, "acknowledged": 4, "batches_committed": 1})
+        );
     }
 
     #[tokio::test(start_paused = true)]

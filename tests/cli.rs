@@ -51,7 +51,7 @@ async fn bad_configuration_fails_at_start_naming_the_key() {
         ),
     ];
     for (toml, expected) in cases {
-        let out = run_with_config(toml, &["run"]).await;
+        let out = run_with_config(toml, &["run", "--summary", "json"]).await;
         assert_eq!(
             out.code,
             Some(2),
@@ -158,7 +158,7 @@ async fn migrate_creates_missing_tables_and_never_alters_existing_ones() {
         "{}",
         out.stderr
     );
-    let run = run_with_config(&toml, &["run"]).await;
+    let run = run_with_config(&toml, &["run", "--summary", "json"]).await;
     assert_eq!(run.code, Some(1));
     assert!(
         run.stderr.contains("column `app_version` is `bigint`"),
@@ -261,6 +261,34 @@ async fn seeded_files_are_deterministic_and_the_file_source_runs_to_the_end() {
     );
 }
 
+/// The summary is one text line by default, and one JSON object with `--summary json`.
+#[tokio::test]
+async fn the_summary_is_text_by_default_and_json_on_request() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("two.ndjson");
+    std::fs::write(&data, format!("{}\n{{}}\n", login("s-1"))).expect("write");
+    let schema = TestSchema::new().await;
+    let text = run_with_config(&file_config(&schema, path_str(&data)), &["run"]).await;
+    text.assert_success();
+    assert_eq!(
+        text.stdout,
+        "sluice: received=2 loaded=1 rejected=1 duplicates=0\n"
+    );
+    let other = TestSchema::new().await;
+    let json = run_with_config(
+        &file_config(&other, path_str(&data)),
+        &["run", "--summary", "json"],
+    )
+    .await;
+    json.assert_success();
+    let value: serde_json::Value = serde_json::from_str(&json.stdout).expect("one JSON object");
+    assert_eq!(
+        value,
+        serde_json::json!({"received": 2, "loaded": 1, "rejected": 1, "duplicates": 0,
+            "released": 0, "acknowledged": 2, "batches_committed": 1})
+    );
+}
+
 /// A file source reads a JSON array too, and a line that is not UTF-8 becomes a dead letter.
 #[tokio::test]
 async fn file_source_handles_arrays_and_bad_bytes() {
@@ -270,7 +298,11 @@ async fn file_source_handles_arrays_and_bad_bytes() {
     let mut bytes = format!("{}\n\n{}\n", login("f-1"), login("f-2")).into_bytes();
     bytes.extend_from_slice(b"{\"user_id\": \"\xff\xfe\"}\n");
     std::fs::write(&ndjson, bytes).expect("write");
-    let run = run_with_config(&file_config(&schema, path_str(&ndjson)), &["run"]).await;
+    let run = run_with_config(
+        &file_config(&schema, path_str(&ndjson)),
+        &["run", "--summary", "json"],
+    )
+    .await;
     run.assert_success();
     assert_eq!(
         run.summary(),
@@ -289,7 +321,7 @@ async fn file_source_handles_arrays_and_bad_bytes() {
 
     let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/data/demo-logins.json");
     let other = TestSchema::new().await;
-    let run = run_with_config(&file_config(&other, demo), &["run"]).await;
+    let run = run_with_config(&file_config(&other, demo), &["run", "--summary", "json"]).await;
     run.assert_success();
     assert_eq!(
         run.summary(),
@@ -393,7 +425,7 @@ async fn huge_numbers_are_refused_not_a_crash() {
         "",
         "",
     );
-    let run = run_with_config(&huge, &["run"]).await;
+    let run = run_with_config(&huge, &["run", "--summary", "json"]).await;
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(
         run.stderr.contains("source.sqs.max_in_flight"),
@@ -652,9 +684,13 @@ async fn a_run_that_cannot_start_prints_no_summary() {
     let schema = TestSchema::new().await;
     let dir = tempfile::tempdir().expect("dir");
     let missing = dir.path().join("absent.ndjson");
-    let out = run_with_config(&file_config(&schema, path_str(&missing)), &["run"]).await;
+    let out = run_with_config(
+        &file_config(&schema, path_str(&missing)),
+        &["run", "--summary", "json"],
+    )
+    .await;
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+    assert!(!out.stdout.contains("received"), "{}", out.stdout);
     assert!(out.stderr.contains("absent.ndjson"), "{}", out.stderr);
 
     let data = dir.path().join("one.ndjson");
@@ -665,9 +701,9 @@ async fn a_run_that_cannot_start_prints_no_summary() {
         "{}\n[metrics]\nlisten = \"{address}\"\n",
         file_config(&schema, path_str(&data))
     );
-    let out = run_with_config(&toml, &["run"]).await;
+    let out = run_with_config(&toml, &["run", "--summary", "json"]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+    assert!(!out.stdout.contains("received"), "{}", out.stdout);
     assert!(out.stderr.contains(&address), "{}", out.stderr);
     assert_eq!(schema.rows_so_far().await, 0);
 
@@ -675,7 +711,7 @@ async fn a_run_that_cannot_start_prints_no_summary() {
         "{}\n[log]\nformat = \"json\"\n",
         file_config(&schema, path_str(&missing))
     );
-    let out = run_with_config(&toml, &["run"]).await;
+    let out = run_with_config(&toml, &["run", "--summary", "json"]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     let lines: Vec<serde_json::Value> = out
         .stderr
@@ -723,7 +759,11 @@ async fn files_are_read_as_other_tools_write_them() {
 
     let unnamed = dir.path().join("logins.ndjson");
     std::fs::write(&unnamed, gzip(lines.as_bytes())).expect("write");
-    let out = run_with_config(&file_config(&schema, path_str(&unnamed)), &["run"]).await;
+    let out = run_with_config(
+        &file_config(&schema, path_str(&unnamed)),
+        &["run", "--summary", "json"],
+    )
+    .await;
     out.assert_success();
     assert_eq!(out.summary().loaded, 3, "{out:?}");
 
@@ -738,7 +778,11 @@ async fn files_are_read_as_other_tools_write_them() {
     let array_with_bom = dir.path().join("bom.json");
     std::fs::write(&array_with_bom, format!("\u{feff}[{}]", login("bom-3"))).expect("write");
     for path in [&with_bom, &array_with_bom] {
-        let out = run_with_config(&file_config(&schema, path_str(path)), &["run"]).await;
+        let out = run_with_config(
+            &file_config(&schema, path_str(path)),
+            &["run", "--summary", "json"],
+        )
+        .await;
         out.assert_success();
         assert_eq!(
             out.summary().rejected,

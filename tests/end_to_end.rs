@@ -372,28 +372,6 @@ async fn rejects_are_forwarded_to_the_dead_letter_queue() {
     );
 }
 
-/// A plain HTTP GET, enough for the operations endpoint.
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// `/metrics` reports what the run did, `/healthz` answers, `/readyz` says ready while connected.
 #[tokio::test]
 async fn the_operations_endpoint_reports_counts_and_readiness() {
@@ -403,14 +381,7 @@ async fn the_operations_endpoint_reports_counts_and_readiness() {
     let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
     let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", extra));
     let daemon = Watched::spawn(run_command(&config.path, None));
-    let line = daemon
-        .line_containing("serving /metrics", Duration::from_secs(30))
-        .await;
-    let addr = line
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("listen="))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
+    let addr = daemon.metrics_address().await;
     queue.send(&[login("m-1"), login("m-2"), "{}".into()]).await;
 
     eventually(

@@ -96,7 +96,8 @@ fn row(lease: &Arc<LeaseClaim>, sequence: u64) -> LoginRow {
         sluice::stage::mask::Masker::new(
             sluice::stage::mask::MaskMode::HmacSha256,
             &sluice::stage::mask::MaskKey::from_bytes(MASK_KEY.as_bytes()),
-        ),
+        )
+        .expect("a hash key"),
         Default::default(),
         Default::default(),
     );

@@ -189,7 +189,8 @@ async fn a_redelivered_dead_letter_is_stored_once() {
         sluice::stage::mask::Masker::new(
             sluice::stage::mask::MaskMode::HmacSha256,
             &sluice::stage::mask::MaskKey::from_bytes(MASK_KEY.as_bytes()),
-        ),
+        )
+        .expect("a hash key"),
         Default::default(),
         Default::default(),
     );

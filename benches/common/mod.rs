@@ -76,7 +76,7 @@ pub fn envelopes(bodies: &[String]) -> Vec<Envelope> {
 /// The default transformer (major version, date from the sent time) with the given mask mode.
 pub fn transformer(mode: MaskMode) -> Transformer {
     Transformer::new(
-        Masker::new(mode, &MaskKey::from_bytes(BENCH_KEY)),
+        Masker::new(mode, &MaskKey::from_bytes(BENCH_KEY)).expect("a hash key"),
         AppVersionMode::Major,
         CreateDateMode::SentTime,
     )

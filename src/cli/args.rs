@@ -29,6 +29,16 @@ Exit codes:
   2    unusable configuration or command line
   130  a second SIGINT/SIGTERM ended the drain at once";
 
+/// Shown after the help of the keyring commands.
+const UNMASK_HELP: &str = "\
+Environment:
+  SLUICE_MASK_KEY  the keyring when --key-file is not given
+
+Exit codes:
+  0    success
+  1    a value could not be opened (wrong key, unknown key id, altered value)
+  2    no usable keyring, or a mistake on the command line";
+
 #[derive(Parser)]
 #[command(
     name = "sluice",
@@ -65,6 +75,10 @@ pub enum Command {
         /// committed and acknowledged.
         #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
         exit_when_idle: Option<std::time::Duration>,
+        /// How the final summary is printed on stdout: one text line, or one JSON object for
+        /// scripts.
+        #[arg(long, value_name = "FORMAT", value_enum, default_value_t = SummaryFormat::Text)]
+        summary: SummaryFormat,
     },
     /// Send messages to the configured source (SQS queue, or the file of a file source).
     #[command(after_help = AFTER_HELP)]
@@ -120,12 +134,39 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = 5)]
         rows: i64,
     },
+    /// Recover values sealed with `mask.mode = "aes-siv"` (from the arguments, or one per line on
+    /// stdin), one per line in the same order.
+    #[command(after_help = UNMASK_HELP)]
+    Unmask {
+        /// The keyring file (`ID:BASE64KEY` entries); without it, SLUICE_MASK_KEY holds the keyring.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Sealed values (`ID:BASE64URL`), e.g. a `masked_ip`; none: read them from stdin.
+        #[arg(value_name = "VALUE")]
+        values: Vec<String>,
+    },
+    /// Print a new keyring entry `ID:BASE64KEY` (64 random bytes) for `mask.mode = "aes-siv"`.
+    #[command(after_help = UNMASK_HELP)]
+    Keygen {
+        /// The new key's id (1 to 8 letters, digits, `-` or `_`), carried by every value it seals.
+        #[arg(long, value_name = "ID")]
+        id: String,
+    },
     /// Print a completion script for a shell (e.g. `source <(sluice completions bash)`).
     Completions {
         /// The shell to complete in.
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
+}
+
+/// The shape of `sluice run`'s final summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SummaryFormat {
+    /// `sluice: received=N loaded=N rejected=N duplicates=N`
+    Text,
+    /// `{"received":N,"loaded":N,…}` on one line
+    Json,
 }
 
 /// A non-negative number of seconds, at most a year (a longer idle time is a typo, and a duration

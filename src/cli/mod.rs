@@ -9,3 +9,4 @@ pub mod report;
 pub mod run;
 pub mod seed;
 pub mod telemetry;
+pub mod unmask;

@@ -8,9 +8,14 @@ use sluice::config::Config;
 use sluice::pipeline::{Pipeline, RunOptions};
 use sluice::source::build_source;
 
+use crate::cli::args::SummaryFormat;
 use crate::cli::output::outln;
 
-pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    config: &Config,
+    idle: Option<Duration>,
+    format: SummaryFormat,
+) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::prepare(config)
         .await
         .context("cannot start the pipeline")?;
@@ -30,7 +35,14 @@ pub async fn run(config: &Config, idle: Option<Duration>) -> anyhow::Result<Exit
         .context("cannot start the pipeline")?;
     let result = running.finish().await;
     let summary = stats.summary();
-    outln!("{summary}");
+    match format {
+        SummaryFormat::Text => outln!("{summary}"),
+        // A struct of integers always serializes.
+        SummaryFormat::Json => match serde_json::to_string(&summary) {
+            Ok(json) => outln!("{json}"),
+            Err(e) => tracing::error!(error = %e, "cannot print the summary as JSON"),
+        },
+    }
     result.context("the pipeline stopped")?;
     if summary.released > 0 {
         tracing::info!(

@@ -248,7 +248,8 @@ pub fn test_rows(rows: usize, rejects: usize) -> (Vec<LoginRow>, Vec<Reject>) {
         Masker::new(
             MaskMode::HmacSha256,
             &MaskKey::from_bytes(b"a test key of 16+ bytes"),
-        ),
+        )
+        .unwrap_or_else(|_| unreachable!("a hash key")),
         AppVersionMode::Major,
         CreateDateMode::ProcessingTime,
     );

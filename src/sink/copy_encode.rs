@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{Datelike, NaiveDate};
 
 use crate::login_table;
-use crate::stage::mask::to_hex;
+use crate::stage::mask::{Masked, to_hex};
 use crate::stage::transform::LoginRow;
 use crate::table_name::TableName;
 
@@ -53,8 +53,8 @@ impl CopyEncoder {
         buf.put_i16(FIELD_COUNT);
         put_text(buf, e.user_id());
         put_text(buf, e.device_type());
-        put_hex(buf, &to_hex(&row.masked_ip));
-        put_hex(buf, &to_hex(&row.masked_device_id));
+        put_mask(buf, &row.masked_ip);
+        put_mask(buf, &row.masked_device_id);
         match e.locale() {
             Some(locale) => put_text(buf, locale),
             None => buf.put_i32(-1),
@@ -81,9 +81,17 @@ pub fn encode_rows<'a>(count: usize, rows: impl IntoIterator<Item = &'a LoginRow
 }
 
 fn put_text(buf: &mut BytesMut, s: &str) {
-    // Every text field is bounded by the parse stage (or is a 64-byte mask), far below i32::MAX.
+    // Every text field is bounded by the parse stage (or is a mask of at most 256 bytes), far below
+    // i32::MAX.
     buf.put_i32(s.len() as i32);
     buf.put_slice(s.as_bytes());
+}
+
+fn put_mask(buf: &mut BytesMut, mask: &Masked) {
+    match mask {
+        Masked::Digest(digest) => put_hex(buf, &to_hex(digest)),
+        Masked::Sealed(text) => put_text(buf, text),
+    }
 }
 
 fn put_hex(buf: &mut BytesMut, hex: &[u8; 64]) {

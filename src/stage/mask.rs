@@ -7,7 +7,9 @@
 //! `::ffff:1.2.3.4`, `1.2.3.4` and differently-abbreviated IPv6 spellings of one address mask alike.
 //!
 //! The keyed state is built once and cloned per value; the canonical address is written into a stack
-//! buffer, so masking allocates nothing.
+//! buffer, so hashing allocates nothing. Where the law requires that a value can be given back,
+//! `mask.mode = "aes-siv"` seals instead of hashing ([`crate::stage::seal`]): still deterministic,
+//! but reversible by whoever holds the keyring.
 
 use std::fmt;
 use std::io::Write as _;
@@ -17,9 +19,15 @@ use std::path::{Path, PathBuf};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::stage::seal::{Keyring, KeyringError};
+
 /// The key the demo configuration names. It is public: data masked with it is not protected, and the
 /// daemon says so in its log whenever it is in use.
 pub const DEVELOPMENT_KEY: &str = "sluice-development-key-NOT-SECRET-do-not-use-in-production";
+
+/// The keyring `config/dev-siv.keys` holds for `mask.mode = "aes-siv"`: public, like
+/// [`DEVELOPMENT_KEY`], and warned about in the same way.
+pub const DEVELOPMENT_KEYRING: &str = include_str!("../../config/dev-siv.keys");
 
 /// Shortest key accepted: an HMAC key shorter than this is guessable.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -33,6 +41,8 @@ pub enum MaskMode {
     HmacSha256,
     /// `hex(SHA-256(salt ‖ value))`, for compatibility with tables filled by that older scheme.
     SaltedSha256,
+    /// `ID:base64url(AES-256-SIV(key ID, value))`: deterministic and recoverable with the keyring.
+    AesSiv,
 }
 
 /// Secret bytes used to mask. Its `Debug` never shows the bytes.
@@ -58,6 +68,8 @@ pub enum KeyError {
     },
     #[error("the masking key from {origin} is {len} bytes; at least {MIN_KEY_BYTES} are required")]
     TooShort { origin: String, len: usize },
+    #[error("the masking keyring (mask.mode = \"aes-siv\")")]
+    Keyring(#[from] KeyringError),
 }
 
 impl MaskKey {
@@ -90,9 +102,34 @@ impl MaskKey {
         MaskKey(bytes.to_vec())
     }
 
-    /// True for the public demo key, which protects nothing.
+    /// True for the public demo key or keyring, which protect nothing.
     pub fn is_development_key(&self) -> bool {
-        self.0 == DEVELOPMENT_KEY.as_bytes()
+        self.0 == DEVELOPMENT_KEY.as_bytes() || self.0 == DEVELOPMENT_KEYRING.trim().as_bytes()
+    }
+
+    /// The key as a keyring (`mask.mode = "aes-siv"`).
+    pub fn keyring(&self) -> Result<Keyring, KeyError> {
+        let text = std::str::from_utf8(&self.0).unwrap_or_default();
+        Ok(Keyring::parse(text)?)
+    }
+}
+
+/// A masked value as stored in a `masked_*` column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Masked {
+    /// A keyed hash, stored as 64 lowercase hex characters.
+    Digest(Digest32),
+    /// A sealed value, `ID:base64url`, stored as it is.
+    Sealed(String),
+}
+
+impl Masked {
+    /// The column's text.
+    pub fn to_text(&self) -> String {
+        match self {
+            Masked::Digest(d) => String::from_utf8_lossy(&to_hex(d)).into_owned(),
+            Masked::Sealed(s) => s.clone(),
+        }
     }
 }
 
@@ -106,13 +143,15 @@ pub struct Masker {
 enum KeyedState {
     Hmac(Hmac<Sha256>),
     Salted(Sha256),
+    Sealed(std::sync::Arc<Keyring>),
 }
 
 /// A SHA-256 digest; printed as 64 lowercase hex characters when stored.
 pub type Digest32 = [u8; 32];
 
 impl Masker {
-    pub fn new(mode: MaskMode, key: &MaskKey) -> Masker {
+    /// Fails only for `aes-siv` when the key is not a usable keyring.
+    pub fn new(mode: MaskMode, key: &MaskKey) -> Result<Masker, KeyError> {
         let state = match mode {
             // HMAC takes keys of any length; `new_from_slice` only fails for fixed-size-key MACs.
             MaskMode::HmacSha256 => KeyedState::Hmac(
@@ -124,28 +163,31 @@ impl Masker {
                 Digest::update(&mut sha, &key.0);
                 KeyedState::Salted(sha)
             }
+            MaskMode::AesSiv => KeyedState::Sealed(std::sync::Arc::new(key.keyring()?)),
         };
-        Masker { state }
+        Ok(Masker { state })
     }
 
-    /// Masks a value taken as given (`device_id`).
-    pub fn mask(&self, value: &[u8]) -> Digest32 {
+    /// Masks a value taken as given (`device_id`); `None` when its sealed form would not fit the
+    /// column (longer than [`crate::stage::seal::PLAINTEXT_MAX`] bytes; hashes always fit).
+    pub fn mask(&self, value: &[u8]) -> Option<Masked> {
         match &self.state {
             KeyedState::Hmac(mac) => {
                 let mut mac = mac.clone();
                 mac.update(value);
-                mac.finalize().into_bytes().into()
+                Some(Masked::Digest(mac.finalize().into_bytes().into()))
             }
             KeyedState::Salted(sha) => {
                 let mut sha = sha.clone();
                 Digest::update(&mut sha, value);
-                sha.finalize().into()
+                Some(Masked::Digest(sha.finalize().into()))
             }
+            KeyedState::Sealed(ring) => ring.seal(value).map(Masked::Sealed),
         }
     }
 
-    /// Masks an address in its canonical text form.
-    pub fn mask_ip(&self, ip: IpAddr) -> Digest32 {
+    /// Masks an address in its canonical text form (at most 45 bytes: it always fits).
+    pub fn mask_ip(&self, ip: IpAddr) -> Option<Masked> {
         let mut buf = [0u8; 48];
         let len = canonical_ip(ip, &mut buf);
         self.mask(&buf[..len])
@@ -191,8 +233,8 @@ pub fn to_hex(digest: &Digest32) -> [u8; 64] {
 mod tests {
     use super::*;
 
-    fn hex_str(d: &Digest32) -> String {
-        String::from_utf8(to_hex(d).to_vec()).expect("hex is ascii")
+    fn hex_str(m: Option<Masked>) -> String {
+        m.expect("a hash always fits").to_text()
     }
 
     /// HMAC: RFC 4231 test case 2; salted: SHA-256 of "abc" (salt "ab", value "c").
@@ -213,8 +255,8 @@ mod tests {
             ),
         ];
         for (mode, key, value, expected) in cases {
-            let masker = Masker::new(mode, &MaskKey::from_bytes(key));
-            assert_eq!(hex_str(&masker.mask(value)), expected, "{mode:?}");
+            let masker = Masker::new(mode, &MaskKey::from_bytes(key)).expect("a hash key");
+            assert_eq!(hex_str(masker.mask(value)), expected, "{mode:?}");
         }
     }
 
@@ -223,7 +265,8 @@ mod tests {
         let masker = Masker::new(
             MaskMode::HmacSha256,
             &MaskKey::from_bytes(b"0123456789abcdef"),
-        );
+        )
+        .expect("a hash key");
         let m = |s: &str| masker.mask_ip(s.parse().expect("address"));
         assert_eq!(m("1.2.3.4"), m("::ffff:1.2.3.4"));
         assert_eq!(
@@ -232,6 +275,34 @@ mod tests {
         );
         assert_ne!(m("1.2.3.4"), m("1.2.3.5"));
         assert_eq!(m("1.2.3.4"), masker.mask(b"1.2.3.4"));
+    }
+
+    #[test]
+    fn sealed_masks_open_to_the_canonical_address_and_the_device_id() {
+        let ring_text = DEVELOPMENT_KEYRING.trim();
+        let masker = Masker::new(MaskMode::AesSiv, &MaskKey::from_bytes(ring_text.as_bytes()))
+            .expect("ring");
+        let ring = Keyring::parse(ring_text).expect("ring");
+        let open = |m: Option<Masked>| match m {
+            Some(Masked::Sealed(s)) => {
+                String::from_utf8(ring.open(&s).expect("opens")).expect("utf-8")
+            }
+            other => panic!("not sealed: {other:?}"),
+        };
+        assert_eq!(
+            open(masker.mask_ip("::FFFF:1.2.3.4".parse().expect("ip"))),
+            "1.2.3.4"
+        );
+        let longest_v6 = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff";
+        assert_eq!(
+            open(masker.mask_ip(longest_v6.parse().expect("ip"))),
+            longest_v6
+        );
+        assert_eq!(open(masker.mask("593-47-5928".as_bytes())), "593-47-5928");
+        assert_eq!(
+            masker.mask(&[b'x'; crate::stage::seal::PLAINTEXT_MAX + 1]),
+            None
+        );
     }
 
     #[test]
@@ -271,6 +342,13 @@ mod tests {
             Err(KeyError::Unreadable { .. })
         ));
         assert!(MaskKey::from_bytes(DEVELOPMENT_KEY.as_bytes()).is_development_key());
+        let dev_ring = MaskKey::from_bytes(DEVELOPMENT_KEYRING.trim().as_bytes());
+        assert!(dev_ring.is_development_key());
+        assert!(Masker::new(MaskMode::AesSiv, &dev_ring).is_ok());
+        assert!(matches!(
+            Masker::new(MaskMode::AesSiv, &from_env),
+            Err(KeyError::Keyring(_))
+        ));
         assert!(!format!("{from_env:?}").contains("env-key"));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -2,4 +2,5 @@
 
 pub mod mask;
 pub mod parse;
+pub mod seal;
 pub mod transform;

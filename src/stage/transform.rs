@@ -10,8 +10,9 @@ use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::mpsc;
 
 use crate::envelope::{Chunk, Reject, Stage};
-use crate::stage::mask::{Digest32, Masker};
+use crate::stage::mask::{Masked, Masker};
 use crate::stage::parse::LoginEvent;
+use crate::stage::seal::PLAINTEXT_MAX;
 use crate::stats::Stats;
 
 /// How `app_version` becomes the integer column.
@@ -42,8 +43,8 @@ pub enum CreateDateMode {
 #[derive(Debug, Clone)]
 pub struct LoginRow {
     pub event: LoginEvent,
-    pub masked_ip: Digest32,
-    pub masked_device_id: Digest32,
+    pub masked_ip: Masked,
+    pub masked_device_id: Masked,
     pub app_version: i32,
     pub create_date: NaiveDate,
 }
@@ -57,6 +58,10 @@ pub enum TransformError {
         "field `app_version` {0:?} does not fit the packed form (at most 3 parts, minor and patch 0-999, total at most 2147483647)"
     )]
     PackedDoesNotFit(String),
+    #[error(
+        "field `{field}` is {bytes} bytes long; sealed (mask.mode = \"aes-siv\") it would not fit its masked column, which holds values of at most {PLAINTEXT_MAX} bytes"
+    )]
+    TooLongToSeal { field: &'static str, bytes: usize },
 }
 
 /// Turns events into rows; cheap to clone, one per stage worker.
@@ -94,9 +99,29 @@ impl Transformer {
                 .or_else(|| event.meta.sent_at_ms.and_then(utc_date_of_millis))
                 .unwrap_or(today),
         };
+        let masks = (
+            self.masker.mask_ip(event.ip),
+            self.masker.mask(event.device_id().as_bytes()),
+        );
+        let (masked_ip, masked_device_id) = match masks {
+            (Some(ip), Some(device_id)) => (ip, device_id),
+            (None, _) => {
+                let bytes = event.ip.to_string().len();
+                let e = TransformError::TooLongToSeal { field: "ip", bytes };
+                return Err(Box::new((event, e)));
+            }
+            (_, None) => {
+                let bytes = event.device_id().len();
+                let e = TransformError::TooLongToSeal {
+                    field: "device_id",
+                    bytes,
+                };
+                return Err(Box::new((event, e)));
+            }
+        };
         Ok(LoginRow {
-            masked_ip: self.masker.mask_ip(event.ip),
-            masked_device_id: self.masker.mask(event.device_id().as_bytes()),
+            masked_ip,
+            masked_device_id,
             app_version,
             create_date,
             event,

@@ -383,31 +383,19 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// The numbers of the `sluice: received=… loaded=… rejected=… duplicates=…` line.
+    /// The counts of the summary `sluice run --summary json` printed: its last line of stdout that
+    /// is a JSON object.
     pub fn summary(&self) -> Summary {
-        let line = self
-            .stdout
+        self.stdout
             .lines()
-            .find(|l| l.starts_with("sluice: received="))
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
             .unwrap_or_else(|| {
                 panic!(
-                    "no summary line in stdout:\n{}\nstderr:\n{}",
+                    "no JSON summary in stdout (was `--summary json` given?):\n{}\nstderr:\n{}",
                     self.stdout, self.stderr
                 )
-            });
-        let mut numbers = line.split_whitespace().skip(1).map(|kv| {
-            kv.split('=')
-                .nth(1)
-                .and_then(|v| v.parse().ok())
-                .expect("number")
-        });
-        let mut next = || numbers.next().expect("four numbers");
-        Summary {
-            received: next(),
-            loaded: next(),
-            rejected: next(),
-            duplicates: next(),
-        }
+            })
     }
 
     pub fn assert_success(&self) {
@@ -421,7 +409,8 @@ impl Finished {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The counts the tests compare (the JSON summary holds more, which they ignore).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub struct Summary {
     pub received: u64,
     pub loaded: u64,
@@ -458,9 +447,10 @@ pub async fn migrate(config: &Path) -> Finished {
     out
 }
 
-/// `sluice run --config …`, with `--exit-when-idle SECONDS` when given; not started yet.
+/// `sluice run --config … --summary json`, with `--exit-when-idle SECONDS` when given; not started
+/// yet.
 pub fn run_command(config: &Path, idle_seconds: Option<u32>) -> tokio::process::Command {
-    let mut cmd = sluice(&["run", "--config", path_str(config)]);
+    let mut cmd = sluice(&["run", "--config", path_str(config), "--summary", "json"]);
     if let Some(idle) = idle_seconds {
         cmd.args(["--exit-when-idle", &idle.to_string()]);
     }
@@ -572,6 +562,27 @@ impl Watched {
         find().unwrap_or_default()
     }
 
+    /// The address the operations endpoint listens on, as the daemon logs it (configure
+    /// `metrics.listen = "127.0.0.1:0"`).
+    pub async fn metrics_address(&self) -> String {
+        let line = self
+            .line_containing("serving /metrics", Duration::from_secs(30))
+            .await;
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix("listen="))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned()
+    }
+
+    /// Every log line containing `needle` so far.
+    pub fn lines_containing(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().expect("log");
+        log.lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub async fn finish(self, limit: Duration) -> Finished {
         let output = tokio::time::timeout(limit, self.child.wait_with_output())
             .await
@@ -603,4 +614,34 @@ pub fn assert_quiet_about_the_pipe(out: &Finished) {
         "{}",
         out.stderr
     );
+}
+
+/// A plain HTTP GET, enough for the operations endpoint: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of an unlabelled sample `name` in a scrape (`None` if absent).
+pub fn metric_value(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
 }

@@ -14,6 +14,7 @@
 //! stranded.
 
 mod acknowledger;
+mod depth;
 pub mod in_flight;
 mod ledger_keys;
 
@@ -111,6 +112,12 @@ impl SqsSource {
             visibility,
             stats.clone(),
         );
+        let sampler = depth::sampler(
+            client.clone(),
+            queue_url.clone(),
+            Duration::from_secs(cfg.depth_sample_seconds),
+            stats.clone(),
+        );
         tracing::info!(queue_url, pollers = cfg.pollers, "SQS source ready");
         Ok(BuiltSource {
             source: Box::new(SqsSource {
@@ -121,7 +128,7 @@ impl SqsSource {
                 in_flight,
                 stats,
             }),
-            background: vec![acknowledger.visibility_extender()],
+            background: vec![acknowledger.visibility_extender(), sampler],
             acknowledger: Arc::new(acknowledger),
             commit_record,
             chunk_messages: cfg.max_messages as usize,
