@@ -1347,15 +1347,16 @@ mod tests {
         "#;
         assert_eq!(
             problems(text),
+            // In file order; a missing key (at_timestamp) has no line and comes last.
             [
                 "source.kinesis.stream_arn",
                 "source.kinesis.endpoint_url",
-                "source.kinesis.at_timestamp",
                 "source.kinesis.max_records_per_call",
                 "source.kinesis.poll_interval_ms",
                 "source.kinesis.lease_duration_seconds",
                 "source.kinesis.application",
                 "sink.postgres.dedupe",
+                "source.kinesis.at_timestamp",
             ]
         );
         let missing = KINESIS.replace("stream_name = \"logins\"", "");

@@ -6,9 +6,14 @@
 //! runs several times into a throwaway schema that is dropped after the run; the report takes the
 //! median run, since one run on a shared machine can be slow or fat for reasons of its own.
 //!
-//! Channel capacities and chunk size are the defaults; the sink uses the backfill settings of
-//! `config/file-backfill.toml` (`batch_rows = 10000`, `linger_ms = 100`). The database is
-//! `SLUICE_DATABASE_URL`, as for the daemon (`make bench` loads `.stack/env`).
+//! The configuration is the default one (channel capacities, chunk size, self-sizing batches up to
+//! `batch_rows`), as a new user would run it: only the file and the tables are named. The database
+//! is `SLUICE_DATABASE_URL`, as for the daemon (`make bench` loads `.stack/env`).
+//!
+//! After each run, in the same schema, PostgreSQL's own client loads the same rows: `psql \copy`
+//! (text format, one transaction) of the rows the run loaded, already transformed, into an identical
+//! empty table. Runs and copies alternate, so both see the same machine; the ratio of the two is
+//! the figure an operator can reproduce without reading any code.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -21,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{bench_dir, shown, stats, target_dir};
 
-/// Rows per transaction in the memory runs (the backfill setting).
+/// The most rows per transaction: the default `sink.postgres.batch_rows`, which these runs keep.
 const BATCH_ROWS: u64 = 10_000;
 /// The masking key of these runs; any key of 16+ bytes costs the same.
 const MASK_KEY: &str = "capacity-bench-mask-key-0123456789";
@@ -49,6 +54,14 @@ pub struct MemoryResult {
     pub duplicates: u64,
     pub batch_rows: u64,
     pub each_run: Vec<RunUsage>,
+    /// `psql \copy` of the loaded rows into an identical table, after each run: median seconds.
+    #[serde(default)]
+    pub psql_copy_seconds: f64,
+    /// Each round's sluice rows per second over psql's (same rows, back to back): their median.
+    #[serde(default)]
+    pub vs_psql: f64,
+    #[serde(default)]
+    pub each_psql_copy_seconds: Vec<f64>,
     pub measured_at: String,
 }
 
@@ -133,35 +146,93 @@ fn measure_count(
         ensure!(status.success(), "sluice seed failed ({status})");
     }
     let file_bytes = std::fs::metadata(&data)?.len();
+    let rows = dir.join(format!("rows-{count}.txt"));
 
     let mut usages = Vec::with_capacity(runs);
+    let mut copies = Vec::with_capacity(runs);
     let mut summary = Summary::default();
     for run in 1..=runs {
         eprintln!("memory-runs: {count} messages, run {run} of {runs} (schema {schema})");
-        let (usage, run_summary) = {
+        let (usage, run_summary, copy_seconds) = {
             let _schema = DroppedSchema {
                 database_url,
                 schema: &schema,
             };
-            run_once(binary, &config, count)?
+            let (usage, run_summary) = run_once(binary, &config, count)?;
+            if run == 1 {
+                export_rows(database_url, &schema, &rows)?;
+            }
+            (usage, run_summary, psql_copy(database_url, &schema, &rows)?)
         };
         eprintln!(
-            "memory-runs: peak RSS {:.1} MiB, {:.2} s wall, {:.0} messages/s",
+            "memory-runs: peak RSS {:.1} MiB, {:.2} s wall, {:.0} messages/s; psql \\copy of its {} rows {:.2} s",
             usage.max_rss_kib as f64 / 1024.0,
             usage.wall_seconds,
-            count as f64 / usage.wall_seconds
+            count as f64 / usage.wall_seconds,
+            run_summary.loaded,
+            copy_seconds
         );
         usages.push(usage);
+        copies.push(copy_seconds);
         summary = run_summary;
     }
-    summarize(count, file_bytes, &usages, summary)
+    summarize(count, file_bytes, &usages, &copies, summary)
 }
 
-/// The median run and the range of peak RSS over `usages`.
+/// Saves the rows a run loaded, in `COPY`'s text format, for psql to load again.
+fn export_rows(database_url: &str, schema: &str, rows: &Path) -> Result<()> {
+    psql(
+        database_url,
+        &format!(
+            "\\copy (SELECT * FROM \"{schema}\".user_logins) TO '{}'",
+            rows.display()
+        ),
+    )
+}
+
+/// Times `psql \copy` of `rows` into a new table shaped like the run's: PostgreSQL's own bulk load
+/// of the same rows, in one transaction, as an operator would type it.
+fn psql_copy(database_url: &str, schema: &str, rows: &Path) -> Result<f64> {
+    psql(
+        database_url,
+        &format!(
+            "CREATE TABLE \"{schema}\".psql_copy (LIKE \"{schema}\".user_logins INCLUDING ALL)"
+        ),
+    )?;
+    let started = Instant::now();
+    psql(
+        database_url,
+        &format!("\\copy \"{schema}\".psql_copy FROM '{}'", rows.display()),
+    )?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn psql(database_url: &str, command: &str) -> Result<()> {
+    let status = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            database_url,
+            "-c",
+            command,
+        ])
+        .env("PGOPTIONS", "-c client_min_messages=warning")
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run psql (PostgreSQL's client must be installed)")?;
+    ensure!(status.success(), "psql failed ({status}): {command}");
+    Ok(())
+}
+
+/// The median run and the range of peak RSS over `usages`; `copies` are psql's times of the same
+/// rounds.
 fn summarize(
     count: u64,
     file_bytes: u64,
     usages: &[RunUsage],
+    copies: &[f64],
     summary: Summary,
 ) -> Result<MemoryResult> {
     let of = |f: fn(&RunUsage) -> f64| usages.iter().map(f).collect::<Vec<_>>();
@@ -172,6 +243,12 @@ fn summarize(
     };
     let median = |f| stats::median(&of(f)).unwrap_or_default();
     let wall_seconds = median(|u| u.wall_seconds);
+    // Same rows both ways, so the ratio of rates is the ratio of times.
+    let ratios: Vec<f64> = usages
+        .iter()
+        .zip(copies)
+        .map(|(u, copy)| copy / u.wall_seconds)
+        .collect();
     Ok(MemoryResult {
         messages: count,
         runs: usages.len(),
@@ -190,6 +267,9 @@ fn summarize(
         duplicates: summary.duplicates,
         batch_rows: BATCH_ROWS,
         each_run: usages.to_vec(),
+        psql_copy_seconds: stats::median(copies).unwrap_or_default(),
+        vs_psql: stats::median(&ratios).unwrap_or_default(),
+        each_psql_copy_seconds: copies.to_vec(),
         measured_at: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
     })
 }
@@ -309,7 +389,7 @@ fn run_config(data: &Path, schema: &str) -> String {
          [source]\nkind = \"file\"\n\n\
          [source.file]\npath = \"{file}\"\n\n\
          [sink.postgres]\ntable = \"{schema}.user_logins\"\nledger_table = \"{schema}.sluice_ledger\"\n\
-         dedupe = false\nbatch_rows = {BATCH_ROWS}\nlinger_ms = 100\n\n\
+         dedupe = false\n\n\
          [dead_letter]\ntable = \"{schema}.user_logins_rejected\"\n"
     )
 }
@@ -401,7 +481,7 @@ mod tests {
     #[test]
     fn summarize_takes_each_median_on_its_own_and_the_rss_range() {
         let runs = [usage(2048, 3.0), usage(1024, 1.0), usage(3072, 2.0)];
-        let result = summarize(1000, 155_000, &runs, Summary::default()).unwrap();
+        let result = summarize(1000, 155_000, &runs, &[6.0, 1.0, 1.0], Summary::default()).unwrap();
         assert_eq!(result.max_rss_mib, 2.0);
         assert_eq!((result.max_rss_mib_min, result.max_rss_mib_max), (1.0, 3.0));
         assert_eq!(result.wall_seconds, 2.0);
@@ -409,6 +489,8 @@ mod tests {
         assert_eq!(result.messages_per_second, 500.0);
         assert_eq!(result.avg_message_bytes, 154.0);
         assert_eq!(result.runs, 3);
+        assert_eq!(result.psql_copy_seconds, 1.0);
+        assert_eq!(result.vs_psql, 1.0, "ratios 2, 1 and 0.5");
     }
 
     #[test]
@@ -416,7 +498,7 @@ mod tests {
         let config = run_config(Path::new("/x/target/bench/logins-5.ndjson"), "s1");
         assert!(config.contains("path = \"logins-5.ndjson\""));
         assert!(config.contains("table = \"s1.user_logins\""));
-        assert!(config.contains("batch_rows = 10000"));
+        assert!(!config.contains("batch_rows"), "the default batches");
     }
 
     #[test]

@@ -199,6 +199,9 @@ mod tests {
             duplicates: 0,
             batch_rows: 10_000,
             each_run: Vec::new(),
+            psql_copy_seconds: 1.25,
+            vs_psql: 1.25,
+            each_psql_copy_seconds: vec![1.2, 1.25, 1.3],
             measured_at: "2026-01-01T00:00:00Z".into(),
         }
     }
@@ -311,6 +314,10 @@ mod tests {
         assert!(text.contains(
             "| 760,000 | 111.62 MiB/s | 760 | 112 | 56 | 760 | this machine's pipeline rate |"
         ));
+        assert!(text.contains(
+            "| the binary, default config, vs `psql \\copy` of the same rows (1,000,000 messages) | ≥ 1.2× | 1.25× | ✅ met |"
+        ));
+        assert!(text.contains("| 1.25× | 1.20 s, 1.25 s, 1.30 s |"));
         assert!(!text.contains("\n\n\n"), "no double blank lines");
         assert!(text.ends_with("```\n"));
     }

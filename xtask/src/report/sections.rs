@@ -19,6 +19,7 @@ const TARGET_ENCODE: f64 = 3_000_000.0; // rows/s on one core
 const TARGET_VS_COPY: f64 = 0.85; // pipeline rate / COPY ceiling
 const TARGET_VS_NAIVE: f64 = 20.0; // pipeline rate / naive loader
 const TARGET_RSS_MIB: f64 = 64.0; // peak RSS for the large memory run
+const TARGET_VS_PSQL: f64 = 1.2; // the binary's rows/s over psql \copy's, large memory run
 const RSS_GROWTH_TOLERANCE: f64 = 0.10; // "does not grow": large run's peak within 10% of the small one's
 
 /// sluice's default `source.sqs.pollers`.
@@ -214,6 +215,7 @@ pub struct Targets {
     pub vs_naive: Target,
     pub rss_mib: Target,
     pub rss_growth: Target,
+    pub vs_psql: Target,
 }
 
 impl Targets {
@@ -226,6 +228,7 @@ impl Targets {
             vs_naive: Target::at_least(TARGET_VS_NAIVE, end_to_end.vs_naive),
             rss_mib: Target::at_most(TARGET_RSS_MIB, memory.large.rss_mib),
             rss_growth: Target::at_most(RSS_GROWTH_TOLERANCE, memory.growth),
+            vs_psql: Target::at_least(TARGET_VS_PSQL, memory.large.vs_psql),
         }
     }
 }
@@ -428,6 +431,12 @@ pub struct MemoryRow {
     pub loaded: u64,
     pub rejected: u64,
     pub avg_message_bytes: f64,
+    /// Loaded rows per second of the binary (median wall time), and of `psql \copy`.
+    pub row_rate: f64,
+    pub psql_seconds: f64,
+    pub psql_rate: f64,
+    pub vs_psql: f64,
+    pub psql_each: Vec<f64>,
 }
 
 impl From<&MemoryResult> for MemoryRow {
@@ -444,6 +453,11 @@ impl From<&MemoryResult> for MemoryRow {
             loaded: m.loaded,
             rejected: m.rejected,
             avg_message_bytes: m.avg_message_bytes,
+            row_rate: m.loaded as f64 / m.wall_seconds,
+            psql_seconds: m.psql_copy_seconds,
+            psql_rate: m.loaded as f64 / m.psql_copy_seconds,
+            vs_psql: m.vs_psql,
+            psql_each: m.each_psql_copy_seconds.clone(),
         }
     }
 }
