@@ -574,6 +574,8 @@ impl fmt::Debug for EnvOverrides {
         f.debug_struct("EnvOverrides")
             .field("sqs_queue_url", &self.sqs_queue_url)
             .field("sqs_endpoint_url", &self.sqs_endpoint_url)
+            .field("kinesis_stream", &self.kinesis_stream)
+            .field("kinesis_endpoint_url", &self.kinesis_endpoint_url)
             .field(
                 "database_url",
                 &self.database_url.as_deref().map(crate::pg::redact_url),
