@@ -5,7 +5,7 @@
 //! are prometheus-client's (atomics behind an `Arc`), so recording costs an atomic add and exporting
 //! needs no copying.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -50,6 +50,7 @@ pub struct Stats {
     last_receive_ms: AtomicU64,
     /// Milliseconds after `started` of the last commit or acknowledgement.
     last_progress_ms: AtomicU64,
+    stopped_before_end: AtomicBool,
 }
 
 impl Default for Stats {
@@ -74,6 +75,7 @@ impl Default for Stats {
             postgres_connections: Gauge::default(),
             last_receive_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
+            stopped_before_end: AtomicBool::new(false),
         }
     }
 }
@@ -86,6 +88,8 @@ pub struct Summary {
     pub rejected: u64,
     pub duplicates: u64,
     pub released: u64,
+    /// A file source was stopped before the end of its file.
+    pub stopped_before_end: bool,
 }
 
 impl std::fmt::Display for Summary {
@@ -95,7 +99,11 @@ impl std::fmt::Display for Summary {
             f,
             "sluice: received={} loaded={} rejected={} duplicates={}",
             self.received, self.loaded, self.rejected, self.duplicates
-        )
+        )?;
+        if self.stopped_before_end {
+            f.write_str(" stopped_before_end=1")?;
+        }
+        Ok(())
     }
 }
 
@@ -109,6 +117,11 @@ impl Stats {
         self.started
             .elapsed()
             .saturating_sub(Duration::from_millis(stamp.load(Relaxed)))
+    }
+
+    /// A file source stopped before the end of its file (a signal came).
+    pub fn record_stopped_before_end(&self) {
+        self.stopped_before_end.store(true, Relaxed);
     }
 
     pub fn record_received(&self, n: usize) {
@@ -184,6 +197,7 @@ impl Stats {
             rejected: self.rejected.get(),
             duplicates: self.duplicates.get(),
             released: self.released.get(),
+            stopped_before_end: self.stopped_before_end.load(Relaxed),
         }
     }
 

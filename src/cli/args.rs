@@ -26,6 +26,7 @@ Exit codes:
   0    success
   1    failure while running (check: a finding failed)
   2    unusable configuration or command line
+  3    run: a file run stopped by a signal before the end of its file (run again to continue)
   130  a second SIGINT/SIGTERM ended the drain at once";
 
 #[derive(Parser)]
