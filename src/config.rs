@@ -10,8 +10,8 @@
 //! whole tree, reporting every problem by its dotted key and line in one list. Environment variables
 //! override what differs between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`,
 //! `SLUICE_SQS_ENDPOINT_URL`, `SLUICE_KINESIS_STREAM`, `SLUICE_KINESIS_ENDPOINT_URL`,
-//! `SLUICE_DATABASE_URL`, `SLUICE_DATABASE_CA_FILE`, `SLUICE_MASK_KEY`; a bad value from one of them
-//! is blamed on the variable, not on the file. The tree can be printed (`Debug`) without giving a
+//! `SLUICE_DATABASE_URL`, `SLUICE_DATABASE_CA_FILE`, `SLUICE_MASK_KEY`, `SLUICE_KMS_ENDPOINT_URL`;
+//! a bad value from one of them is blamed on the variable, not on the file. The tree can be printed (`Debug`) without giving a
 //! secret away: the database URL shows `***` for its password, and the masking key is held as a
 //! [`SecretString`], which prints as `[REDACTED]`.
 
@@ -385,6 +385,30 @@ pub struct MaskConfig {
     /// File holding the key; relative to the config file (made absolute at load).
     /// `SLUICE_MASK_KEY` overrides it. Default: none.
     pub key_file: Option<PathBuf>,
+    /// Where the key comes from: `"local"` (`SLUICE_MASK_KEY` or `key_file`) or `"kms"` (the
+    /// data keys below, decrypted with AWS KMS at start). Default `"local"`.
+    #[serde(default)]
+    pub key_source: KeySource,
+    /// With `key_source = "kms"`: data keys encrypted under a KMS key (GenerateDataKey's
+    /// ciphertext, base64; `ID:CIPHERTEXT` for `aes-siv`), the last one current. Default: none.
+    #[serde(default)]
+    pub kms_data_keys: Vec<String>,
+    /// With `key_source = "kms"`: the KMS key (id, ARN or alias) the data keys are encrypted
+    /// under; KMS refuses to decrypt a data key of any other key. Required then. Default: none.
+    pub kms_key_id: Option<String>,
+    /// KMS endpoint, for emulators (env `SLUICE_KMS_ENDPOINT_URL`). Default: AWS.
+    pub kms_endpoint_url: Option<String>,
+}
+
+/// Where the masking key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeySource {
+    /// `SLUICE_MASK_KEY`, else `mask.key_file`.
+    #[default]
+    Local,
+    /// `mask.kms_data_keys`, decrypted by AWS KMS at start.
+    Kms,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -549,6 +573,7 @@ pub struct EnvOverrides {
     pub database_url: Option<String>,
     pub database_ca_file: Option<PathBuf>,
     pub mask_key: Option<String>,
+    pub kms_endpoint_url: Option<String>,
 }
 
 /// The secrets redacted: the URL's password, the whole key.
@@ -557,12 +582,15 @@ impl fmt::Debug for EnvOverrides {
         f.debug_struct("EnvOverrides")
             .field("sqs_queue_url", &self.sqs_queue_url)
             .field("sqs_endpoint_url", &self.sqs_endpoint_url)
+            .field("kinesis_stream", &self.kinesis_stream)
+            .field("kinesis_endpoint_url", &self.kinesis_endpoint_url)
             .field(
                 "database_url",
                 &self.database_url.as_deref().map(crate::pg::redact_url),
             )
             .field("database_ca_file", &self.database_ca_file)
             .field("mask_key", &self.mask_key.as_ref().map(|_| "[REDACTED]"))
+            .field("kms_endpoint_url", &self.kms_endpoint_url)
             .finish()
     }
 }
@@ -579,6 +607,7 @@ impl EnvOverrides {
             database_url: var("SLUICE_DATABASE_URL"),
             database_ca_file: var("SLUICE_DATABASE_CA_FILE").map(PathBuf::from),
             mask_key: var("SLUICE_MASK_KEY"),
+            kms_endpoint_url: var("SLUICE_KMS_ENDPOINT_URL"),
         }
     }
 }
@@ -701,6 +730,10 @@ impl Config {
             overridden.push(("sink.postgres.ca_file", "SLUICE_DATABASE_CA_FILE"));
         }
         self.mask_key_from_env = env.mask_key.map(SecretString::from);
+        if let Some(url) = env.kms_endpoint_url {
+            self.mask.kms_endpoint_url = Some(url);
+            overridden.push(("mask.kms_endpoint_url", "SLUICE_KMS_ENDPOINT_URL"));
+        }
         overridden
     }
 
@@ -744,6 +777,21 @@ impl Config {
         self.sink.postgres.validate(&mut v);
         if let Some(url) = &self.dead_letter.sqs_queue_url {
             v.url("dead_letter.sqs_queue_url", url);
+        }
+        if self.mask.key_source == KeySource::Kms && self.mask.kms_data_keys.is_empty() {
+            v.problem(
+                "mask.kms_data_keys",
+                "required when `mask.key_source = \"kms\"` (sluice keygen --kms-key-id makes one)",
+            );
+        }
+        if self.mask.key_source == KeySource::Kms && self.mask.kms_key_id.is_none() {
+            v.problem(
+                "mask.kms_key_id",
+                "required when `mask.key_source = \"kms\"`: the KMS key the data keys are encrypted under",
+            );
+        }
+        if let Some(url) = &self.mask.kms_endpoint_url {
+            v.url("mask.kms_endpoint_url", url);
         }
         if let Err(message) = check_log_filter(&self.log.level) {
             v.problem("log.level", message);
@@ -1187,6 +1235,18 @@ mod tests {
     }
 
     #[test]
+    fn keys_from_kms_need_the_key_and_the_data_keys() {
+        assert_eq!(
+            problems(&format!("{MINIMAL}[mask]\nkey_source = \"kms\"\n")),
+            ["mask.kms_data_keys", "mask.kms_key_id"]
+        );
+        let text = format!(
+            "{MINIMAL}[mask]\nkey_source = \"kms\"\nkms_key_id = \"alias/k\"\nkms_data_keys = [\"AQID\"]\n"
+        );
+        assert_eq!(parse(&text).expect("valid").mask.key_source, KeySource::Kms);
+    }
+
+    #[test]
     fn a_log_filter_names_a_level_in_every_directive() {
         for good in [
             "info",
@@ -1273,9 +1333,14 @@ mod tests {
             database_url: Some("postgres://other@db/x".into()),
             database_ca_file: None,
             mask_key: Some("0123456789abcdef0123".into()),
+            kms_endpoint_url: Some("http://localhost:4566".into()),
             ..EnvOverrides::default()
         };
         let c = Config::from_toml(MINIMAL, Path::new("t.toml"), env).expect("valid");
+        assert_eq!(
+            c.mask.kms_endpoint_url.as_deref(),
+            Some("http://localhost:4566")
+        );
         assert_eq!(
             c.source.sqs.queue_url.as_deref(),
             Some("http://localhost:4566/000000000000/q")
@@ -1424,6 +1489,7 @@ mod tests {
             "demo-kinesis.toml",
             "example.toml",
             "file-backfill.toml",
+            "container.toml",
         ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("config")

@@ -9,6 +9,7 @@ pub mod background;
 pub mod config;
 pub mod envelope;
 pub mod error_chain;
+pub mod kms;
 pub mod login_table;
 pub mod message_file;
 pub mod metrics;

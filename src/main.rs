@@ -18,7 +18,9 @@ fn main() -> ExitCode {
         Command::Unmask { key_file, values } => {
             return cli::unmask::unmask(key_file.clone(), values.clone());
         }
-        Command::Keygen { id } => return cli::unmask::keygen(id),
+        Command::Keygen { id, kms_key_id } => {
+            return cli::unmask::keygen(id.as_deref(), kms_key_id.as_deref());
+        }
         Command::Run { config, .. }
         | Command::Seed { config, .. }
         | Command::Migrate { config }

@@ -49,6 +49,8 @@ struct Endpoint {
     channels: Vec<ChannelProbe>,
     used: ChannelGauges,
     capacity: ChannelGauges,
+    /// What `/readyz` would answer, as 1 or 0, so a dashboard can graph readiness.
+    ready: Gauge,
     stall_after: Duration,
 }
 
@@ -76,12 +78,19 @@ pub fn serve(
         "Capacity of a channel between stages, in chunks",
         capacity.clone(),
     );
+    let ready_gauge = Gauge::default();
+    registry.register(
+        "sluice_ready",
+        "1 while /readyz answers 200 (connected to PostgreSQL, not stalled), else 0",
+        ready_gauge.clone(),
+    );
     let endpoint = Arc::new(Endpoint {
         stats,
         registry,
         channels,
         used,
         capacity,
+        ready: ready_gauge,
         stall_after,
     });
     let app = Router::new()
@@ -110,6 +119,8 @@ async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
             .get_or_create(&labels)
             .set(capacity as i64);
     }
+    let ready = not_ready_because(&endpoint).is_none();
+    endpoint.ready.set(i64::from(ready));
     let mut body = String::new();
     match encode(&mut body, &endpoint.registry) {
         Ok(()) => (
@@ -129,22 +140,29 @@ async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
 }
 
 async fn ready(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
+    match not_ready_because(&endpoint) {
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+        None => (StatusCode::OK, "ready\n".to_owned()),
+    }
+}
+
+/// Why the daemon is not ready, or `None` when it is.
+fn not_ready_because(endpoint: &Endpoint) -> Option<String> {
     let stats = &endpoint.stats;
     if stats.postgres_connections.get() < 1 {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no PostgreSQL connection\n".to_owned(),
-        );
+        return Some("no PostgreSQL connection".to_owned());
     }
     if stats.stalled(endpoint.stall_after) {
-        let message = format!(
-            "not ready: {} messages waiting and nothing committed for {} s\n",
+        return Some(format!(
+            "{} messages waiting and nothing committed for {} s",
             stats.in_flight(),
             endpoint.stall_after.as_secs()
-        );
-        return (StatusCode::SERVICE_UNAVAILABLE, message);
+        ));
     }
-    (StatusCode::OK, "ready\n".to_owned())
+    None
 }
 
 #[cfg(test)]
@@ -219,8 +237,10 @@ mod tests {
             get(addr, "/readyz").await,
             (503, "not ready: no PostgreSQL connection\n".to_owned())
         );
+        assert!(get(addr, "/metrics").await.1.contains("sluice_ready 0"));
         stats.postgres_connections.inc();
         assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
+        assert!(get(addr, "/metrics").await.1.contains("sluice_ready 1"));
         stop.cancel();
     }
 }

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::background::{BackgroundError, BackgroundTask};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, KeySource};
 use crate::envelope::{AckToken, Chunk, Envelope};
 use crate::error_chain::Chain;
 use crate::metrics::{self, ChannelProbe};
@@ -37,7 +37,7 @@ use crate::shutdown::{self, Shutdown};
 use crate::sink::batch::{Batch, BatchLimits, run_batcher};
 use crate::sink::{self, Sink, SinkError, run_committer};
 use crate::source::{Acknowledger, BuiltSource, SourceError};
-use crate::stage::mask::Masker;
+use crate::stage::mask::{MaskKey, Masker};
 use crate::stage::parse::{LoginEvent, run_parse_stage};
 use crate::stage::transform::{LoginRow, Transformer, run_transform_stage};
 use crate::stats::{Stats, Summary};
@@ -56,6 +56,8 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
+    #[error("masking key from AWS KMS")]
+    Kms(#[from] crate::kms::KmsKeyError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error(
@@ -97,7 +99,7 @@ impl Pipeline {
     /// them. Everything that can be wrong with the setup fails here, before any message is touched.
     pub async fn prepare(config: &Config) -> Result<Pipeline, PipelineError> {
         let stats = Arc::new(Stats::default());
-        let transformer = transformer(config)?;
+        let transformer = transformer(config, mask_key(config).await?)?;
         let sink = sink::prepare(config, stats.clone()).await?;
         Ok(Pipeline {
             config: config.clone(),
@@ -116,7 +118,7 @@ impl Pipeline {
         Ok(Pipeline {
             config: config.clone(),
             stats,
-            transformer: transformer(config)?,
+            transformer: transformer(config, config.mask_key()?)?,
             sink,
         })
     }
@@ -528,8 +530,19 @@ async fn supervise(
     first_error.map_or(Ok(()), Err)
 }
 
-fn transformer(config: &Config) -> Result<Transformer, PipelineError> {
-    let key = config.mask_key()?;
+/// The masking key from where `mask.key_source` says: the environment or a file, or the data keys
+/// decrypted by AWS KMS.
+pub async fn mask_key(config: &Config) -> Result<MaskKey, PipelineError> {
+    match config.mask.key_source {
+        KeySource::Local => Ok(config.mask_key()?),
+        KeySource::Kms => {
+            let client = crate::kms::client(config.mask.kms_endpoint_url.as_deref()).await;
+            Ok(crate::kms::mask_key(&client, &config.mask).await?)
+        }
+    }
+}
+
+fn transformer(config: &Config, key: MaskKey) -> Result<Transformer, PipelineError> {
     if key.is_development_key() {
         tracing::warn!(
             "masking with the PUBLIC development key: masked values are NOT protected; set SLUICE_MASK_KEY or `mask.key_file` for real data"

@@ -94,3 +94,88 @@ async fn a_scrape_during_a_run_matches_postgres_and_shows_the_queue() {
         (rows, dead_letters)
     );
 }
+
+/// Every `sluice_*` metric name in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("sluice_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Every string under a key named `expr` or `query` in the dashboard (panel targets, variables).
+fn queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr" | "query", serde_json::Value::String(q)) => out.push(q.clone()),
+                    _ => queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| queries(v, out)),
+        _ => {}
+    }
+}
+
+/// The Grafana dashboard and the autoscaling rule under deploy/ query only metrics that a running
+/// sluice exports.
+#[tokio::test]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/sluice-dashboard.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read the dashboard"))
+            .expect("the dashboard is JSON");
+    let mut found = Vec::new();
+    queries(&dashboard, &mut found);
+    // The autoscaling rule's queries too.
+    let keda = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/keda-scaledobject.yaml"
+    );
+    found.push(std::fs::read_to_string(keda).expect("read the autoscaling rule"));
+    let mut names: Vec<String> = found.iter().flat_map(|q| metric_names(q)).collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 15, "too few metrics found: {names:?}");
+
+    let schema = TestSchema::new().await;
+    let queue = TestQueue::new().await;
+    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", extra));
+    let daemon = Watched::spawn(run_command(&config.path, None));
+    let addr = daemon.metrics_address().await;
+    queue.send(&[login("dash-1"), "{}".into()]).await;
+    eventually(LIMIT, "both messages acknowledged", || async {
+        metric_value(
+            &http_get(&addr, "/metrics").await.1,
+            "sluice_messages_acknowledged_total",
+        ) == Some(2.0)
+    })
+    .await;
+    let scrape = http_get(&addr, "/metrics").await.1;
+    let exported = |name: &str| {
+        scrape.lines().any(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+    };
+    let missing: Vec<&String> = names.iter().filter(|n| !exported(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "not in the scrape: {missing:?}\n{scrape}"
+    );
+    signal(&daemon.child, "TERM");
+    daemon.finish(LIMIT).await.assert_success();
+}

@@ -313,12 +313,18 @@ enum InstanceMetadata {
 const FALLBACK_REGION: &str = "us-east-1";
 
 async fn shared_config(cfg: &SqsConfig) -> aws_config::SdkConfig {
-    let metadata = if cfg.endpoint_url.is_some() {
+    shared_config_for(cfg.region.as_deref(), cfg.endpoint_url.is_some()).await
+}
+
+/// The region and credentials of every AWS client: `region` if given, else the standard chain;
+/// with an `endpoint` (an emulator) instance metadata is never asked.
+pub async fn shared_config_for(region_name: Option<&str>, endpoint: bool) -> aws_config::SdkConfig {
+    let metadata = if endpoint {
         InstanceMetadata::Never
     } else {
         InstanceMetadata::Ask
     };
-    let region = region(cfg.region.as_deref(), metadata).await;
+    let region = region(region_name, metadata).await;
     let credentials = credentials(&region, metadata).await;
     aws_config::defaults(BehaviorVersion::latest())
         .region(region)

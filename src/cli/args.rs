@@ -18,6 +18,7 @@ Environment:
   SLUICE_SQS_QUEUE_URL     overrides source.sqs.queue_url and queue_name
   SLUICE_SQS_ENDPOINT_URL  overrides source.sqs.endpoint_url (an emulator)
   SLUICE_MASK_KEY          the masking key, over mask.key_file
+  SLUICE_KMS_ENDPOINT_URL  overrides mask.kms_endpoint_url (an emulator)
   RUST_LOG                 the log filter, over log.level
   AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...
                            AWS region and credentials (the standard AWS chain)
@@ -27,6 +28,7 @@ Exit codes:
   0    success
   1    failure while running (check: a finding failed)
   2    unusable configuration (the masking key included) or command line
+  3    run: a file run stopped by a signal before the end of its file (run again to continue)
   130  a second SIGINT/SIGTERM ended the drain at once";
 
 /// Shown after the help of the keyring commands.
@@ -38,6 +40,18 @@ Exit codes:
   0    success
   1    a value could not be opened (wrong key, unknown key id, altered value)
   2    no usable keyring, or a mistake on the command line";
+
+/// Shown after `keygen`'s help.
+const KEYGEN_HELP: &str = "\
+Environment:
+  SLUICE_KMS_ENDPOINT_URL  a KMS endpoint (an emulator) for --kms-key-id
+  AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...
+                           AWS region and credentials for --kms-key-id
+
+Exit codes:
+  0    success
+  1    KMS refused or did not answer
+  2    a mistake on the command line";
 
 #[derive(Parser)]
 #[command(
@@ -143,12 +157,19 @@ pub enum Command {
         #[arg(value_name = "VALUE")]
         values: Vec<String>,
     },
-    /// Print a new keyring entry `ID:BASE64KEY` (64 random bytes) for `mask.mode = "aes-siv"`.
-    #[command(after_help = UNMASK_HELP)]
+    /// Print a new masking key: a keyring entry `ID:BASE64KEY` (64 random bytes) for
+    /// `mask.mode = "aes-siv"`, or with --kms-key-id a data key encrypted under that KMS key
+    /// (`[ID:]CIPHERTEXT`, for `mask.kms_data_keys`).
+    #[command(after_help = KEYGEN_HELP)]
     Keygen {
-        /// The new key's id (1 to 8 letters, digits, `-` or `_`), carried by every value it seals.
-        #[arg(long, value_name = "ID")]
-        id: String,
+        /// The new key's id (1 to 8 letters, digits, `-` or `_`), carried by every value it seals;
+        /// required without --kms-key-id.
+        #[arg(long, value_name = "ID", required_unless_present = "kms_key_id")]
+        id: Option<String>,
+        /// Generate the data key with AWS KMS under this key (id, ARN or alias) and print only
+        /// its ciphertext, base64; the plaintext is never shown.
+        #[arg(long, value_name = "KEY")]
+        kms_key_id: Option<String>,
     },
     /// Print a completion script for a shell (e.g. `source <(sluice completions bash)`).
     Completions {

@@ -13,6 +13,7 @@ use sluice::sink::schema::{self, SchemaError};
 use sluice::source::file_path;
 use sluice::source::kinesis::shards::list_shards;
 use sluice::source::kinesis::source as kinesis;
+use sluice::stage::mask::Masker;
 
 use crate::cli::output::outln;
 
@@ -42,7 +43,7 @@ impl Findings {
 pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
     let mut findings = Findings::default();
     findings.ok("config", format!("{} is valid", path.display()));
-    check_key(config, &mut findings);
+    check_key(config, &mut findings).await;
     match config.source.kind {
         SourceKind::Sqs => check_queue(config, &mut findings).await,
         SourceKind::Kinesis => check_stream(config, &mut findings).await,
@@ -65,8 +66,15 @@ pub async fn check(config: &Config, path: &Path) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn check_key(config: &Config, findings: &mut Findings) {
-    match config.mask_key() {
+/// The key as the daemon would load it (through KMS when configured so), and usable in its mode.
+async fn check_key(config: &Config, findings: &mut Findings) {
+    let usable = match sluice::pipeline::mask_key(config).await {
+        Ok(key) => Masker::new(config.mask.mode, &key)
+            .map(|_| key)
+            .map_err(|e| Chain(&e).to_string()),
+        Err(e) => Err(Chain(&e).to_string()),
+    };
+    match usable {
         Ok(key) if key.is_development_key() => findings.warn(
             "mask key",
             "the PUBLIC development key: fine for the demo, masks protect nothing; set SLUICE_MASK_KEY for real data",
@@ -74,7 +82,7 @@ fn check_key(config: &Config, findings: &mut Findings) {
         Ok(_) => findings.ok("mask key", format!("loaded ({:?})", config.mask.mode)),
         Err(e) => {
             findings.unusable = true;
-            findings.fail("mask key", Chain(&e).to_string());
+            findings.fail("mask key", e);
         }
     }
 }

@@ -5,20 +5,30 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sluice::config::Config;
-use sluice::pipeline::{Pipeline, RunOptions};
+use sluice::pipeline::{Pipeline, PipelineError, RunOptions};
 use sluice::source::build_source;
 
 use crate::cli::args::SummaryFormat;
 use crate::cli::output::outln;
+
+/// Exit status of a file run stopped (by a signal) before the end of its file.
+pub const STOPPED_BEFORE_END: u8 = 3;
 
 pub async fn run(
     config: &Config,
     idle: Option<Duration>,
     format: SummaryFormat,
 ) -> anyhow::Result<ExitCode> {
-    let pipeline = Pipeline::prepare(config)
-        .await
-        .context("cannot start the pipeline")?;
+    let pipeline = match Pipeline::prepare(config).await {
+        Ok(pipeline) => pipeline,
+        // A key KMS will not give is a configuration that cannot be used, like a bad file.
+        Err(e @ PipelineError::Kms(_)) => {
+            let e = anyhow::Error::from(e).context("cannot start the pipeline");
+            crate::cli::telemetry::fatal(&config.log, &format!("{e:#}"));
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e).context("cannot start the pipeline"),
+    };
     let stats = pipeline.stats();
     let source = build_source(config, stats.clone())
         .await
@@ -44,6 +54,12 @@ pub async fn run(
         },
     }
     result.context("the pipeline stopped")?;
+    if summary.stopped_before_end {
+        tracing::warn!(
+            "stopped before the end of the file: what was committed is recorded; run again to continue after it"
+        );
+        return Ok(ExitCode::from(STOPPED_BEFORE_END));
+    }
     if summary.released > 0 {
         tracing::info!(
             released = summary.released,
