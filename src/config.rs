@@ -313,6 +313,10 @@ pub struct PostgresConfig {
     /// Seconds to wait for a connection. Default 10.
     #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
+    /// How long start-up (`run`, `migrate`) keeps retrying a database that does not answer yet (a
+    /// container starting beside it), logging each attempt; 0 tries once. Default 30.
+    #[serde(default = "default_connect_retry_seconds")]
+    pub connect_retry_seconds: u64,
     /// PEM file of the CAs trusted to sign the server's certificate, for `sslmode=verify-ca`,
     /// `verify-full` (and `require`, which then checks the chain); relative to the config file
     /// (made absolute at load); env `SLUICE_DATABASE_CA_FILE` overrides. Default: none (the
@@ -347,6 +351,9 @@ const fn default_connections() -> usize {
 const fn default_connect_timeout_seconds() -> u64 {
     10
 }
+const fn default_connect_retry_seconds() -> u64 {
+    30
+}
 
 impl fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -362,6 +369,7 @@ impl fmt::Debug for PostgresConfig {
             .field("create_tables", &self.create_tables)
             .field("connections", &self.connections)
             .field("connect_timeout_seconds", &self.connect_timeout_seconds)
+            .field("connect_retry_seconds", &self.connect_retry_seconds)
             .field("ca_file", &self.ca_file)
             .finish()
     }
@@ -574,6 +582,8 @@ impl fmt::Debug for EnvOverrides {
         f.debug_struct("EnvOverrides")
             .field("sqs_queue_url", &self.sqs_queue_url)
             .field("sqs_endpoint_url", &self.sqs_endpoint_url)
+            .field("kinesis_stream", &self.kinesis_stream)
+            .field("kinesis_endpoint_url", &self.kinesis_endpoint_url)
             .field(
                 "database_url",
                 &self.database_url.as_deref().map(crate::pg::redact_url),
@@ -1053,6 +1063,12 @@ impl PostgresConfig {
             self.connect_timeout_seconds,
             1,
             600,
+        );
+        v.range(
+            "sink.postgres.connect_retry_seconds",
+            self.connect_retry_seconds,
+            0,
+            3_600,
         );
     }
 }

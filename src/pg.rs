@@ -5,7 +5,9 @@
 //! connection string's `sslmode`), an `application_name` operators can find in
 //! `pg_stat_activity`, and, when it fails, one error that names the server with its password
 //! redacted ([`conn_string`]). [`PgError`] carries a driver error as a typed cause and describes it
-//! (with the server's detail and hint) only when it is shown.
+//! (with the server's detail and hint) only when it is shown. A command that needs the database
+//! from its first step waits a bounded time for one that is still starting
+//! ([`Connector::connect_at_start`]), rather than failing at once beside a container coming up.
 
 pub mod conn_string;
 pub mod tls;
@@ -139,18 +141,77 @@ impl Connector {
         attempt.await.map_err(|source| ConnectError {
             url: self.redacted_url(),
             source,
+            gave_up: None,
         })
+    }
+
+    /// The first connection of a command that cannot work without the database, which may still be
+    /// starting beside it (containers started together): a connection refused, unreachable or
+    /// turned away while the server starts is retried with backoff for `patience`, each failure
+    /// logged as a warning; settings or credentials that are wrong fail at once.
+    pub async fn connect_at_start(
+        &self,
+        application_name: &str,
+        patience: Duration,
+    ) -> Result<Client, ConnectError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delays = crate::retry::backoff();
+        let mut attempts = 0_u32;
+        loop {
+            attempts += 1;
+            let error = match self.connect(application_name).await {
+                Ok(client) => return Ok(client),
+                Err(error) if !error.may_pass() => return Err(error),
+                Err(error) => error,
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ConnectError {
+                    gave_up: Some(GaveUp { patience, attempts }),
+                    ..error
+                });
+            }
+            let delay = delays.next().unwrap_or(left).min(left);
+            tracing::warn!(
+                attempt = attempts,
+                retry_in_ms = delay.as_millis() as u64,
+                error = %crate::error_chain::Chain(&error.source),
+                "PostgreSQL is not reachable yet; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
     }
 }
 
 /// A connection that could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to PostgreSQL at {url}")]
+#[error("{}", headline(.url, .gave_up))]
 pub struct ConnectError {
     /// Redacted.
     url: String,
     #[source]
     source: ConnectFailure,
+    /// Set when start-up retried until its patience ran out.
+    gave_up: Option<GaveUp>,
+}
+
+/// How long start-up waited for a database that did not answer.
+#[derive(Debug, Clone, Copy)]
+struct GaveUp {
+    patience: Duration,
+    attempts: u32,
+}
+
+fn headline(url: &str, gave_up: &Option<GaveUp>) -> String {
+    match gave_up {
+        None => format!("cannot connect to PostgreSQL at {url}"),
+        Some(GaveUp { patience, attempts }) => format!(
+            "PostgreSQL did not answer within {} s of start-up ({attempts} attempts; \
+             `sink.postgres.connect_retry_seconds` sets how long to wait): cannot connect to \
+             PostgreSQL at {url}",
+            patience.as_secs()
+        ),
+    }
 }
 
 /// Why a connection could not be opened: its settings, TLS setup, or the driver (the network, the
@@ -172,6 +233,14 @@ impl From<tokio_postgres::Error> for ConnectFailure {
 }
 
 impl ConnectError {
+    /// Whether the failure may pass by itself (nothing listening yet, the server starting up), so
+    /// that waiting is worth it; wrong settings or credentials never pass.
+    fn may_pass(&self) -> bool {
+        self.driver().is_some_and(|e| {
+            crate::sink::errors::classify(e) == crate::sink::errors::ErrorClass::Transient
+        })
+    }
+
     /// The driver's error, to classify; `None` when the settings themselves are unusable.
     pub fn driver(&self) -> Option<&tokio_postgres::Error> {
         match &self.source {

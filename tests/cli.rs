@@ -1077,3 +1077,195 @@ async fn migrate_reports_every_mismatch_before_changing_anything() {
         .get(0);
     assert!(!created, "nothing may be created while a table is off");
 }
+/// A free port on the loopback interface, with nothing listening on it.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+fn config_with_database(schema: &TestSchema, data: &std::path::Path, url: &str) -> String {
+    file_config(schema, path_str(data)).replace(&database_url(), url)
+}
+
+/// Start-up against a database that does not answer retries the first connection, saying so
+/// each time, for `sink.postgres.connect_retry_seconds`, then fails with a clear error.
+#[tokio::test]
+async fn start_up_retries_a_database_that_does_not_answer_then_gives_up() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("one.ndjson");
+    std::fs::write(&data, login("late")).expect("write");
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", closed_port());
+    let toml = config_with_database(&schema, &data, &url).replace(
+        "linger_ms = 50",
+        "linger_ms = 50\nconnect_retry_seconds = 3",
+    );
+    let started = std::time::Instant::now();
+    let out = run_with_config(&toml, &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    let retries = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("PostgreSQL is not reachable yet"))
+        .count();
+    assert!(retries >= 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("PostgreSQL did not answer within 3 s of start-up"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("error connecting to server: Connection refused"),
+        "the reason is part of the error:\n{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("received="), "{}", out.stdout);
+}
+
+/// A database that comes up while sluice waits for it is used as soon as it answers.
+#[tokio::test]
+async fn start_up_waits_for_a_database_that_comes_up_late() {
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("one.ndjson");
+    std::fs::write(&data, login("late")).expect("write");
+    let port = closed_port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let config = TestConfig::write(&config_with_database(&schema, &data, &url));
+    let watched = Watched::spawn(run_command(&config.path, None));
+    watched
+        .line_containing("PostgreSQL is not reachable yet", LIMIT)
+        .await;
+    // The database "comes up": a listener on the port, forwarding to the real server.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the late port");
+    let real = database_url();
+    let target = real
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("host:port in the test database URL")
+        .to_owned();
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let out = watched.finish(LIMIT).await;
+    forwarder.abort();
+    out.assert_success();
+    assert_eq!(out.summary().loaded, 1, "{out:?}");
+    assert_eq!(schema.rows_loaded().await, 1);
+}
+
+/// The README's synopsis of the command line names, for each command, exactly the options its
+/// `--help` lists; the combinations it shows as alternatives or as belonging to another option are
+/// refused, each with a message that names the options.
+#[tokio::test]
+async fn the_command_line_is_the_one_the_readme_shows() {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("## The command line")
+        .nth(1)
+        .expect("a command-line section");
+    let synopsis = section.split("```").nth(1).expect("a synopsis block");
+    let mut commands: Vec<(String, String)> = Vec::new();
+    for line in synopsis.lines().filter(|l| !l.trim().is_empty()) {
+        match line.strip_prefix("sluice ") {
+            Some(rest) => {
+                let (name, options) = rest.split_once(' ').unwrap_or((rest, ""));
+                commands.push((name.to_owned(), options.to_owned()));
+            }
+            None => {
+                let (_, options) = commands.last_mut().expect("a command before");
+                options.push_str(line);
+            }
+        }
+    }
+    let long_options = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| c.is_whitespace() || "[]()|,".contains(c))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(commands.len(), 6, "{commands:?}");
+    for (name, options) in &commands {
+        let help = run_to_end(sluice(&[name, "--help"]), LIMIT).await;
+        assert_eq!(help.code, Some(0), "{name}: {help:?}");
+        let options_part = help.stdout.split("Options:").nth(1).unwrap_or_default();
+        let listed: std::collections::BTreeSet<String> = options_part
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| {
+                let l = l.trim_start();
+                let l = l.strip_prefix("-c, ").unwrap_or(l);
+                l.split_whitespace().next().map(str::to_owned)
+            })
+            .filter(|o| o.starts_with("--") && o != "--help")
+            .collect();
+        assert_eq!(
+            long_options(options),
+            listed,
+            "`sluice {name}`: README synopsis vs --help"
+        );
+    }
+
+    let version = run_to_end(sluice(&["--version"]), LIMIT).await;
+    assert_eq!(version.code, Some(0), "{version:?}");
+    assert_eq!(
+        version.stdout.trim(),
+        format!("sluice {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("in.ndjson");
+    std::fs::write(&data, login("grammar")).expect("write");
+    let cfg = dir.path().join("c.toml");
+    let cfg = path_str(&cfg);
+    let file = path_str(&data);
+    for (args, expected) in [
+        (&["seed", "-c", cfg][..], "--file"),
+        (
+            &["seed", "-c", cfg, "--file", file, "--seed", "3"],
+            "--seed",
+        ),
+        (
+            &["seed", "-c", cfg, "--file", file, "--bad-every", "3"],
+            "--bad-every",
+        ),
+        (
+            &["seed", "-c", cfg, "--count", "1", "--out", file, "--force"],
+            "--force",
+        ),
+    ] {
+        let out = run_to_end(sluice(args), LIMIT).await;
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.starts_with("error:") && out.stderr.contains(expected),
+            "{args:?}: {}",
+            out.stderr
+        );
+        if args.len() == 3 {
+            assert!(out.stderr.contains("--count"), "{}", out.stderr);
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(&data).expect("read"),
+        login("grammar"),
+        "a refused command line touches nothing"
+    );
+}

@@ -1,77 +1,28 @@
 //! The commit-record seam carries a fenced Kinesis checkpoint: written last in the batch's
 //! transaction; when the lease moved to another process, the whole transaction rolls back and the
-//! committer drops that shard's records unloaded and commits the rest. The record here is built in
-//! the test from the Kinesis source's own checkpoint call, against the real PostgreSQL.
+//! committer drops that shard's records unloaded and commits the rest. The record is the Kinesis
+//! source's own ([`ShardCheckpoints`]), against the real PostgreSQL.
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use async_trait::async_trait;
 use common::*;
 use sluice::envelope::{AckToken, Envelope, Meta};
 use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
-use sluice::sink::commit_record::{CommitRecord, InTransaction, RecordError};
 use sluice::sink::postgres::{PgCopySinkBuilder, SinkSettings};
 use sluice::sink::schema;
 use sluice::source::kinesis::KinesisAck;
 use sluice::source::kinesis::api::ShardDescription;
-use sluice::source::kinesis::checkpoint::{self, CheckpointError};
 use sluice::source::kinesis::lease::{LeaseClaim, LeaseScope, Leases, lease_ddl};
-use sluice::source::kinesis::progress;
+use sluice::source::kinesis::metrics::KinesisStats;
+use sluice::source::kinesis::record::ShardCheckpoints;
 use sluice::source::kinesis::sequence::SequenceNumber;
 use sluice::stage::transform::LoginRow;
 use sluice::table_name::{TableName, Tables};
-
-/// Per-shard checkpoints as a commit record, written by the Kinesis source's fenced call.
-struct ShardCheckpoints;
-
-#[async_trait]
-impl CommitRecord for ShardCheckpoints {
-    async fn seal(&self, t: &mut InTransaction<'_, '_>) -> Result<(), RecordError> {
-        // A shard's checkpoint never passes a record that a later piece of the batch still holds.
-        let mut held_back: HashMap<&str, &SequenceNumber> = HashMap::new();
-        for ack in t.pending.iter().filter_map(|m| kinesis(&m.ack)) {
-            let first = held_back
-                .entry(&ack.lease.shard_id)
-                .or_insert(&ack.sequence);
-            *first = (*first).min(&ack.sequence);
-        }
-        let tokens = t.entries.iter().map(|e| &e.meta.ack).filter(|token| {
-            kinesis(token).is_some_and(|a| {
-                held_back
-                    .get(a.lease.shard_id.as_str())
-                    .is_none_or(|first| &a.sequence < *first)
-            })
-        });
-        match checkpoint::checkpoint_all(t.tx, &progress::checkpoints(tokens)).await {
-            Ok(()) => Ok(()),
-            Err(CheckpointError::Db(e)) => Err(RecordError::Database(e)),
-            Err(e @ CheckpointError::Fenced { .. }) => {
-                let CheckpointError::Fenced { shard, epoch, .. } = &e else {
-                    unreachable!()
-                };
-                let (shard, epoch) = (shard.clone(), *epoch);
-                Err(RecordError::Fenced {
-                    fence: Box::new(move |meta| {
-                        kinesis(&meta.ack)
-                            .is_some_and(|a| a.lease.shard_id == shard && a.lease.epoch == epoch)
-                    }),
-                    cause: Box::new(e),
-                })
-            }
-            Err(e) => Err(RecordError::Broken(Box::new(e))),
-        }
-    }
-
-    fn ordered(&self) -> bool {
-        true
-    }
-}
 
 fn kinesis(token: &AckToken) -> Option<&KinesisAck> {
     match token {
@@ -158,15 +109,14 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits() {
     };
     let mut committer =
         PgCopySinkBuilder::new(settings, Arc::new(sluice::stats::Stats::default())).committer(None);
+    let kinesis_stats = Arc::new(KinesisStats::default());
+    let record = ShardCheckpoints::new(kinesis_stats.clone());
     let checkpoint_sql = format!("SELECT checkpoint::text FROM {lease_table} ORDER BY shard_id");
     let first = Batch::new(
         vec![row(&zero, 10), row(&one, 20), row(&zero, 11), row(&one, 21)],
         Vec::new(),
     );
-    let commit = committer
-        .commit(first, &ShardCheckpoints)
-        .await
-        .expect("commit");
+    let commit = committer.commit(first, &record).await.expect("commit");
     assert_eq!((commit.committed[0].counts.loaded, commit.dropped), (4, 0));
     assert_eq!(checkpoints(&admin, &checkpoint_sql).await, ["11", "21"]);
 
@@ -185,11 +135,13 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits() {
         vec![row(&zero, 12), row(&one, 22), row(&one, 23)],
         Vec::new(),
     );
-    let commit = committer
-        .commit(second, &ShardCheckpoints)
-        .await
-        .expect("commit");
+    let commit = committer.commit(second, &record).await.expect("commit");
     assert_eq!(commit.dropped, 2, "shard 1's records are dropped unloaded");
+    assert_eq!(
+        kinesis_stats.fenced_commits.get(),
+        1,
+        "one fenced-off commit"
+    );
     let loaded: usize = commit.committed.iter().map(|c| c.counts.loaded).sum();
     assert_eq!(loaded, 1, "shard 0's record is committed");
     let acknowledged: Vec<AckToken> = commit

@@ -3,48 +3,15 @@
 
 mod common;
 mod kinesis_common;
+mod kinesis_run;
 
 use std::time::Duration;
 
 use common::*;
-use kinesis_common::{TestStream, kinesis_endpoint};
+use kinesis_common::TestStream;
+use kinesis_run::kinesis_config;
 
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/demo-logins.json");
-
-/// A Kinesis configuration writing into `schema`, its leases in the schema too.
-fn kinesis_config(stream: &TestStream, schema: &TestSchema, extra_kinesis: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "kinesis"
-
-[source.kinesis]
-stream_name = "{stream}"
-endpoint_url = "{endpoint}"
-region = "us-east-1"
-application = "e2e"
-lease_table = "{schema}.kinesis_leases"
-poll_interval_ms = 200
-lease_duration_seconds = 6
-{extra_kinesis}
-
-[sink.postgres]
-url = "{db}"
-table = "{table}"
-batch_rows = 100
-linger_ms = 100
-
-[dead_letter]
-table = "{dead}"
-"#,
-        stream = stream.name,
-        endpoint = kinesis_endpoint(),
-        schema = schema.name,
-        db = database_url(),
-        table = schema.table(),
-        dead = schema.dead_letters(),
-    )
-}
 
 async fn seed(config: &std::path::Path) {
     run_to_end(
@@ -84,7 +51,7 @@ async fn the_demo_through_kinesis_gives_the_rows_it_gives_through_sqs() {
     let queue = TestQueue::new().await;
     let stream = TestStream::new(2).await;
     let sqs = TestConfig::write(&sqs_config(&queue, &via_sqs, "", "", ""));
-    let kinesis = TestConfig::write(&kinesis_config(&stream, &via_kinesis, ""));
+    let kinesis = TestConfig::write(&kinesis_config(&stream, &via_kinesis, "", ""));
 
     let migrated = migrate(&kinesis.path).await;
     assert!(

@@ -174,10 +174,21 @@ table = "{dead}"
     cmd.env("SLUICE_DATABASE_CA_FILE", &ca);
     let out = run_to_end(cmd, Duration::from_secs(60)).await;
     assert!(
-        out.stdout.contains("postgres    ok"),
+        out.stdout.contains("postgres    ok") && out.stdout.contains(", TLSv1."),
         "{}\n{}",
         out.stdout,
         out.stderr
+    );
+    let plain = TestConfig::write(&config(&url_with(None, "disable"), ""));
+    let out = run_to_end(
+        sluice(&["check", "--config", path_str(&plain.path)]),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        out.stdout.contains("postgres    ok") && out.stdout.contains(", no TLS)"),
+        "check must say the session is plain:\n{}",
+        out.stdout
     );
 
     let wrong_name = TestConfig::write(&config(

@@ -125,9 +125,18 @@ async fn a_debug_run_prints_no_password_key_or_body() {
     let data = dir.path().join("logins.ndjson");
     let reject = format!(r#"{{"user_id": "{BODY_MARKER}"}}"#);
     std::fs::write(&data, format!("{}\n{reject}\n", login("secret-1"))).expect("write");
-    for form in FORMS {
+    for (i, form) in FORMS.iter().enumerate() {
         let url = with_password(form, None);
-        let config = TestConfig::write(&file_config(&schema, path_str(&data), &url));
+        // Every other run logs JSON lines.
+        let log = if i % 2 == 1 {
+            "[log]\nformat = \"json\"\n"
+        } else {
+            ""
+        };
+        let config = TestConfig::write(&format!(
+            "{}{log}",
+            file_config(&schema, path_str(&data), &url)
+        ));
         let out = run_to_end(at_debug(run_command(&config.path, None)), LIMIT).await;
         out.assert_success();
         assert!(
@@ -136,6 +145,19 @@ async fn a_debug_run_prints_no_password_key_or_body() {
             out.stderr
         );
         assert_says_nothing_of(&out, &[PASSWORD, KEY, BODY_MARKER], &format!("run, {form}"));
+        for command in ["migrate", "report"] {
+            let out = run_to_end(
+                at_debug(sluice(&[command, "--config", path_str(&config.path)])),
+                LIMIT,
+            )
+            .await;
+            out.assert_success();
+            assert_says_nothing_of(
+                &out,
+                &[PASSWORD, KEY, BODY_MARKER],
+                &format!("{command}, {form}"),
+            );
+        }
     }
     assert_eq!(schema.rows_loaded().await, FORMS.len() as i64);
     let rejects = schema.rejects().await;

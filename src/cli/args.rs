@@ -27,7 +27,7 @@ Environment:
 Exit codes:
   0    success
   1    failure while running (check: a finding failed)
-  2    unusable configuration or command line
+  2    unusable configuration (the masking key included) or command line
   130  a second SIGINT/SIGTERM ended the drain at once";
 
 /// Shown after the help of the keyring commands.
@@ -94,26 +94,24 @@ pub enum Command {
         summary: SummaryFormat,
     },
     /// Send messages to the configured source (SQS queue, or the file of a file source).
-    #[command(after_help = AFTER_HELP)]
+    #[command(
+        after_help = AFTER_HELP,
+        group(clap::ArgGroup::new("messages").required(true).args(["file", "count"]))
+    )]
     Seed {
         #[command(flatten)]
         config: ConfigFile,
         /// JSON array or NDJSON of message bodies, gzip or not.
-        #[arg(
-            long,
-            value_name = "PATH",
-            conflicts_with = "count",
-            required_unless_present = "count"
-        )]
+        #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
         /// Generate this many realistic login events.
         #[arg(long, value_name = "N")]
         count: Option<u64>,
         /// Seed for --count (same seed, same messages); random if not given.
-        #[arg(long, value_name = "S", requires = "count")]
+        #[arg(long, value_name = "S", requires = "count", conflicts_with = "file")]
         seed: Option<u64>,
         /// With --count: make every K-th message one of the wrong type.
-        #[arg(long, value_name = "K", requires = "count")]
+        #[arg(long, value_name = "K", requires = "count", conflicts_with = "file")]
         bad_every: Option<u64>,
         /// Do not attach dedupe ids (then re-seeding the same messages loads them again).
         #[arg(long)]
@@ -123,7 +121,7 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
         /// Replace the file of a file source if it exists (without it, seed refuses).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "out")]
         force: bool,
     },
     /// Create the target, dead-letter and ledger tables if missing (existing tables are left as they are).

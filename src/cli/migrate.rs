@@ -2,6 +2,7 @@
 //! if one cannot be used, every column that is off is reported and nothing is created.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use sluice::config::{Config, SourceKind};
@@ -12,8 +13,10 @@ use sluice::source::kinesis::source as kinesis;
 use crate::cli::output::outln;
 
 pub async fn migrate(config: &Config) -> anyhow::Result<ExitCode> {
-    let mut client = Connector::from_config(&config.sink.postgres)
-        .connect("sluice-migrate")
+    let postgres = &config.sink.postgres;
+    let patience = Duration::from_secs(postgres.connect_retry_seconds);
+    let mut client = Connector::from_config(postgres)
+        .connect_at_start("sluice-migrate", patience)
         .await?;
     let tables = config.tables();
     let dedupe = config.dedupe_enabled();

@@ -77,6 +77,9 @@ pub enum ConnStringError {
     FileOption(String),
     #[error("a quoted value is not closed")]
     Unterminated,
+    /// The word itself is not shown: it is most likely a value that lost its key, a password say.
+    #[error("a word without `=`: every setting is key=value")]
+    BareWord,
     #[error("not a PostgreSQL connection string")]
     Driver(#[source] tokio_postgres::Error),
 }
@@ -205,8 +208,7 @@ fn key_value_pairs(text: &str) -> Result<Vec<(String, String)>, ConnStringError>
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next_if_eq(&'=').is_none() {
-            pairs.push((key, String::new()));
-            continue;
+            return Err(ConnStringError::BareWord);
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let quoted = chars.next_if_eq(&'\'').is_some();
@@ -366,5 +368,8 @@ mod tests {
         assert!(err.to_string().contains("sink.postgres.ca_file"), "{err}");
         let err = ConnString::parse("host=h password='open").unwrap_err();
         assert!(!err.to_string().contains("open"), "{err}");
+        let err = ConnString::parse("host=h password pw-lost-its-key").unwrap_err();
+        let text = crate::error_chain::Chain(&err).to_string();
+        assert!(!text.contains("pw-lost"), "{text}");
     }
 }

@@ -158,7 +158,8 @@ impl Sink {
 pub async fn prepare(config: &Config, stats: Arc<Stats>) -> Result<Sink, SinkError> {
     let postgres = &config.sink.postgres;
     let connector = Connector::from_config(postgres);
-    let mut client = connector.connect("sluice").await?;
+    let patience = Duration::from_secs(postgres.connect_retry_seconds);
+    let mut client = connector.connect_at_start("sluice", patience).await?;
     let tables = config.tables();
     let dedupe = config.dedupe_enabled();
     let columns = match schema::verify(&client, &tables, dedupe).await {

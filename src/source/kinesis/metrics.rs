@@ -63,3 +63,35 @@ impl KinesisStats {
 fn labels(shard: &str) -> ShardLabels {
     vec![("shard", shard.to_owned())]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_figures_are_exported_per_shard_and_a_forgotten_shard_goes() {
+        let stats = KinesisStats::default();
+        stats.leases_held.set(2);
+        stats.set_millis_behind("shardId-000000000001", 1500);
+        stats.set_millis_behind("shardId-000000000002", 0);
+        stats.checkpoint_commits.inc_by(3);
+        stats.fenced_commits.inc();
+        stats.forget_shard("shardId-000000000002");
+        let mut registry = Registry::default();
+        stats.register(registry.sub_registry_with_prefix("sluice"));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "sluice_kinesis_leases_held 2",
+            "sluice_kinesis_millis_behind_latest{shard=\"shardId-000000000001\"} 1500",
+            "sluice_kinesis_checkpoint_commits_total 3",
+            "sluice_kinesis_fenced_commits_total 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        assert!(!text.contains("shardId-000000000002"), "{text}");
+    }
+}

@@ -9,10 +9,10 @@
 //! had already delivered is fenced off at commit and dropped unloaded. Any of these tasks failing
 //! for good ends the run (the pipeline then drains as on a signal).
 //!
-//! On stop the readers end at once (a page in hand is simply not delivered) but the keeper goes on
-//! renewing while the pipeline drains, so the batches still in the pipeline commit under their
-//! leases. The [`KinesisAcknowledger`]'s `finish`, which runs after the drain, stops the keeper, and
-//! the keeper hands every lease back at once: another replica need not wait for them to expire.
+//! On stop the readers end at once (a page in hand is simply not delivered) but the keeper, a
+//! background task of the pipeline's, goes on renewing while the pipeline drains, so the batches
+//! still in the pipeline commit under their leases. The pipeline stops it once the stages are done,
+//! and it hands every lease back at once: another replica need not wait for them to expire.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{Mutex, mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
 use super::api::{KinesisApi, KinesisError, StreamRef, sdk_client};
@@ -34,6 +34,7 @@ use super::reader::{ReadEnd, ReadError, ReaderSettings, ShardProgress, ShardRead
 use super::record::{self, ShardCheckpoints};
 use super::sequence::SequenceNumber;
 use super::shards::{ShardGraph, list_shards, watch_shards};
+use crate::background::{BackgroundError, BackgroundTask};
 use crate::config::{Config, KinesisConfig, KinesisStartPosition};
 use crate::envelope::AckToken;
 use crate::pg::{ConnectError, Connector};
@@ -106,7 +107,17 @@ pub async fn create_lease_table(client: &Client, config: &Config) -> Result<bool
     let table = &config.source.kinesis.lease_table;
     let existed = lease_table_exists(client, config).await?;
     for statement in lease_ddl(table) {
-        client.batch_execute(&statement).await?;
+        match client.batch_execute(&statement).await {
+            Ok(()) => {}
+            // Replicas starting together race on `IF NOT EXISTS`: the loser's insert into the
+            // catalog fails although the table is there.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                if !lease_table_exists(client, config).await? {
+                    return Err(e.into());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(!existed)
 }
@@ -136,27 +147,18 @@ fn initial_position(kinesis: &KinesisConfig) -> InitialPosition {
     }
 }
 
-/// The keeper while the pipeline drains, for the acknowledger to stop once it has.
-struct KeeperHandle {
-    stop: Shutdown,
-    task: JoinHandle<()>,
-}
-
-type Handoff = Arc<Mutex<Option<KeeperHandle>>>;
-
 pub struct KinesisSource {
     api: Arc<dyn KinesisApi>,
     stream: StreamRef,
-    graph: ShardGraph,
-    /// Moved into the keeper when the source runs.
-    leases: Option<Leases>,
-    keeper: KeeperSettings,
+    /// Shard discovery publishes here, the keeper reads it; taken when the source runs.
+    graph: Option<watch::Sender<Arc<ShardGraph>>>,
+    /// What the keeper reports; taken when the source runs.
+    events: Option<mpsc::Receiver<LeaseEvent>>,
     reader: ReaderSettings,
     initial: InitialPosition,
     connector: Connector,
     stats: Arc<Stats>,
     kinesis: Arc<KinesisStats>,
-    handoff: Handoff,
 }
 
 impl KinesisSource {
@@ -203,18 +205,22 @@ impl KinesisSource {
             owner,
             "Kinesis source ready"
         );
-        let handoff = Handoff::default();
+        let (graph_tx, graph_rx) = watch::channel(Arc::new(graph));
+        let (events_tx, events) = mpsc::channel(64);
+        let keeper = LeaseKeeper::new(
+            leases(config, &owner),
+            KeeperSettings {
+                connector: connector.clone(),
+                interval: duration / 3,
+            },
+        );
         let max_records = kinesis.max_records_per_call;
         Ok(BuiltSource {
             source: Box::new(KinesisSource {
                 api,
                 stream,
-                graph,
-                leases: Some(leases(config, &owner)),
-                keeper: KeeperSettings {
-                    connector: connector.clone(),
-                    interval: duration / 3,
-                },
+                graph: Some(graph_tx),
+                events: Some(events),
                 reader: ReaderSettings {
                     max_records_per_call: max_records,
                     idle_poll_interval: Duration::from_millis(kinesis.poll_interval_ms),
@@ -223,10 +229,8 @@ impl KinesisSource {
                 connector,
                 stats,
                 kinesis: kinesis_stats.clone(),
-                handoff: handoff.clone(),
             }),
             acknowledger: Arc::new(KinesisAcknowledger {
-                handoff,
                 stats: kinesis_stats.clone(),
             }),
             commit_record: Arc::new(ShardCheckpoints::new(kinesis_stats)),
@@ -234,7 +238,7 @@ impl KinesisSource {
             // bound is in chunks, so that only makes a chunk heavier).
             chunk_messages: (max_records as usize).clamp(1, 10_000),
             receive_allowance: Duration::ZERO,
-            background: Vec::new(),
+            background: vec![keeper_task(keeper, graph_rx, events_tx)],
         })
     }
 }
@@ -253,22 +257,17 @@ type ShardEnd = (String, i64, Result<(), KinesisSourceError>);
 impl Source for KinesisSource {
     async fn run(self: Box<Self>, out: Delivery, shutdown: Shutdown) -> Result<(), SourceError> {
         let mut this = *self;
-        let (graph_tx, graph_rx) = watch::channel(Arc::new(this.graph.clone()));
+        let (Some(graph), Some(mut events)) = (this.graph.take(), this.events.take()) else {
+            return Err(KinesisSourceError::KeeperStopped.into());
+        };
         let discovery_stop = Shutdown::new();
         let mut discovery = tokio::spawn(watch_shards(
             this.api.clone(),
             this.stream.clone(),
             DISCOVERY_INTERVAL,
-            graph_tx,
+            graph,
             discovery_stop.clone(),
         ));
-        let keeper_stop = Shutdown::new();
-        let (events_tx, mut events) = mpsc::channel(64);
-        let Some(leases) = this.leases.take() else {
-            return Err(KinesisSourceError::KeeperStopped.into());
-        };
-        let keeper = LeaseKeeper::new(leases, this.keeper.clone());
-        let mut keeper_task = tokio::spawn(keeper.run(graph_rx, events_tx, keeper_stop.clone()));
         let mut shards = Shards {
             source: &this,
             out: &out,
@@ -284,10 +283,6 @@ impl Source for KinesisSource {
                     Some(LeaseEvent::Lost(claim)) => shards.stop(&claim),
                     None => break Err(KinesisSourceError::KeeperStopped),
                 },
-                ended = &mut keeper_task => break Err(match ended {
-                    Err(e) => KinesisSourceError::Task("lease keeper", e),
-                    Ok(()) => KinesisSourceError::KeeperStopped,
-                }),
                 listed = &mut discovery => break match listed {
                     Ok(Ok(())) => Err(KinesisSourceError::DiscoveryStopped),
                     Ok(Err(source)) => Err(KinesisSourceError::Stream {
@@ -311,10 +306,6 @@ impl Source for KinesisSource {
         discovery.abort();
         // The keeper renews on while the pipeline drains; it reports to nobody meanwhile.
         tokio::spawn(async move { while events.recv().await.is_some() {} });
-        *this.handoff.lock().await = Some(KeeperHandle {
-            stop: keeper_stop,
-            task: keeper_task,
-        });
         outcome.map_err(SourceError::from)
     }
 }
@@ -496,10 +487,28 @@ async fn finish_when_committed(
     }
 }
 
-/// Acknowledging is the checkpoint the batch already committed: here only counted. `finish`, after
-/// the drain, stops the lease keeper, which hands the leases back.
+/// The lease keeper as the pipeline's background task: it runs until the stages have drained, then
+/// hands the leases back. Ending before that (it never should) ends the run.
+fn keeper_task(
+    keeper: LeaseKeeper,
+    graph: watch::Receiver<Arc<ShardGraph>>,
+    events: mpsc::Sender<LeaseEvent>,
+) -> BackgroundTask {
+    BackgroundTask::new("kinesis lease keeper", move |token| async move {
+        let stop = Shutdown::new();
+        let run = keeper.run(graph, events, stop.clone());
+        tokio::pin!(run);
+        tokio::select! {
+            _ = &mut run => return Err(BackgroundError::new(KinesisSourceError::KeeperStopped)),
+            _ = token.cancelled() => stop.stop(),
+        }
+        run.await;
+        Ok(())
+    })
+}
+
+/// Acknowledging is the checkpoint the batch already committed: here it is only counted.
 pub struct KinesisAcknowledger {
-    handoff: Handoff,
     stats: Arc<KinesisStats>,
 }
 
@@ -507,15 +516,5 @@ pub struct KinesisAcknowledger {
 impl Acknowledger for KinesisAcknowledger {
     async fn acknowledge(&self, tokens: Vec<AckToken>) {
         record::count_committed(&self.stats, &tokens);
-    }
-
-    async fn finish(&self) -> usize {
-        if let Some(keeper) = self.handoff.lock().await.take() {
-            keeper.stop.stop();
-            if let Err(e) = keeper.task.await {
-                tracing::warn!(error = %e, "the lease keeper stopped abnormally; leases expire on their own");
-            }
-        }
-        0
     }
 }

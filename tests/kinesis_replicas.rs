@@ -1,0 +1,153 @@
+//! Several `sluice run` processes sharing one 4-shard stream through the lease table: the shards
+//! split between them, a third process gets its share, one killed (`kill -9`) has its shards taken
+//! over within the lease bound, the survivors stopped by SIGTERM hand their leases back, and the
+//! table ends with every record once.
+
+mod common;
+mod kinesis_common;
+mod kinesis_run;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kinesis_common::TestStream;
+use kinesis_run::kinesis_config;
+
+const BAD_EVERY: usize = 50;
+const LEASE_SECONDS: u64 = 3;
+
+fn record(i: usize) -> (String, Vec<u8>) {
+    let user = format!("user-{i:05}");
+    let body = if i.is_multiple_of(BAD_EVERY) {
+        format!(r#"{{"user_id": "{user}", "ip": "not an address {i}"}}"#)
+    } else {
+        login(&user)
+    };
+    (user, body.into_bytes())
+}
+
+/// Live leases per owning process id (owner ids are `host:pid:random`).
+async fn live_leases(schema: &TestSchema) -> BTreeMap<u32, i64> {
+    let rows = schema
+        .client
+        .query(
+            &format!(
+                "SELECT owner, count(*) FROM {}.kinesis_leases
+                 WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .expect("leases");
+    rows.iter()
+        .map(|r| {
+            let owner: String = r.get(0);
+            let pid = owner.split(':').nth(1).and_then(|p| p.parse().ok());
+            (pid.expect("owner id names its process"), r.get(1))
+        })
+        .collect()
+}
+
+fn pid(process: &Watched) -> u32 {
+    process.child.id().expect("running")
+}
+
+#[tokio::test]
+async fn processes_share_a_stream_and_a_killed_ones_shards_move() {
+    let schema = TestSchema::new().await;
+    let stream = TestStream::new(4).await;
+    let first: Vec<_> = (0..2000).map(record).collect();
+    stream.put(&first).await;
+    let config = TestConfig::write(&kinesis_config(
+        &stream,
+        &schema,
+        &format!("max_records_per_call = 10\nlease_duration_seconds = {LEASE_SECONDS}"),
+        "batch_rows = 40\nlinger_ms = 50",
+    ));
+    migrate(&config.path).await;
+    let start = || Watched::spawn(run_command(&config.path, None));
+
+    let a = start();
+    let b = start();
+    let (pa, pb) = (pid(&a), pid(&b));
+    eventually(
+        Duration::from_secs(30),
+        "two processes, two shards each",
+        || {
+            let schema = &schema;
+            async move {
+                let held = live_leases(schema).await;
+                held.get(&pa) == Some(&2) && held.get(&pb) == Some(&2)
+            }
+        },
+    )
+    .await;
+
+    let c = start();
+    let pc = pid(&c);
+    eventually(Duration::from_secs(30), "the third process's share", || {
+        let schema = &schema;
+        async move {
+            let held = live_leases(schema).await;
+            let mut counts: Vec<i64> = held.values().copied().collect();
+            counts.sort();
+            held.contains_key(&pc) && counts == [1, 1, 2]
+        }
+    })
+    .await;
+
+    let mut a = a;
+    a.child.start_kill().expect("kill -9");
+    a.child.wait().await.expect("reaped");
+    let killed = Instant::now();
+    let more: Vec<_> = (2000..3000).map(record).collect();
+    stream.put(&more).await;
+    eventually(
+        Duration::from_secs(LEASE_SECONDS * 5),
+        "the killed process's shards taken over",
+        || {
+            let schema = &schema;
+            async move {
+                let held = live_leases(schema).await;
+                !held.contains_key(&pa) && held.values().sum::<i64>() == 4
+            }
+        },
+    )
+    .await;
+    let moved_after = killed.elapsed();
+
+    let valid = 3000 - 3000 / BAD_EVERY;
+    eventually(Duration::from_secs(60), "every record loaded", || {
+        let schema = &schema;
+        async move { schema.rows_so_far().await >= valid as i64 }
+    })
+    .await;
+    for process in [&b, &c] {
+        signal(&process.child, "TERM");
+    }
+    let c_out = c.finish(Duration::from_secs(30)).await;
+    c_out.assert_success();
+    let b_out = b.finish(Duration::from_secs(30)).await;
+    b_out.assert_success();
+    assert!(
+        live_leases(&schema).await.is_empty(),
+        "leases handed back on SIGTERM"
+    );
+
+    let users: Vec<String> = schema
+        .client
+        .query(&format!("SELECT user_id FROM {}", schema.table()), &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let distinct: HashSet<&String> = users.iter().collect();
+    assert_eq!(distinct.len(), valid, "every valid record loaded");
+    assert_eq!(users.len(), valid, "none loaded twice");
+    let rejects = schema.rejects().await;
+    assert_eq!(rejects.len(), 3000 / BAD_EVERY, "every reject stored once");
+    eprintln!("shards of the killed process moved within {moved_after:?}");
+}

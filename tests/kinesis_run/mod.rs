@@ -1,0 +1,64 @@
+//! Configuration of a `sluice run` reading a test stream into a test schema, for the tests that run
+//! the binary against the Kinesis emulator.
+
+#![allow(dead_code)]
+
+use crate::common::{TestSchema, database_url};
+use crate::kinesis_common::{TestStream, kinesis_endpoint};
+
+/// A Kinesis configuration writing into `schema`, its leases in the schema too. `extra_kinesis`
+/// and `extra_pg` add keys to `[source.kinesis]` and `[sink.postgres]`, replacing the defaults here.
+pub fn kinesis_config(
+    stream: &TestStream,
+    schema: &TestSchema,
+    extra_kinesis: &str,
+    extra_pg: &str,
+) -> String {
+    let kinesis = with_defaults(
+        extra_kinesis,
+        &[("poll_interval_ms", "200"), ("lease_duration_seconds", "6")],
+    );
+    let pg = with_defaults(extra_pg, &[("batch_rows", "100"), ("linger_ms", "100")]);
+    format!(
+        r#"
+[source]
+kind = "kinesis"
+
+[source.kinesis]
+stream_name = "{stream}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+application = "e2e"
+lease_table = "{schema}.kinesis_leases"
+{kinesis}
+
+[sink.postgres]
+url = "{db}"
+table = "{table}"
+{pg}
+
+[dead_letter]
+table = "{dead}"
+"#,
+        stream = stream.name,
+        endpoint = kinesis_endpoint(),
+        schema = schema.name,
+        db = database_url(),
+        table = schema.table(),
+        dead = schema.dead_letters(),
+    )
+}
+
+/// `extra` plus every `key = value` default whose key `extra` does not set.
+fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
+    let mut lines: Vec<String> = extra.lines().map(str::to_owned).collect();
+    for (key, value) in defaults {
+        if !extra
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{key} ")))
+        {
+            lines.push(format!("{key} = {value}"));
+        }
+    }
+    lines.join("\n")
+}
