@@ -1201,7 +1201,7 @@ async fn the_command_line_is_the_one_the_readme_shows() {
             .map(str::to_owned)
             .collect()
     };
-    assert_eq!(commands.len(), 6, "{commands:?}");
+    assert_eq!(commands.len(), 8, "{commands:?}");
     for (name, options) in &commands {
         let help = run_to_end(sluice(&[name, "--help"]), LIMIT).await;
         assert_eq!(help.code, Some(0), "{name}: {help:?}");
@@ -1239,6 +1239,7 @@ async fn the_command_line_is_the_one_the_readme_shows() {
     let file = path_str(&data);
     for (args, expected) in [
         (&["seed", "-c", cfg][..], "--file"),
+        (&["keygen"][..], "--id"),
         (
             &["seed", "-c", cfg, "--file", file, "--seed", "3"],
             "--seed",
