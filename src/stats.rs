@@ -57,6 +57,7 @@ pub struct Stats {
     last_receive_ms: AtomicU64,
     /// Milliseconds after `started` of the last commit or acknowledgement.
     last_progress_ms: AtomicU64,
+    stopped_before_end: AtomicBool,
 }
 
 impl Default for Stats {
@@ -83,6 +84,7 @@ impl Default for Stats {
             queue: QueueGauges::default(),
             last_receive_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
+            stopped_before_end: AtomicBool::new(false),
         }
     }
 }
@@ -125,6 +127,8 @@ pub struct Summary {
     pub released: u64,
     pub acknowledged: u64,
     pub batches_committed: u64,
+    /// A file source was stopped before the end of its file.
+    pub stopped_before_end: bool,
 }
 
 impl std::fmt::Display for Summary {
@@ -134,7 +138,11 @@ impl std::fmt::Display for Summary {
             f,
             "sluice: received={} loaded={} rejected={} duplicates={}",
             self.received, self.loaded, self.rejected, self.duplicates
-        )
+        )?;
+        if self.stopped_before_end {
+            f.write_str(" stopped_before_end=1")?;
+        }
+        Ok(())
     }
 }
 
@@ -148,6 +156,11 @@ impl Stats {
         self.started
             .elapsed()
             .saturating_sub(Duration::from_millis(stamp.load(Relaxed)))
+    }
+
+    /// A file source stopped before the end of its file (a signal came).
+    pub fn record_stopped_before_end(&self) {
+        self.stopped_before_end.store(true, Relaxed);
     }
 
     pub fn record_received(&self, n: usize) {
@@ -225,6 +238,7 @@ impl Stats {
             released: self.released.get(),
             acknowledged: self.acknowledged.get(),
             batches_committed: self.batches_committed.get(),
+            stopped_before_end: self.stopped_before_end.load(Relaxed),
         }
     }
 

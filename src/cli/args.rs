@@ -28,6 +28,7 @@ Exit codes:
   0    success
   1    failure while running (check: a finding failed)
   2    unusable configuration (the masking key included) or command line
+  3    run: a file run stopped by a signal before the end of its file (run again to continue)
   130  a second SIGINT/SIGTERM ended the drain at once";
 
 /// Shown after the help of the keyring commands.

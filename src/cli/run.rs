@@ -11,6 +11,9 @@ use sluice::source::build_source;
 use crate::cli::args::SummaryFormat;
 use crate::cli::output::outln;
 
+/// Exit status of a file run stopped (by a signal) before the end of its file.
+pub const STOPPED_BEFORE_END: u8 = 3;
+
 pub async fn run(
     config: &Config,
     idle: Option<Duration>,
@@ -51,6 +54,12 @@ pub async fn run(
         },
     }
     result.context("the pipeline stopped")?;
+    if summary.stopped_before_end {
+        tracing::warn!(
+            "stopped before the end of the file: what was committed is recorded; run again to continue after it"
+        );
+        return Ok(ExitCode::from(STOPPED_BEFORE_END));
+    }
     if summary.released > 0 {
         tracing::info!(
             released = summary.released,

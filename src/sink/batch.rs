@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::envelope::{AckToken, Chunk, Meta, Reject};
+use crate::envelope::{AckToken, Chunk, MessageId, Meta, Reject};
 use crate::sink::copy_encode::encode_rows;
 use crate::stage::transform::LoginRow;
 
@@ -156,10 +156,9 @@ impl Gathering {
             self.rejects.append(&mut chunk.rejects);
             return None;
         }
-        let take_rows = chunk.items.len().min(room);
+        let (take_rows, take_rejects) = split_point(&chunk, room);
         let rest_rows = chunk.items.split_off(take_rows);
         self.keep_rows(chunk.items);
-        let take_rejects = room - take_rows;
         let rest_rejects = chunk.rejects.split_off(take_rejects);
         self.rejects.append(&mut chunk.rejects);
         Some(Chunk {
@@ -178,6 +177,37 @@ impl Gathering {
     fn into_batch(self) -> Batch {
         Batch::from_chunks(self.chunks, self.rejects)
     }
+}
+
+/// How many rows and dead letters of `chunk` make the first `room` messages. Messages known by
+/// their position in a file are taken in file order, rows and dead letters alike, so that each
+/// batch covers one stretch of the file and the position it commits covers exactly what it
+/// loaded; others are taken rows first.
+fn split_point(chunk: &Chunk<LoginRow>, room: usize) -> (usize, usize) {
+    let position = |meta: &Meta| match meta.message_id {
+        MessageId::Position(n) => Some(n),
+        MessageId::Text(_) => None,
+    };
+    let rows: Option<Vec<u64>> = chunk
+        .items
+        .iter()
+        .map(|r| position(&r.event.meta))
+        .collect();
+    let rejects: Option<Vec<u64>> = chunk.rejects.iter().map(|r| position(&r.meta)).collect();
+    let (Some(rows), Some(rejects)) = (rows, rejects) else {
+        let take_rows = chunk.items.len().min(room);
+        return (take_rows, room - take_rows);
+    };
+    let (mut r, mut d) = (0, 0);
+    while r + d < room {
+        match (rows.get(r), rejects.get(d)) {
+            (Some(a), Some(b)) if a < b => r += 1,
+            (Some(_), None) => r += 1,
+            (_, Some(_)) => d += 1,
+            (None, None) => break,
+        }
+    }
+    (r, d)
 }
 
 /// The bodies a chunk holds: what a batch's memory grows with (a dead letter may be a large body).
@@ -279,6 +309,25 @@ pub fn test_rows(rows: usize, rejects: usize) -> (Vec<LoginRow>, Vec<Reject>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_chunk_is_split_in_file_order() {
+        let (mut rows, mut rejects) = test_rows(4, 2);
+        // Rows at lines 1, 2, 4, 6; dead letters at lines 3, 5.
+        for (row, line) in rows.iter_mut().zip([1, 2, 4, 6]) {
+            row.event.meta.message_id = MessageId::Position(line);
+        }
+        for (reject, line) in rejects.iter_mut().zip([3, 5]) {
+            reject.meta.message_id = MessageId::Position(line);
+        }
+        let chunk = Chunk {
+            items: rows,
+            rejects,
+        };
+        assert_eq!(split_point(&chunk, 3), (2, 1), "lines 1-3");
+        assert_eq!(split_point(&chunk, 4), (3, 1), "lines 1-4");
+        assert_eq!(split_point(&chunk, 5), (3, 2), "lines 1-5");
+    }
+
     use super::*;
 
     fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {

@@ -124,6 +124,9 @@ pub struct InTransaction<'a, 't> {
     /// Messages of the same batch that later transactions will commit (a batch split around a row
     /// the database refused), which a position must not move past.
     pub pending: &'a [&'a Meta],
+    /// Messages of the same batch that earlier transactions committed (the pieces of a split batch
+    /// before this one), which a position may move past.
+    pub committed: &'a [&'a Meta],
 }
 
 /// What a source writes in every batch's transaction (see the module's description).

@@ -80,6 +80,14 @@ struct CommitParts {
     dead_letter_queue: Option<DeadLetterQueue>,
 }
 
+/// The other pieces of a batch split around what the database refused: those still to commit and
+/// those committed already (a position must cover the latter and not pass the former).
+#[derive(Clone, Copy)]
+struct Pieces<'a> {
+    pending: &'a [&'a Meta],
+    committed: &'a [&'a Meta],
+}
+
 /// How one piece of a batch ended.
 enum Attempt {
     /// Committed, with how long the successful transaction took.
@@ -186,7 +194,18 @@ impl Committer for PgCopySink {
         let mut work = vec![batch];
         while let Some(mut batch) = work.pop() {
             let pending: Vec<&Meta> = work.iter().flat_map(Batch::metas).collect();
-            match self.commit_with_retry(&mut batch, record, &pending).await? {
+            let done: Vec<&Meta> = commit
+                .committed
+                .iter()
+                .flat_map(|c| c.batch.metas())
+                .collect();
+            let pieces = Pieces {
+                pending: &pending,
+                committed: &done,
+            };
+            let attempt = self.commit_with_retry(&mut batch, record, pieces).await?;
+            drop(done);
+            match attempt {
                 Attempt::Committed(counts, took) => commit.committed.push(Committed {
                     batch,
                     counts,
@@ -232,12 +251,12 @@ impl PgCopySink {
         &'a mut self,
         batch: &'a mut Batch,
         record: &'a dyn CommitRecord,
-        pending: &'a [&'a Meta],
+        pieces: Pieces<'a>,
     ) -> Result<Attempt, SinkError> {
         let stats = self.stats.clone();
         let messages = batch.len();
         let attempt = |(this, batch): (&'a mut Self, &'a mut Batch)| async move {
-            let result = this.try_commit(batch, record, pending).await;
+            let result = this.try_commit(batch, record, pieces).await;
             ((this, batch), result)
         };
         let (_, result) = attempt
@@ -265,7 +284,7 @@ impl PgCopySink {
         &mut self,
         batch: &mut Batch,
         record: &dyn CommitRecord,
-        pending: &[&Meta],
+        pieces: Pieces<'_>,
     ) -> Result<(CommitCounts, Duration), Failure> {
         let parts = self.parts.clone();
         let session = self.session().await?;
@@ -277,7 +296,7 @@ impl PgCopySink {
             data => data,
         };
         let result = parts
-            .transaction(session, batch, encoded, record, pending)
+            .transaction(session, batch, encoded, record, pieces)
             .await;
         if result.is_err() && self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
@@ -333,7 +352,7 @@ impl CommitParts {
         batch: &Batch,
         encoded: bytes::Bytes,
         record: &dyn CommitRecord,
-        pending: &[&Meta],
+        pieces: Pieces<'_>,
     ) -> Result<CommitCounts, Failure> {
         let tx = session.client.transaction().await?;
         let entries: Vec<Entry<'_>> = batch
@@ -353,7 +372,8 @@ impl CommitParts {
             tx: &tx,
             statements: &mut session.record,
             entries: &entries,
-            pending,
+            pending: pieces.pending,
+            committed: pieces.committed,
         };
         let fresh = record.claim(&mut view).await?;
         let (fresh_rows, fresh_rejects) = fresh.split_at(batch.row_count());

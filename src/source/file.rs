@@ -19,9 +19,11 @@ use async_trait::async_trait;
 
 use crate::envelope::{Chunk, Envelope, MessageId, Meta, Reject, Stage};
 use crate::message_file::{self, FileMessage, MessageReader};
+use crate::pg::Connector;
 use crate::shutdown::Shutdown;
 use crate::sink::commit_record::{CommitRecord, NoCommitRecord, Outcome};
 use crate::sink::ledger::{LedgerKey, LedgerKeys, LedgerRecord};
+use crate::source::file_position::{self, FilePositions};
 use crate::source::{BuiltSource, Delivery, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
 use crate::table_name::TableName;
@@ -29,31 +31,68 @@ use crate::table_name::TableName;
 pub struct FileSource {
     file: MessageReader,
     chunk_messages: usize,
+    /// Messages at or before this position were committed by an earlier run: skipped unread.
+    resume_after: u64,
     stats: Arc<Stats>,
 }
 
+/// What a file source is built from.
+pub struct FileSettings {
+    pub path: PathBuf,
+    pub chunk_messages: usize,
+    pub max_message_bytes: usize,
+    /// With dedupe on, the ledger table.
+    pub ledger: Option<TableName>,
+    /// Where the positions are kept (beside the ledger table), and how to reach it.
+    pub positions: TableName,
+    pub connector: Connector,
+}
+
 impl FileSource {
-    /// Opens the file, so that a missing or unreadable one fails before the run starts. With
-    /// `ledger`, each batch records its messages' keys there, scoped to this file.
-    pub fn build(
-        path: PathBuf,
-        chunk_messages: usize,
-        max_message_bytes: usize,
-        ledger: Option<&TableName>,
+    /// Opens the file, so that a missing or unreadable one fails before the run starts, and reads
+    /// how far an earlier run of the same file committed. Each batch records its position (and,
+    /// with a ledger, its messages' keys, scoped to this file).
+    pub async fn build(
+        settings: FileSettings,
         stats: Arc<Stats>,
     ) -> Result<BuiltSource, SourceError> {
+        let FileSettings {
+            path,
+            chunk_messages,
+            max_message_bytes,
+            ledger,
+            positions,
+            connector,
+        } = settings;
         let file = MessageReader::open(&path)?.limit(max_message_bytes);
-        let commit_record: Arc<dyn CommitRecord> = match ledger {
-            Some(table) => {
-                let keys = FileLedgerKeys::new(FileIdentity::of(&path));
-                Arc::new(LedgerRecord::new(table, Arc::new(keys)))
-            }
-            None => Arc::new(NoCommitRecord),
-        };
+        let ledger: Option<Box<dyn CommitRecord>> = ledger.map(|table| {
+            let keys = FileLedgerKeys::new(FileIdentity::of(&path));
+            Box::new(LedgerRecord::new(&table, Arc::new(keys))) as Box<dyn CommitRecord>
+        });
+        let (commit_record, resume_after): (Arc<dyn CommitRecord>, u64) =
+            match file_position::identity_of(&path) {
+                Some(identity) => {
+                    let record = FilePositions::new(&positions, identity, ledger);
+                    let committed = record.committed(&connector, &positions).await?;
+                    if committed > 0 {
+                        tracing::info!(
+                            path = %path.display(),
+                            position = committed,
+                            "resuming the file after what an earlier run committed"
+                        );
+                    }
+                    (Arc::new(record), committed)
+                }
+                None => match ledger {
+                    Some(ledger) => (Arc::from(ledger), 0),
+                    None => (Arc::new(NoCommitRecord), 0),
+                },
+            };
         Ok(BuiltSource {
             source: Box::new(FileSource {
                 file,
                 chunk_messages: chunk_messages.max(1),
+                resume_after,
                 stats,
             }),
             acknowledger: Arc::new(NoAcknowledger),
@@ -127,20 +166,29 @@ impl FileSource {
         let FileSource {
             file,
             chunk_messages,
+            resume_after,
             stats,
         } = self;
         let mut chunk = Chunk::new(Vec::with_capacity(chunk_messages));
         let mut received_at = SystemTime::now();
+        // A stop drops the chunk in hand uncounted: it was never received, and its position is not
+        // committed, so the next run reads it again.
         let send = |chunk: Chunk<Envelope>| -> ControlFlow<()> {
-            stats.record_received(chunk.len());
-            if shutdown.is_requested() || out.blocking_send(chunk).is_err() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
+            if shutdown.is_requested() {
+                return ControlFlow::Break(());
             }
+            let n = chunk.len();
+            if out.blocking_send(chunk).is_err() {
+                return ControlFlow::Break(());
+            }
+            stats.record_received(n);
+            ControlFlow::Continue(())
         };
         let mut stopped = false;
         file.for_each(|message| {
+            if message.position <= resume_after {
+                return ControlFlow::Continue(());
+            }
             push(&mut chunk, message, received_at);
             if chunk.len() < chunk_messages {
                 return ControlFlow::Continue(());
@@ -153,7 +201,10 @@ impl FileSource {
             flow
         })?;
         if !stopped && !chunk.is_empty() {
-            let _ = send(chunk);
+            stopped = send(chunk).is_break();
+        }
+        if stopped {
+            stats.record_stopped_before_end();
         }
         Ok(())
     }

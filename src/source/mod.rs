@@ -5,6 +5,7 @@
 //! committed and acknowledged (or released), which is after the receiving half has already stopped.
 
 pub mod file;
+pub mod file_position;
 pub mod kinesis;
 pub mod memory;
 pub mod sqs;
@@ -25,7 +26,9 @@ use crate::shutdown::Shutdown;
 use crate::sink::commit_record::CommitRecord;
 use crate::stats::Stats;
 
-use file::FileSource;
+use crate::pg::Connector;
+use file::{FileSettings, FileSource};
+use file_position::{FilePositions, PositionError};
 use sqs::SqsSource;
 
 /// Errors that stop a source for good; transient trouble is retried inside the source.
@@ -47,6 +50,8 @@ pub enum SourceError {
     FileReader(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Kinesis(#[from] kinesis::KinesisSourceError),
+    #[error(transparent)]
+    FilePosition(#[from] PositionError),
 }
 
 /// Where a source delivers its chunks: the channel into the parse stage.
@@ -106,13 +111,17 @@ pub async fn build_source(config: &Config, stats: Arc<Stats>) -> Result<BuiltSou
             SqsSource::build(&config.source.sqs, limit, ledger.as_ref(), stats).await
         }
         SourceKind::Kinesis => kinesis::KinesisSource::build(config, stats).await,
-        SourceKind::File => FileSource::build(
-            file_path(config),
-            config.source.file.chunk_messages,
-            config.source.max_message_bytes,
-            ledger.as_ref(),
-            stats,
-        ),
+        SourceKind::File => {
+            let settings = FileSettings {
+                path: file_path(config),
+                chunk_messages: config.source.file.chunk_messages,
+                max_message_bytes: config.source.max_message_bytes,
+                ledger,
+                positions: FilePositions::table_beside(&config.sink.postgres.ledger_table),
+                connector: Connector::from_config(&config.sink.postgres),
+            };
+            FileSource::build(settings, stats).await
+        }
     }
 }
 

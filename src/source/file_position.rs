@@ -1,0 +1,167 @@
+//! Resumable file loads: each batch of a file writes, in its own transaction, how far into the file
+//! everything is committed, so a run stopped part-way (a signal, a crash, a lost connection) is
+//! continued by the next run of the same file exactly after the last committed line, with nothing
+//! loaded twice and nothing skipped.
+//!
+//! A file is known by its canonical path, its size and its modification time: a file changed since
+//! is another file and is read from its start. Standard input has no identity and is not resumed.
+//! The position is claimed at the start of each transaction (the row is locked, and a message at or
+//! before it counts as committed already, so a batch retried after a COMMIT whose outcome was lost
+//! is recognised and skipped), and sealed last, never past a message a split batch has yet to
+//! commit. Positions only move forward in file order, so the file's batches commit in order on one
+//! connection ([`CommitRecord::ordered`]).
+
+use std::path::Path;
+
+use async_trait::async_trait;
+
+use crate::envelope::{MessageId, Meta};
+use crate::pg::{ConnectError, Connector, PgError};
+use crate::sink::commit_record::{CommitRecord, InTransaction, RecordError};
+use crate::table_name::TableName;
+
+/// The table's name, in the schema of the ledger table.
+const TABLE: &str = "sluice_file_positions";
+
+/// A file's identity as its positions are recorded: canonical path, size and modification time.
+pub fn identity_of(path: &Path) -> Option<String> {
+    if path.as_os_str() == "-" {
+        return None;
+    }
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&canonical).ok()?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Some(format!(
+        "{} size={} mtime_ns={modified}",
+        canonical.display(),
+        meta.len()
+    ))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PositionError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("reading the committed position from {table}")]
+    Read {
+        table: String,
+        #[source]
+        source: PgError,
+    },
+}
+
+/// The committed positions of files, and the record each batch of one file writes.
+pub struct FilePositions {
+    file: String,
+    select: String,
+    upsert: String,
+    /// With dedupe on, the ledger also claims each message.
+    ledger: Option<Box<dyn CommitRecord>>,
+}
+
+impl FilePositions {
+    /// The positions table beside `ledger_table` (same schema).
+    pub fn table_beside(ledger_table: &TableName) -> TableName {
+        TableName {
+            schema: ledger_table.schema.clone(),
+            ..TableName::unqualified(TABLE)
+        }
+    }
+
+    pub fn new(
+        table: &TableName,
+        file: String,
+        ledger: Option<Box<dyn CommitRecord>>,
+    ) -> FilePositions {
+        FilePositions {
+            file,
+            select: format!("SELECT position FROM {table} WHERE file = $1 FOR UPDATE"),
+            upsert: format!(
+                "INSERT INTO {table} AS p (file, position) VALUES ($1, $2)
+                 ON CONFLICT (file) DO UPDATE
+                 SET position = GREATEST(p.position, EXCLUDED.position), committed_at = now()"
+            ),
+            ledger,
+        }
+    }
+
+    /// Creates the table if missing and reads the position committed for this file (0: none).
+    pub async fn committed(
+        &self,
+        connector: &Connector,
+        table: &TableName,
+    ) -> Result<u64, PositionError> {
+        let client = connector.connect("sluice").await?;
+        let read = |source| PositionError::Read {
+            table: table.to_string(),
+            source: PgError(source),
+        };
+        client.batch_execute(&ddl(table)).await.map_err(read)?;
+        let select = format!("SELECT position FROM {table} WHERE file = $1");
+        let row = client
+            .query_opt(&select, &[&self.file])
+            .await
+            .map_err(read)?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
+    }
+}
+
+/// The positions table: one row per file identity.
+pub fn ddl(table: &TableName) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table}(
+    file          text PRIMARY KEY,
+    position      bigint NOT NULL,
+    committed_at  timestamptz NOT NULL DEFAULT now()
+)"
+    )
+}
+
+fn position(meta: &Meta) -> i64 {
+    match meta.message_id {
+        MessageId::Position(n) => i64::try_from(n).unwrap_or(i64::MAX),
+        MessageId::Text(_) => 0,
+    }
+}
+
+#[async_trait]
+impl CommitRecord for FilePositions {
+    async fn claim(&self, t: &mut InTransaction<'_, '_>) -> Result<Vec<bool>, RecordError> {
+        let statement = t.statements.get(t.tx, &self.select).await?;
+        let row = t.tx.query_opt(&statement, &[&self.file]).await?;
+        let committed: i64 = row.map_or(0, |r| r.get(0));
+        let mut fresh: Vec<bool> = t
+            .entries
+            .iter()
+            .map(|e| position(e.meta) > committed)
+            .collect();
+        if let Some(ledger) = &self.ledger {
+            let new = ledger.claim(t).await?;
+            fresh.iter_mut().zip(new).for_each(|(f, n)| *f &= n);
+        }
+        Ok(fresh)
+    }
+
+    async fn seal(&self, t: &mut InTransaction<'_, '_>) -> Result<(), RecordError> {
+        let here = t.entries.iter().map(|e| position(e.meta));
+        let furthest = here.chain(t.committed.iter().map(|m| position(m))).max();
+        let before_pending = t.pending.iter().map(|m| position(m) - 1).min();
+        let Some(at) = furthest.map(|f| before_pending.map_or(f, |p| f.min(p))) else {
+            return Ok(());
+        };
+        if at <= 0 {
+            return Ok(());
+        }
+        let statement = t.statements.get(t.tx, &self.upsert).await?;
+        t.tx.execute(&statement, &[&self.file, &at]).await?;
+        Ok(())
+    }
+
+    fn ordered(&self) -> bool {
+        true
+    }
+}
