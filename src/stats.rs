@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"received": 5, "loaded": 3, "rejected": 1, "duplicates": 1,
-                "released": 1, "acknowledged": 4, "batches_committed": 1})
+                "released": 1, "acknowledged": 4, "batches_committed": 1, "stopped_before_end": false})
         );
     }
 

@@ -285,7 +285,8 @@ async fn the_summary_is_text_by_default_and_json_on_request() {
     assert_eq!(
         value,
         serde_json::json!({"received": 2, "loaded": 1, "rejected": 1, "duplicates": 0,
-            "released": 0, "acknowledged": 2, "batches_committed": 1})
+            "released": 0, "acknowledged": 2, "batches_committed": 1,
+            "stopped_before_end": false})
     );
 }
 
