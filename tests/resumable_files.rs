@@ -68,7 +68,7 @@ async fn a_file_stopped_by_sigterm_is_continued_by_the_next_run_exactly_once() {
         stopped.stderr
     );
     assert!(
-        stopped.stdout.contains("\"stopped_before_end\":true"),
+        stopped.stdout.contains(r#""stopped_before_end":true"#),
         "{}",
         stopped.stdout
     );
@@ -80,7 +80,7 @@ async fn a_file_stopped_by_sigterm_is_continued_by_the_next_run_exactly_once() {
     rest.assert_success();
     let second = rest.summary();
     assert!(
-        rest.stdout.contains("\"stopped_before_end\":false"),
+        !rest.stdout.contains(r#""stopped_before_end":true"#),
         "{}",
         rest.stdout
     );
