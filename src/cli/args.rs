@@ -182,9 +182,11 @@ pub enum Command {
 /// The shape of `sluice run`'s final summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SummaryFormat {
-    /// `sluice: received=N loaded=N rejected=N duplicates=N`
+    // Variants without doc comments: with them clap switches every option's help to its long,
+    // multi-paragraph layout.
+    // `sluice: received=N loaded=N rejected=N duplicates=N`
     Text,
-    /// `{"received":N,"loaded":N,…}` on one line
+    // `{"received":N,"loaded":N,…}` on one line
     Json,
 }
 
