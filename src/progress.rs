@@ -85,32 +85,22 @@ pub fn task(stats: Arc<Stats>, every: Duration) -> BackgroundTask {
 }
 
 fn log(stats: &Stats, r: &Rates, now: &Counts) {
-    let in_flight = stats.in_flight();
-    match stats.queue.waiting_if_sampled() {
-        Some(queue_waiting) => tracing::info!(
-            received_per_s = r.received,
-            parsed_per_s = r.parsed,
-            transformed_per_s = r.transformed,
-            loaded_per_s = r.loaded,
-            dead_letters_per_s = r.dead_letters,
-            commits = r.commits,
-            commits_total = now.commits,
-            in_flight,
-            queue_waiting,
-            "progress"
-        ),
-        None => tracing::info!(
-            received_per_s = r.received,
-            parsed_per_s = r.parsed,
-            transformed_per_s = r.transformed,
-            loaded_per_s = r.loaded,
-            dead_letters_per_s = r.dead_letters,
-            commits = r.commits,
-            commits_total = now.commits,
-            in_flight,
-            "progress"
-        ),
-    }
+    // The backlog as the source knows it: the SQS queue's depth, or the Kinesis shard furthest
+    // behind the tip (each field printed only when there is a figure).
+    let shard_lag_ms_max = stats.kinesis.get().and_then(|k| k.max_millis_behind());
+    tracing::info!(
+        received_per_s = r.received,
+        parsed_per_s = r.parsed,
+        transformed_per_s = r.transformed,
+        loaded_per_s = r.loaded,
+        dead_letters_per_s = r.dead_letters,
+        commits = r.commits,
+        commits_total = now.commits,
+        in_flight = stats.in_flight(),
+        queue_waiting = stats.queue.waiting_if_sampled(),
+        shard_lag_ms_max,
+        "progress"
+    );
 }
 
 #[cfg(test)]

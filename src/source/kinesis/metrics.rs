@@ -5,6 +5,9 @@
 //! reports it), are checkpoints advancing (checkpoint commits), and are replicas fighting over shards
 //! (fenced-off commits: each one is a batch rolled back because its lease had moved on).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -23,16 +26,33 @@ pub struct KinesisStats {
     pub checkpoint_commits: Counter,
     /// Transactions rolled back because a shard's lease had moved to another owner or epoch.
     pub fenced_commits: Counter,
+    /// The same figures as `millis_behind`, readable: a metric family cannot be read back, and the
+    /// progress line shows the shard furthest behind.
+    behind: Mutex<HashMap<String, i64>>,
 }
 
 impl KinesisStats {
     pub fn set_millis_behind(&self, shard: &str, millis: i64) {
         self.millis_behind.get_or_create(&labels(shard)).set(millis);
+        self.behind_by_shard().insert(shard.to_owned(), millis);
     }
 
     /// Forgets a shard this process no longer reads, so a stale figure is not exported.
     pub fn forget_shard(&self, shard: &str) {
         self.millis_behind.remove(&labels(shard));
+        self.behind_by_shard().remove(shard);
+    }
+
+    /// How far behind the tip the furthest shard read here is, if any shard is read.
+    pub fn max_millis_behind(&self) -> Option<i64> {
+        self.behind_by_shard().values().copied().max()
+    }
+
+    fn behind_by_shard(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        // A panic elsewhere while holding it leaves plain numbers, still good to read.
+        self.behind
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -76,6 +96,7 @@ mod tests {
         stats.set_millis_behind("shardId-000000000002", 0);
         stats.checkpoint_commits.inc_by(3);
         stats.fenced_commits.inc();
+        assert_eq!(stats.max_millis_behind(), Some(1500));
         stats.forget_shard("shardId-000000000002");
         let mut registry = Registry::default();
         stats.register(registry.sub_registry_with_prefix("sluice"));
