@@ -407,14 +407,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         tx.send(chunk_of_rejects(4)).await.expect("send");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let sizes: Vec<usize> = [
-            brx.recv().await.expect("1"),
-            brx.recv().await.expect("2"),
-            brx.recv().await.expect("3"),
-        ]
-        .iter()
-        .map(Batch::len)
-        .collect();
+        let sizes = sizes_of_next(&mut brx, 3).await;
         assert_eq!(sizes, [1, 2, 4], "the second batch closed at its linger");
     }
 
@@ -434,15 +427,17 @@ mod tests {
             tx.send(chunk_of_rejects(1)).await.expect("send"); // "bad N": 5 bytes each
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let sizes: Vec<usize> = [
-            brx.recv().await.expect("1"),
-            brx.recv().await.expect("2"),
-            brx.recv().await.expect("3"),
-        ]
-        .iter()
-        .map(Batch::len)
-        .collect();
+        let sizes = sizes_of_next(&mut brx, 3).await;
         assert_eq!(sizes, [1, 2, 2]);
+    }
+
+    /// The sizes of the next `n` batches the batcher hands over.
+    async fn sizes_of_next(batches: &mut mpsc::Receiver<Batch>, n: usize) -> Vec<usize> {
+        let mut sizes = Vec::with_capacity(n);
+        for _ in 0..n {
+            sizes.push(batches.recv().await.expect("a batch").len());
+        }
+        sizes
     }
 
     async fn wait_until(done: impl Fn() -> bool) {
