@@ -427,6 +427,7 @@ impl ShardReader {
             ack: AckToken::Kinesis(KinesisAck {
                 lease: self.lease.clone(),
                 sequence: message.sequence.clone(),
+                user_record: message.sub_sequence.unwrap_or(0),
                 completes_record: message.completes_record,
                 ends_shard: message.ends_shard,
             }),
@@ -490,6 +491,7 @@ mod tests {
             shard_id: SHARD.into(),
             owner: Arc::from("me"),
             epoch: 1,
+            duration: std::time::Duration::from_secs(30),
         })
     }
 
