@@ -320,6 +320,20 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_may_sit_idle_a_third_of_its_shortest_lease() {
+        let (a, mut b) = (lease("a", "s0"), (*lease("a", "s1")).clone());
+        b.duration = std::time::Duration::from_secs(3);
+        let b = Arc::new(b);
+        let both = [entry(&a, "1", false), entry(&b, "2", false)];
+        assert_eq!(lock_idle_limit(&both), Some(Duration::from_secs(1)));
+        let mut brief = (*a).clone();
+        brief.duration = Duration::from_millis(90);
+        let brief = [entry(&Arc::new(brief), "1", false)];
+        assert_eq!(lock_idle_limit(&brief), Some(Duration::from_millis(100)));
+        assert_eq!(lock_idle_limit(&[]), None, "no lease rows, no limit");
+    }
+
+    #[test]
     fn entries_are_grouped_by_stream_and_reduced_to_the_furthest_per_shard() {
         let (a1, a0, b0) = (lease("a", "s1"), lease("a", "s0"), lease("b", "s0"));
         let input = [
