@@ -81,6 +81,7 @@ async fn read_shard(
         ReaderSettings {
             max_records_per_call: 7,
             idle_poll_interval: Duration::from_millis(200),
+            ..ReaderSettings::default()
         },
     );
     let (tx, mut rx) = mpsc::channel::<Chunk<Envelope>>(4);
