@@ -7,6 +7,10 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod fault_proxy;
+pub mod feed;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
