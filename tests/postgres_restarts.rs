@@ -77,7 +77,7 @@ listen = "127.0.0.1:0"
     //    outage wait; the daemon reconnects when the server is back.
     feed.paused.store(true, Ordering::SeqCst);
     eventually(Duration::from_secs(90), "the daemon to be idle", || async {
-        let sent = feed.sent.load(Ordering::SeqCst) as i64;
+        let sent = feed.sent() as i64;
         rows().await + dead_letters().await == sent && queue.depth().await == (0, 0)
     })
     .await;

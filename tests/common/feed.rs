@@ -2,6 +2,7 @@
 //! the test breaks things, as real producers do (and as the emulator, which slows down as its
 //! queue grows, handles best).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,22 +21,27 @@ pub const INVALID_EVERY: u64 = 10;
 pub struct Feed {
     pub paused: Arc<AtomicBool>,
     feeding: Arc<AtomicBool>,
-    pub sent: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Feed {
+    /// Feeds `queue`.
     pub fn start(queue: &TestQueue) -> Feed {
+        let (client, url) = (queue.client.clone(), queue.url.clone());
+        Feed::start_with(move |bodies| send_to_queue(client.clone(), url.clone(), bodies))
+    }
+
+    /// Feeds whatever `send` sends one slice of bodies to.
+    pub fn start_with<F, Fut>(send: F) -> Feed
+    where
+        F: Fn(Vec<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let paused = Arc::new(AtomicBool::new(false));
         let feeding = Arc::new(AtomicBool::new(true));
         let sent = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(feed(
-            queue.client.clone(),
-            queue.url.clone(),
-            paused.clone(),
-            feeding.clone(),
-            sent.clone(),
-        ));
+        let task = tokio::spawn(feed(send, paused.clone(), feeding.clone(), sent.clone()));
         Feed {
             paused,
             feeding,
@@ -55,6 +61,11 @@ impl Feed {
         .await;
     }
 
+    /// Messages sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
     /// Stops feeding; how many messages were sent in all.
     pub async fn stop(self) -> u64 {
         self.feeding.store(false, Ordering::SeqCst);
@@ -63,13 +74,15 @@ impl Feed {
     }
 }
 
-async fn feed(
-    client: aws_sdk_sqs::Client,
-    queue_url: String,
+async fn feed<F, Fut>(
+    send: F,
     paused: Arc<AtomicBool>,
     feeding: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
-) {
+) where
+    F: Fn(Vec<String>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let mut n = 0_u64;
     while feeding.load(Ordering::SeqCst) {
         // The pace of a producer, not a wait for anything.
@@ -77,31 +90,41 @@ async fn feed(
         if paused.load(Ordering::SeqCst) {
             continue;
         }
-        let entries = (0..SLICE)
+        let bodies = (n..n + SLICE as u64)
             .map(|i| {
-                let body = if n.is_multiple_of(INVALID_EVERY) {
-                    format!("not json: bad-{n}")
+                if i.is_multiple_of(INVALID_EVERY) {
+                    format!("not json: bad-{i}")
                 } else {
-                    login(&format!("user-{n}"))
-                };
-                n += 1;
-                aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(body)
-                    .build()
-                    .expect("entry")
+                    login(&format!("user-{i}"))
+                }
             })
             .collect();
-        let out = client
-            .send_message_batch()
-            .queue_url(&queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .expect("send batch");
-        assert!(out.failed.is_empty(), "some sends failed: {:?}", out.failed);
+        send(bodies).await;
+        n += SLICE as u64;
         sent.store(n, Ordering::SeqCst);
     }
+}
+
+async fn send_to_queue(client: aws_sdk_sqs::Client, queue_url: String, bodies: Vec<String>) {
+    let entries = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| {
+            aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(body)
+                .build()
+                .expect("entry")
+        })
+        .collect();
+    let out = client
+        .send_message_batch()
+        .queue_url(&queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .expect("send batch");
+    assert!(out.failed.is_empty(), "some sends failed: {:?}", out.failed);
 }
 
 /// Of `total` messages sent by a [`Feed`]: (valid, invalid).
