@@ -179,25 +179,45 @@ impl Gathering {
     }
 }
 
-/// How many rows and dead letters of `chunk` make the first `room` messages. Messages known by
-/// their position in a file are taken in file order, rows and dead letters alike, so that each
-/// batch covers one stretch of the file and the position it commits covers exactly what it
-/// loaded; others are taken rows first.
+/// How many rows and dead letters of `chunk` make the first `room` messages. Messages whose read
+/// order is known are taken in that order, rows and dead letters alike: a file's by their position,
+/// so that each batch covers one stretch of the file and the position it commits covers exactly
+/// what it loaded; a Kinesis page's (one shard's records) by sequence number, so that no batch
+/// checkpoints the shard past a record a later batch still holds. Others are taken rows first.
 fn split_point(chunk: &Chunk<LoginRow>, room: usize) -> (usize, usize) {
-    let position = |meta: &Meta| match meta.message_id {
+    let file_position = |meta: &Meta| match meta.message_id {
         MessageId::Position(n) => Some(n),
         MessageId::Text(_) => None,
     };
-    let rows: Option<Vec<u64>> = chunk
+    let kinesis_sequence = |meta: &Meta| match &meta.ack {
+        AckToken::Kinesis(ack) => Some(ack.sequence.clone()),
+        _ => None,
+    };
+    split_in_order(chunk, room, file_position)
+        .or_else(|| split_in_order(chunk, room, kinesis_sequence))
+        .unwrap_or_else(|| {
+            let take_rows = chunk.items.len().min(room);
+            (take_rows, room - take_rows)
+        })
+}
+
+/// The first `room` messages of `chunk` by `order` (rows and dead letters each already in that
+/// order), or `None` if some message has no place in it.
+fn split_in_order<K: Ord>(
+    chunk: &Chunk<LoginRow>,
+    room: usize,
+    order: impl Fn(&Meta) -> Option<K>,
+) -> Option<(usize, usize)> {
+    let rows: Vec<K> = chunk
         .items
         .iter()
-        .map(|r| position(&r.event.meta))
-        .collect();
-    let rejects: Option<Vec<u64>> = chunk.rejects.iter().map(|r| position(&r.meta)).collect();
-    let (Some(rows), Some(rejects)) = (rows, rejects) else {
-        let take_rows = chunk.items.len().min(room);
-        return (take_rows, room - take_rows);
-    };
+        .map(|r| order(&r.event.meta))
+        .collect::<Option<_>>()?;
+    let rejects: Vec<K> = chunk
+        .rejects
+        .iter()
+        .map(|r| order(&r.meta))
+        .collect::<Option<_>>()?;
     let (mut r, mut d) = (0, 0);
     while r + d < room {
         match (rows.get(r), rejects.get(d)) {
@@ -207,7 +227,7 @@ fn split_point(chunk: &Chunk<LoginRow>, room: usize) -> (usize, usize) {
             (None, None) => break,
         }
     }
-    (r, d)
+    Some((r, d))
 }
 
 /// The bodies a chunk holds: what a batch's memory grows with (a dead letter may be a large body).
@@ -326,6 +346,53 @@ mod tests {
         assert_eq!(split_point(&chunk, 3), (2, 1), "lines 1-3");
         assert_eq!(split_point(&chunk, 4), (3, 1), "lines 1-4");
         assert_eq!(split_point(&chunk, 5), (3, 2), "lines 1-5");
+    }
+
+    /// A Kinesis page whose rows and dead letters do not fit one batch is split in read order
+    /// too: a batch holding the page's last record before an earlier dead letter would move the
+    /// shard's checkpoint past a record a later batch still holds, and that batch's checkpoint
+    /// would go backwards.
+    #[test]
+    fn a_kinesis_page_is_split_in_read_order() {
+        use crate::source::kinesis::KinesisAck;
+        use crate::source::kinesis::lease::{LeaseClaim, LeaseScope};
+        use crate::source::kinesis::sequence::SequenceNumber;
+        use std::sync::Arc;
+        let lease = Arc::new(LeaseClaim {
+            scope: Arc::new(LeaseScope {
+                table: crate::table_name::TableName::unqualified("leases"),
+                application: "app".into(),
+                stream: "s".into(),
+            }),
+            shard_id: "shardId-0".into(),
+            owner: Arc::from("me"),
+            epoch: 1,
+        });
+        let ack = |sequence: u64| {
+            AckToken::Kinesis(KinesisAck {
+                lease: lease.clone(),
+                sequence: SequenceNumber::parse(&sequence.to_string()).expect("a sequence"),
+                completes_record: true,
+                ends_shard: false,
+            })
+        };
+        let (mut rows, mut rejects) = test_rows(4, 2);
+        // Rows are records 1, 2, 4, 6; dead letters records 3, 5 (not file positions).
+        for (row, sequence) in rows.iter_mut().zip([1, 2, 4, 6]) {
+            row.event.meta.message_id = MessageId::Text(format!("shardId-0/{sequence}"));
+            row.event.meta.ack = ack(sequence);
+        }
+        for (reject, sequence) in rejects.iter_mut().zip([3, 5]) {
+            reject.meta.message_id = MessageId::Text(format!("shardId-0/{sequence}"));
+            reject.meta.ack = ack(sequence);
+        }
+        let chunk = Chunk {
+            items: rows,
+            rejects,
+        };
+        assert_eq!(split_point(&chunk, 3), (2, 1), "records 1-3");
+        assert_eq!(split_point(&chunk, 4), (3, 1), "records 1-4");
+        assert_eq!(split_point(&chunk, 5), (3, 2), "records 1-5");
     }
 
     use super::*;
