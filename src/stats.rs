@@ -49,6 +49,10 @@ pub struct Stats {
     pub source_backoff_seconds: Counter<f64, AtomicU64>,
     /// Messages per committed transaction.
     pub batch_messages: Histogram,
+    /// Messages in the last committed transaction, and the most in one since the progress line last
+    /// read it ([`Stats::take_batch_sizes`]): what the self-sizing batcher chose, for the log.
+    last_batch_messages: AtomicU64,
+    max_batch_messages: AtomicU64,
     /// Seconds from BEGIN to COMMIT of a batch, retries excluded.
     pub commit_seconds: Histogram,
     /// Seconds from the source accepting a message to the commit of its row or dead-letter record.
@@ -86,6 +90,8 @@ impl Default for Stats {
             source_retries: Counter::default(),
             source_backoff_seconds: Counter::default(),
             batch_messages: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            last_batch_messages: AtomicU64::new(0),
+            max_batch_messages: AtomicU64::new(0),
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.5, 12)),
             end_to_end_seconds: Histogram::new(exponential_buckets(0.01, 3.0, 12)),
             postgres_connections: Gauge::default(),
@@ -191,11 +197,20 @@ impl Stats {
         self.loaded.inc_by(loaded as u64);
         self.rejected.inc_by(rejected as u64);
         self.duplicates.inc_by(duplicates as u64);
+        let messages = (loaded + rejected + duplicates) as u64;
+        self.last_batch_messages.store(messages, Relaxed);
+        self.max_batch_messages.fetch_max(messages, Relaxed);
         self.batches_committed.inc();
-        self.batch_messages
-            .observe((loaded + rejected + duplicates) as f64);
+        self.batch_messages.observe(messages as f64);
         self.commit_seconds.observe(took.as_secs_f64());
         self.last_progress_ms.store(self.now_ms(), Relaxed);
+    }
+
+    /// The messages of the last committed transaction, and the most in one since the previous call
+    /// (0 when none committed since); resets the latter.
+    pub fn take_batch_sizes(&self) -> (u64, u64) {
+        let max = self.max_batch_messages.swap(0, Relaxed);
+        (self.last_batch_messages.load(Relaxed), max)
     }
 
     pub fn record_acknowledged(&self, n: usize) {

@@ -85,6 +85,19 @@ async fn a_scrape_during_a_run_matches_postgres_and_shows_the_queue() {
             && l.contains("queue_waiting=")),
         "no progress line with rates, commits and queue depth:\n{progress:#?}"
     );
+    // The batcher's choices: an interval with commits shows its batch sizes, each at least one.
+    let sized = |l: &&String, field: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(field))
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v >= 1.0)
+    };
+    assert!(
+        progress.iter().any(|l| sized(&l, "batch_mean=")
+            && sized(&l, "batch_last=")
+            && sized(&l, "batch_max=")),
+        "no progress line with the batch sizes chosen:\n{progress:#?}"
+    );
     signal(&daemon.child, "TERM");
     let out = daemon.finish(LIMIT).await;
     out.assert_success();

@@ -167,11 +167,19 @@ pub struct TestQueue {
 
 impl TestQueue {
     pub async fn new() -> TestQueue {
+        TestQueue::with_visibility(None).await
+    }
+
+    /// A queue whose messages, once received, stay invisible for `seconds` unless the receive asks
+    /// otherwise (the emulator's default when `None`).
+    pub async fn with_visibility(seconds: Option<u32>) -> TestQueue {
         let client = sqs().await;
         let name = unique("sluice-t-");
-        let url = client
-            .create_queue()
-            .queue_name(&name)
+        let mut create = client.create_queue().queue_name(&name);
+        if let Some(seconds) = seconds {
+            create = create.attributes(QueueAttributeName::VisibilityTimeout, seconds.to_string());
+        }
+        let url = create
             .send()
             .await
             .unwrap_or_else(|e| {
