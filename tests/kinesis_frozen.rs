@@ -81,15 +81,16 @@ async fn a_process_frozen_past_its_lease_has_its_next_commit_fenced_off() {
     let valid = (RECORDS - RECORDS / BAD_EVERY) as i64;
     let rejects = (RECORDS / BAD_EVERY) as i64;
     let lease = format!("lease_duration_seconds = {LEASE_SECONDS}");
-    // The frozen one reads large pages and commits one message per transaction: when it stops,
-    // it holds thousands of records read but not committed.
+    // The frozen one reads large pages and commits ten messages per transaction: when it stops,
+    // it holds thousands of records read but not committed. (Each batch of them is fenced off in
+    // turn once it resumes, so smaller batches would only make its drain long.)
     let slow = TestConfig::write(&format!(
         "{}{METRICS}",
         kinesis_config(
             &stream,
             &schema,
             &format!("max_records_per_call = 1000\n{lease}"),
-            "batch_rows = 1\nlinger_ms = 0",
+            "batch_rows = 10\nlinger_ms = 0",
         )
     ));
     let fast = TestConfig::write(&kinesis_config(
@@ -178,9 +179,9 @@ async fn a_process_frozen_past_its_lease_has_its_next_commit_fenced_off() {
     for process in [&frozen, &other] {
         signal(&process.child, "TERM");
     }
-    let frozen_out = frozen.finish(Duration::from_secs(30)).await;
+    let frozen_out = frozen.finish(Duration::from_secs(60)).await;
     frozen_out.assert_success();
-    let other_out = other.finish(Duration::from_secs(30)).await;
+    let other_out = other.finish(Duration::from_secs(60)).await;
     other_out.assert_success();
     let (f, o) = (frozen_out.summary(), other_out.summary());
 
