@@ -1,7 +1,8 @@
 //! The commit-record seam carries a fenced Kinesis checkpoint: written last in the batch's
 //! transaction; when the lease moved to another process, the whole transaction rolls back and the
 //! committer drops that shard's records unloaded and commits the rest. The record is the Kinesis
-//! source's own ([`ShardCheckpoints`]), against the real PostgreSQL.
+//! source's own ([`ShardCheckpoints`]), against the real PostgreSQL. Once fenced off, a claim's
+//! later records are dropped before their batch's transaction; a new claim of the shard commits.
 
 mod common;
 
@@ -59,7 +60,8 @@ fn row(lease: &Arc<LeaseClaim>, sequence: u64) -> LoginRow {
 }
 
 #[tokio::test]
-async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits() {
+async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_claim_costs_no_more_transactions()
+ {
     let schema = TestSchema::new().await;
     let table = |name: &str| TableName::parse(&format!("{}.{name}", schema.name)).expect("name");
     let tables = Tables {
@@ -124,13 +126,17 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits() {
     // a is frozen past its leases; b takes shard 1 (shard 0 stays a's: nobody took it).
     let b = Leases::new(scope(), "b", Duration::from_secs(60));
     let started = Instant::now();
-    while b.acquire(&admin, &ids[1..]).await.expect("b").is_empty() {
+    let b_held = loop {
+        let taken = b.acquire(&admin, &ids[1..]).await.expect("b");
+        if !taken.is_empty() {
+            break taken;
+        }
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "b took nothing"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
 
     let second = Batch::new(
         vec![row(&zero, 12), row(&one, 22), row(&one, 23)],
@@ -157,6 +163,46 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits() {
     );
     assert_eq!(schema.rows_loaded().await, 5);
     assert_eq!(checkpoints(&admin, &checkpoint_sql).await, ["12", "21"]);
+
+    // Later batches of the fenced-off claim open no transaction for it: no more fenced commits,
+    // the other shard's records still commit, and a batch of that claim alone commits nothing.
+    let third = Batch::new(
+        vec![row(&one, 24), row(&zero, 13), row(&one, 25)],
+        Vec::new(),
+    );
+    let commit = committer.commit(third, &record).await.expect("commit");
+    assert_eq!(commit.dropped, 2, "the lost claim's records are dropped");
+    assert_eq!(
+        kinesis_stats.fenced_commits.get(),
+        1,
+        "no transaction was fenced off for the lost claim's records"
+    );
+    assert_eq!(commit.committed.len(), 1, "one transaction, for shard 0");
+    assert_eq!(commit.committed[0].counts.loaded, 1);
+    let fourth = Batch::new(vec![row(&one, 26)], Vec::new());
+    let commit = committer.commit(fourth, &record).await.expect("commit");
+    assert_eq!((commit.dropped, commit.committed.len()), (1, 0));
+    assert_eq!(kinesis_stats.fenced_commits.get(), 1);
+    assert_eq!(schema.rows_loaded().await, 6);
+    assert_eq!(checkpoints(&admin, &checkpoint_sql).await, ["13", "21"]);
+
+    // b hands shard 1 back and a takes it again: a new claim, whose records commit.
+    let b_claims: Vec<LeaseClaim> = b_held.into_iter().map(|t| t.claim).collect();
+    assert_eq!(b.release(&admin, &b_claims).await.expect("release"), 1);
+    let again = a
+        .acquire(&admin, &ids[1..])
+        .await
+        .expect("a takes shard 1 again");
+    assert_eq!(again.len(), 1, "shard 1 is free");
+    let renewed = Arc::new(again[0].claim.clone());
+    assert!(renewed.epoch > one.epoch);
+    let fifth = Batch::new(vec![row(&renewed, 22), row(&one, 27)], Vec::new());
+    let commit = committer.commit(fifth, &record).await.expect("commit");
+    assert_eq!(commit.dropped, 1, "only the old claim's record is dropped");
+    let loaded: usize = commit.committed.iter().map(|c| c.counts.loaded).sum();
+    assert_eq!(loaded, 1, "the new claim's record is committed");
+    assert_eq!(kinesis_stats.fenced_commits.get(), 1);
+    assert_eq!(checkpoints(&admin, &checkpoint_sql).await, ["13", "22"]);
 }
 
 async fn checkpoints(admin: &tokio_postgres::Client, sql: &str) -> Vec<String> {

@@ -44,6 +44,7 @@ fn claim(stream: &TestStream, shard_id: &str) -> Arc<LeaseClaim> {
         owner: Arc::from("test"),
         epoch: 1,
         duration: std::time::Duration::from_secs(30),
+        fenced_off: Default::default(),
     })
 }
 

@@ -356,6 +356,7 @@ mod tests {
                 owner: Arc::from("me"),
                 epoch: 1,
                 duration: Duration::from_secs(30),
+                fenced_off: Default::default(),
             }),
             sequence: SequenceNumber::parse(&sequence.to_string()).expect("valid"),
             user_record,

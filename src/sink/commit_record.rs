@@ -20,6 +20,10 @@
 //! Either point may answer that the source fenced the commit off (a Kinesis lease moved to another
 //! process): the committer then rolls the whole transaction back, drops the messages the fence names
 //! without loading or acknowledging them (their new owner reads them again) and commits the rest.
+//! Such an answer is final for the messages it names and for those the source reads after them
+//! under the same claim, so before each transaction the committer asks
+//! [`CommitRecord::fenced_off`] and drops them the same way without a transaction: a process that
+//! lost a lease does not pay one rolled-back transaction per batch still in hand for it.
 //! A record whose positions must advance in delivery order says so with [`CommitRecord::ordered`];
 //! the pipeline then commits on one connection, so no batch can commit before the one ahead of it.
 
@@ -143,6 +147,16 @@ pub trait CommitRecord: Send + Sync {
     /// default nothing.
     async fn seal(&self, _t: &mut InTransaction<'_, '_>) -> Result<(), RecordError> {
         Ok(())
+    }
+
+    /// Asked before each transaction: whether the source already knows that `meta` cannot be
+    /// committed by this process, because an earlier transaction's answer fenced it off. The
+    /// committer then drops it as it drops what a [`RecordError::Fenced`] names (unloaded, never
+    /// acknowledged), without a transaction for it. Only what a fence reported may be named here,
+    /// never a guess: a message dropped while the source would still take it is lost. By default
+    /// nothing.
+    fn fenced_off(&self, _meta: &Meta) -> bool {
+        false
     }
 
     /// Whether batches must commit in the order the source delivered them.

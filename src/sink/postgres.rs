@@ -11,7 +11,9 @@
 //! (and, through the bounded channels, the source) instead of losing data. A data error means one row
 //! can never be written: the batch is split in halves until the row is alone, and that row becomes a
 //! dead-letter record carrying the database's error, while its neighbours load. A commit the source
-//! fences off is rolled back and committed again without the messages the fence names. Anything else
+//! fences off is rolled back and committed again without the messages the fence names; what the
+//! source already knows to be fenced off (an earlier answer) is taken out before the transaction
+//! begins, and a batch left empty opens none. Anything else
 //! (schema or permission trouble) stops the daemon without acknowledging the batch.
 
 use std::sync::Arc;
@@ -205,6 +207,17 @@ impl Committer for PgCopySink {
         let mut commit = Commit::default();
         let mut work = vec![batch];
         while let Some(mut batch) = work.pop() {
+            let lost = batch.drop_where(|meta| record.fenced_off(meta));
+            if lost > 0 {
+                tracing::warn!(
+                    dropped = lost,
+                    "commit fenced off by the source before: its messages there are dropped unloaded without a transaction and read again by their new owner"
+                );
+                commit.dropped += lost;
+                if batch.is_empty() {
+                    continue;
+                }
+            }
             let pending: Vec<&Meta> = work.iter().flat_map(Batch::metas).collect();
             let done: Vec<&Meta> = commit
                 .committed

@@ -308,6 +308,7 @@ mod tests {
             owner: Arc::from("me"),
             epoch: 1,
             duration: std::time::Duration::from_secs(30),
+            fenced_off: Default::default(),
         })
     }
 

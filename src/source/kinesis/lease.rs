@@ -22,6 +22,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -66,7 +67,7 @@ pub struct LeaseScope {
 
 /// The right to read one shard and checkpoint it, valid while the row still shows this owner and
 /// epoch. Cheap to clone: every message read under it carries one (behind an `Arc`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LeaseClaim {
     pub scope: Arc<LeaseScope>,
     pub shard_id: String,
@@ -76,6 +77,50 @@ pub struct LeaseClaim {
     /// claim may keep the shard's row locked while its process is stopped (see
     /// [`super::checkpoint`]), so a frozen process cannot hold up the take-over of its shards.
     pub duration: Duration,
+    /// Set once the database fenced a commit under this claim off; shared by every clone.
+    pub fenced_off: FencedOff,
+}
+
+/// Two claims are the same claim when they name the same lease row, owner and epoch; whether one
+/// was fenced off yet is state learnt about it, not part of what it is.
+impl PartialEq for LeaseClaim {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.scope,
+            &self.shard_id,
+            &self.owner,
+            self.epoch,
+            self.duration,
+        ) == (
+            &other.scope,
+            &other.shard_id,
+            &other.owner,
+            other.epoch,
+            other.duration,
+        )
+    }
+}
+
+impl Eq for LeaseClaim {}
+
+/// The mark that a claim is lost for good: the database answered a checkpoint write under it with
+/// another owner or epoch. Epochs only grow and an owner id is never reused, so the row can never
+/// show this claim's owner and epoch again, and every record still in hand under it can be dropped
+/// without asking the database once more (see [`super::record`]). Only that answer sets it: a
+/// renewal that fails, or an expiry seen by this process's clock, does not, since the row may still
+/// show this claim and a commit under it may still succeed.
+#[derive(Debug, Clone, Default)]
+pub struct FencedOff(Arc<AtomicBool>);
+
+impl FencedOff {
+    /// Records the database's answer that a commit under the claim was fenced off.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// A lease just acquired, with what its reader needs to start.
@@ -371,6 +416,7 @@ impl Leases {
                 owner: self.owner.clone(),
                 epoch: row.get(0),
                 duration: Duration::from_secs_f64(self.duration_seconds),
+                fenced_off: Default::default(),
             },
             checkpoint,
             parent_read_to_end: row.get(2),

@@ -97,6 +97,7 @@ mod tests {
             owner: Arc::from("me"),
             epoch: 3,
             duration: std::time::Duration::from_secs(30),
+            fenced_off: Default::default(),
         })
     }
 
@@ -153,6 +154,7 @@ mod tests {
         let old = lease("a");
         let new = Arc::new(LeaseClaim {
             epoch: 4,
+            fenced_off: Default::default(),
             ..(*old).clone()
         });
         let tokens = [ack(&old, "5", true, false), ack(&new, "9", true, false)];

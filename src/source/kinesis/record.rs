@@ -6,7 +6,9 @@
 //! after the checkpoint. The write succeeds only while this process still holds each shard's lease
 //! at the epoch the records were read under; otherwise the committer is told which messages to drop
 //! (that shard's, at that epoch), rolls back and commits the rest. The new owner reads the dropped
-//! records again from the checkpoint it found.
+//! records again from the checkpoint it found. That answer also marks the claim fenced off for good
+//! ([`super::lease::FencedOff`]): the records still in hand under it are dropped before their
+//! batch's transaction begins instead of each costing one more transaction rolled back.
 //!
 //! A batch the database refused is committed in pieces; a shard's checkpoint then never moves past
 //! a record that a later piece still holds. Batches must commit in the order they were read
@@ -18,10 +20,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::checkpoint::{self, CheckpointError};
+use super::lease::LeaseClaim;
 use super::metrics::KinesisStats;
 use super::progress::{self, KinesisAck};
 use super::sequence::SequenceNumber;
-use crate::envelope::AckToken;
+use crate::envelope::{AckToken, Meta};
 use crate::sink::commit_record::{CommitRecord, InTransaction, RecordError};
 
 /// Per-shard checkpoints as a commit record.
@@ -53,7 +56,8 @@ impl CommitRecord for ShardCheckpoints {
                     .is_none_or(|first| &a.sequence < *first)
             })
         });
-        match checkpoint::checkpoint_all(t.tx, &progress::checkpoints(tokens)).await {
+        let checkpoints = progress::checkpoints(tokens);
+        match checkpoint::checkpoint_all(t.tx, &checkpoints).await {
             Ok(()) => Ok(()),
             Err(CheckpointError::Db(e)) => Err(RecordError::Database(e)),
             Err(CheckpointError::Fenced {
@@ -71,12 +75,16 @@ impl CommitRecord for ShardCheckpoints {
                     epoch_now,
                     "shard lease moved on: its records in this batch are dropped unloaded"
                 );
-                let fenced = (shard.clone(), epoch);
+                let lost: Vec<Arc<LeaseClaim>> = checkpoints
+                    .iter()
+                    .map(|c| &c.lease)
+                    .filter(|l| l.shard_id == shard && l.epoch == epoch && *l.owner == *owner)
+                    .cloned()
+                    .collect();
+                mark_lost(&lost);
                 Err(RecordError::Fenced {
                     fence: Box::new(move |meta| {
-                        kinesis(&meta.ack).is_some_and(|a| {
-                            a.lease.shard_id == fenced.0 && a.lease.epoch == fenced.1
-                        })
+                        kinesis(&meta.ack).is_some_and(|a| lost.contains(&a.lease))
                     }),
                     cause: Box::new(CheckpointError::Fenced {
                         shard,
@@ -91,8 +99,26 @@ impl CommitRecord for ShardCheckpoints {
         }
     }
 
+    /// A record read under a claim the database has fenced off before: dropped without a
+    /// transaction (see [`super::lease::FencedOff`]).
+    fn fenced_off(&self, meta: &Meta) -> bool {
+        kinesis(&meta.ack).is_some_and(|a| a.lease.fenced_off.is_set())
+    }
+
     fn ordered(&self) -> bool {
         true
+    }
+}
+
+/// Marks the claim the database fenced off, so the records still in hand under it are dropped
+/// before their transactions. Only a claim told apart from every other of the batch is marked: two
+/// claims that the answer fits alike (the same shard, owner and epoch in two lease scopes) are
+/// left to be fenced off one transaction at a time, since one of them may still be held.
+fn mark_lost(candidates: &[Arc<LeaseClaim>]) {
+    if let Some(first) = candidates.first()
+        && candidates.iter().all(|c| c == first)
+    {
+        first.fenced_off.set();
     }
 }
 
@@ -106,5 +132,40 @@ fn kinesis(token: &AckToken) -> Option<&KinesisAck> {
     match token {
         AckToken::Kinesis(ack) => Some(ack),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::kinesis::lease::LeaseScope;
+    use crate::table_name::TableName;
+
+    fn claim(stream: &str, epoch: i64) -> Arc<LeaseClaim> {
+        Arc::new(LeaseClaim {
+            scope: Arc::new(LeaseScope {
+                table: TableName::unqualified("leases"),
+                application: "app".into(),
+                stream: stream.into(),
+            }),
+            shard_id: "shardId-000000000000".into(),
+            owner: Arc::from("me"),
+            epoch,
+            duration: std::time::Duration::from_secs(30),
+            fenced_off: Default::default(),
+        })
+    }
+
+    #[test]
+    fn only_a_claim_the_answer_names_alone_is_marked_and_the_mark_is_shared_by_its_clones() {
+        let lost = claim("a", 3);
+        let copy = Arc::new((*lost).clone());
+        mark_lost(&[copy.clone(), lost.clone()]);
+        assert!(lost.fenced_off.is_set() && copy.fenced_off.is_set());
+        let later = claim("a", 4);
+        assert!(!later.fenced_off.is_set(), "a new claim starts unmarked");
+        let (one, other) = (claim("a", 5), claim("b", 5));
+        mark_lost(&[one.clone(), other.clone()]);
+        assert!(!one.fenced_off.is_set() && !other.fenced_off.is_set());
     }
 }
