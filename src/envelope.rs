@@ -50,6 +50,32 @@ impl Meta {
     }
 }
 
+/// Where a message stands in the order its source commits in ([`Meta::source_order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SourceOrder<'a> {
+    /// A file's line or element number.
+    Position(u64),
+    /// A Kinesis record's sequence number; of the messages made from one record, the one that
+    /// completes it (`true`) comes last.
+    Sequence(&'a crate::source::kinesis::sequence::SequenceNumber, bool),
+}
+
+impl Meta {
+    /// Where this message stands among its source's, for the sources whose commit record follows
+    /// that order (a file's position, a shard's checkpoint): a batch cut out of a chunk must hold a
+    /// stretch in this order, or the position it commits passes a message a later batch still
+    /// holds. `None` for a source without an order (SQS).
+    pub fn source_order(&self) -> Option<SourceOrder<'_>> {
+        match (&self.message_id, &self.ack) {
+            (MessageId::Position(n), _) => Some(SourceOrder::Position(*n)),
+            (_, AckToken::Kinesis(ack)) => {
+                Some(SourceOrder::Sequence(&ack.sequence, ack.completes_record))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A message's identity at its source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageId {

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::envelope::{AckToken, Chunk, MessageId, Meta, Reject};
+use crate::envelope::{AckToken, Chunk, Meta, Reject, SourceOrder};
 use crate::sink::copy_encode::encode_rows;
 use crate::stage::transform::LoginRow;
 
@@ -156,6 +156,10 @@ impl Gathering {
             self.rejects.append(&mut chunk.rejects);
             return None;
         }
+        // Rejects gather stage by stage; in source order, each batch takes a stretch of the source.
+        chunk
+            .rejects
+            .sort_by(|a, b| a.meta.source_order().cmp(&b.meta.source_order()));
         let (take_rows, take_rejects) = split_point(&chunk, room);
         let rest_rows = chunk.items.split_off(take_rows);
         self.keep_rows(chunk.items);
@@ -179,21 +183,23 @@ impl Gathering {
     }
 }
 
-/// How many rows and dead letters of `chunk` make the first `room` messages. Messages known by
-/// their position in a file are taken in file order, rows and dead letters alike, so that each
-/// batch covers one stretch of the file and the position it commits covers exactly what it
-/// loaded; others are taken rows first.
+/// How many rows and dead letters of `chunk` make the first `room` messages. Messages of a source
+/// that commits in order (a file's position, a Kinesis shard's checkpoint) are taken in that order,
+/// rows and dead letters alike, so that each batch covers one stretch of the source and the position
+/// it commits covers exactly what it stored (rows first, a batch would commit a checkpoint past a
+/// dead letter the next batch holds: lost in a crash between the two, and a step backwards for the
+/// next); others are taken rows first. The rejects must be in source order.
 fn split_point(chunk: &Chunk<LoginRow>, room: usize) -> (usize, usize) {
-    let position = |meta: &Meta| match meta.message_id {
-        MessageId::Position(n) => Some(n),
-        MessageId::Text(_) => None,
-    };
-    let rows: Option<Vec<u64>> = chunk
+    let rows: Option<Vec<SourceOrder<'_>>> = chunk
         .items
         .iter()
-        .map(|r| position(&r.event.meta))
+        .map(|r| r.event.meta.source_order())
         .collect();
-    let rejects: Option<Vec<u64>> = chunk.rejects.iter().map(|r| position(&r.meta)).collect();
+    let rejects: Option<Vec<SourceOrder<'_>>> = chunk
+        .rejects
+        .iter()
+        .map(|r| r.meta.source_order())
+        .collect();
     let (Some(rows), Some(rejects)) = (rows, rejects) else {
         let take_rows = chunk.items.len().min(room);
         return (take_rows, room - take_rows);
@@ -329,6 +335,72 @@ mod tests {
     }
 
     use super::*;
+    use crate::envelope::MessageId;
+
+    #[test]
+    fn a_kinesis_chunk_is_split_in_sequence_order() {
+        use crate::source::kinesis::KinesisAck;
+        use crate::source::kinesis::lease::{LeaseClaim, LeaseScope};
+        use crate::source::kinesis::sequence::SequenceNumber;
+        use std::sync::Arc;
+        let lease = Arc::new(LeaseClaim {
+            scope: Arc::new(LeaseScope {
+                table: crate::table_name::TableName::unqualified("leases"),
+                application: "app".into(),
+                stream: "s".into(),
+            }),
+            shard_id: "shard".into(),
+            owner: Arc::from("me"),
+            epoch: 1,
+        });
+        let ack = |sequence: u32| {
+            AckToken::Kinesis(KinesisAck {
+                lease: lease.clone(),
+                sequence: SequenceNumber::parse(&sequence.to_string()).expect("a number"),
+                completes_record: true,
+                ends_shard: false,
+            })
+        };
+        let (mut rows, mut rejects) = test_rows(4, 2);
+        // Rows at records 1, 2, 4, 6; dead letters at 5 and 3 (in the order two stages made them).
+        for (row, n) in rows.iter_mut().zip([1, 2, 4, 6]) {
+            row.event.meta.message_id = MessageId::Text(format!("shard/{n}"));
+            row.event.meta.ack = ack(n);
+        }
+        for (reject, n) in rejects.iter_mut().zip([5, 3]) {
+            reject.meta.message_id = MessageId::Text(format!("shard/{n}"));
+            reject.meta.ack = ack(n);
+        }
+        let mut gathering = Gathering::new(BatchLimits {
+            rows: 3,
+            bytes: usize::MAX,
+            linger: Duration::from_secs(1),
+        });
+        let rest = gathering
+            .add(Chunk {
+                items: rows,
+                rejects,
+            })
+            .expect("a rest");
+        let first = gathering.into_batch();
+        let records = |metas: Vec<&Meta>| -> Vec<String> {
+            let mut ids: Vec<String> = metas.iter().map(|m| m.message_id.to_string()).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            records(first.metas().collect()),
+            ["shard/1", "shard/2", "shard/3"],
+            "records 1-3, the dead letter at 3 with them"
+        );
+        let rest: Vec<&Meta> = rest
+            .items
+            .iter()
+            .map(|r| &r.event.meta)
+            .chain(rest.rejects.iter().map(|r| &r.meta))
+            .collect();
+        assert_eq!(records(rest), ["shard/4", "shard/5", "shard/6"]);
+    }
 
     fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {
         Chunk {
