@@ -1,13 +1,15 @@
 //! Everything that talks to PostgreSQL: the sink alone at three batch sizes (and with the dedupe
-//! ledger), the whole pipeline from the in-memory source into PostgreSQL, and, on the same rows,
-//! PostgreSQL's own ceiling (one connection doing binary COPY of pre-encoded batches) and a naive
-//! loader (one autocommitted INSERT per row).
+//! ledger), the whole pipeline from the in-memory source into PostgreSQL, the same two with the
+//! Kinesis source's commit record (fenced shard checkpoints, every batch holding messages of 4 or of
+//! 64 shards), and, on the same rows, PostgreSQL's own ceiling (one connection doing binary COPY of
+//! pre-encoded batches) and a naive loader (one autocommitted INSERT per row).
 //!
 //! ```sh
 //! make up                                     # PostgreSQL, writes .stack/env
 //! set -a && . .stack/env && set +a
 //! cargo bench --bench postgres                # about a minute and a half
 //! cargo bench --bench postgres -- pipeline    # one group
+//! cargo bench --bench postgres -- kinesis     # the Kinesis commit record, sink and pipeline
 //! ```
 //!
 //! The database is `SLUICE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
@@ -32,7 +34,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use futures::SinkExt;
 use sluice::config::{Config, EnvOverrides};
-use sluice::envelope::Envelope;
+use sluice::envelope::{AckToken, Envelope, MessageId, Meta};
 use sluice::login_table::column_list;
 use sluice::pg::Connector;
 use sluice::pipeline::{Pipeline, RunOptions};
@@ -43,6 +45,13 @@ use sluice::sink::copy_encode::{copy_statement, encode_rows};
 use sluice::sink::ledger::LedgerRecord;
 use sluice::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkSettings};
 use sluice::sink::schema::{self, DeadLetterColumns};
+use sluice::source::NoAcknowledger;
+use sluice::source::kinesis::KinesisAck;
+use sluice::source::kinesis::api::ShardDescription;
+use sluice::source::kinesis::lease::{LeaseClaim, LeaseScope, Leases, lease_ddl};
+use sluice::source::kinesis::metrics::KinesisStats;
+use sluice::source::kinesis::record::ShardCheckpoints;
+use sluice::source::kinesis::sequence::SequenceNumber;
 use sluice::source::memory::MemorySource;
 use sluice::source::sqs::SqsLedgerKeys;
 use sluice::stage::transform::LoginRow;
@@ -57,6 +66,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BATCH_ROWS: usize = 10_000;
 /// Truncate the sink's tables once this many rows have accumulated (never inside the timed part).
 const TRUNCATE_AFTER_ROWS: usize = 300_000;
+/// Shards the Kinesis benchmarks spread their messages over: a small stream and a large one.
+const KINESIS_SHARDS: [usize; 2] = [4, 64];
+/// How long the benchmark's leases last: longer than any run, so nothing needs renewing.
+const BENCH_LEASE: Duration = Duration::from_secs(6 * 3600);
 
 fn count_from_env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -83,6 +96,8 @@ struct Db {
     admin: Client,
     tables: Tables,
     dead_letter_columns: DeadLetterColumns,
+    /// The Kinesis lease and checkpoint table, as `migrate` creates it for a Kinesis source.
+    leases: TableName,
 }
 
 impl Db {
@@ -113,6 +128,7 @@ impl Db {
             dead_letter: table("user_logins_rejected"),
             ledger: table("sluice_ledger"),
         };
+        let leases = table("kinesis_leases");
         let dead_letter_columns = runtime.block_on(async {
             admin
                 .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
@@ -121,6 +137,12 @@ impl Db {
             schema::migrate(&mut admin, &tables, true)
                 .await
                 .expect("create the bench tables");
+            for statement in lease_ddl(&leases) {
+                admin
+                    .batch_execute(&statement)
+                    .await
+                    .expect("create the lease table");
+            }
             let columns = schema::verify(&admin, &tables, true)
                 .await
                 .expect("check the bench tables");
@@ -143,6 +165,7 @@ impl Db {
             admin,
             tables,
             dead_letter_columns,
+            leases,
         }
     }
 
@@ -152,15 +175,20 @@ impl Db {
             .unwrap_or_else(|e| panic!("{sql}: {}", sluice::pg::describe(&e)));
     }
 
-    /// Empties the tables and starts every timed iteration from the same state: a CHECKPOINT
-    /// (outside the timing) so that no iteration pays for a checkpoint that an earlier one's WAL
-    /// triggered. Needs the right to checkpoint (superuser or `pg_checkpoint`); without it the
-    /// iterations are just noisier.
+    /// Empties the tables and starts every timed iteration from the same state: no Kinesis
+    /// checkpoint yet (a run replays the same sequence numbers, which must not look like a step
+    /// backwards), and a CHECKPOINT (outside the timing) so that no iteration pays for a checkpoint
+    /// that an earlier one's WAL triggered. Needs the right to checkpoint (superuser or
+    /// `pg_checkpoint`); without it the iterations are just noisier.
     fn truncate_all(&self) {
         let t = &self.tables;
         self.execute(&format!(
             "TRUNCATE {}, {}, {}",
             t.target, t.dead_letter, t.ledger
+        ));
+        self.execute(&format!(
+            "UPDATE {} SET checkpoint = NULL, finished = false",
+            self.leases
         ));
         if let Err(e) = self
             .runtime
@@ -178,6 +206,20 @@ impl Db {
             )
             .expect("count rows")
             .get(0)
+    }
+
+    /// How many shards of `stream` have a checkpoint.
+    fn committed_checkpoints(&self, stream: &str) -> usize {
+        let sql = format!(
+            "SELECT count(checkpoint) FROM {} WHERE stream = $1",
+            self.leases
+        );
+        let n: i64 = self
+            .runtime
+            .block_on(self.admin.query_one(&sql, &[&stream]))
+            .expect("count checkpoints")
+            .get(0);
+        n as usize
     }
 
     fn connect(&self) -> Client {
@@ -212,6 +254,64 @@ impl Db {
             .committer(Some(self.connect()));
         (committer, record)
     }
+
+    /// A committer whose batches write the Kinesis source's commit record.
+    fn kinesis_sink(&self) -> (PgCopySink, Arc<dyn CommitRecord>) {
+        let (committer, _) = self.sink(false);
+        let record = Arc::new(ShardCheckpoints::new(Arc::new(KinesisStats::default())));
+        (committer, record)
+    }
+
+    /// The leases of `stream`, of `shards` shards, registered and taken by one owner as a Kinesis
+    /// source does at start, so that the fenced checkpoint update finds its rows.
+    fn shard_leases(&self, stream: &str, shards: usize) -> Vec<Arc<LeaseClaim>> {
+        let scope = LeaseScope {
+            table: self.leases.clone(),
+            application: "bench".into(),
+            stream: stream.to_owned(),
+        };
+        let leases = Leases::new(scope, "bench-owner", BENCH_LEASE);
+        let described: Vec<ShardDescription> = (0..shards)
+            .map(|i| ShardDescription {
+                shard_id: format!("shardId-{i:012}"),
+                parent_shard_id: None,
+                adjacent_parent_shard_id: None,
+                closed: false,
+            })
+            .collect();
+        let ids: Vec<&str> = described.iter().map(|s| s.shard_id.as_str()).collect();
+        let mut claims = self.runtime.block_on(async {
+            leases
+                .register(&self.admin, &described)
+                .await
+                .expect("register the shards");
+            leases
+                .acquire(&self.admin, &ids)
+                .await
+                .expect("take the leases")
+        });
+        assert_eq!(claims.len(), shards, "one owner takes every shard");
+        claims.sort_by(|a, b| a.claim.shard_id.cmp(&b.claim.shard_id));
+        claims.into_iter().map(|t| Arc::new(t.claim)).collect()
+    }
+}
+
+/// A Kinesis sequence number of the usual 56 digits, the `n`th of the benchmark.
+fn sequence(n: u64) -> SequenceNumber {
+    SequenceNumber::parse(&format!("49590338271490256608559692538{n:027}"))
+        .expect("a sequence number")
+}
+
+/// Makes `meta` a message read from `lease`'s shard at `sequence`, as a shard reader does.
+fn read_from_shard(meta: &mut Meta, lease: &Arc<LeaseClaim>, sequence: SequenceNumber) {
+    meta.message_id = MessageId::Text(format!("{}/{sequence}", lease.shard_id));
+    meta.ack = AckToken::Kinesis(KinesisAck {
+        lease: lease.clone(),
+        sequence,
+        user_record: 0,
+        completes_record: true,
+        ends_shard: false,
+    });
 }
 
 impl Drop for Db {
@@ -276,6 +376,58 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
             })
         })
     });
+    group.finish();
+}
+
+/// A committer with the Kinesis commit record, and the leases its batches are read under.
+struct ShardCommitter {
+    leases: Vec<Arc<LeaseClaim>>,
+    sink: PgCopySink,
+    record: Arc<dyn CommitRecord>,
+}
+
+/// `PgCopySink::commit` of 1,000-row batches with the Kinesis source's commit record: the
+/// messages of each batch spread evenly over 4, then 64 shards, so that every batch moves each
+/// shard's fenced checkpoint (one locking SELECT and one UPDATE over the batch's shards). Compared
+/// with `sink/copy/1000`, it gives what checkpointing costs per batch. The benchmark's parameter is
+/// the shard count.
+fn kinesis_sink(c: &mut Criterion, db: &OnceCell<Db>) {
+    let n = 1_000usize;
+    let template = common::rows(&common::bodies(1_100, 23));
+    assert!(template.len() >= n);
+    let mut group = db_group(c, "kinesis_sink", Duration::from_secs(4));
+    group.throughput(Throughput::Elements(n as u64));
+    let mut pending = 0usize;
+    let mut read = 0u64;
+    for shards in KINESIS_SHARDS {
+        // Criterion calls the closure once per sample: the leases are taken once.
+        let mut held: Option<ShardCommitter> = None;
+        group.bench_function(BenchmarkId::new("checkpoints", shards), |b| {
+            let db = db.get_or_init(Db::open);
+            let ShardCommitter {
+                leases,
+                sink,
+                record,
+            } = held.get_or_insert_with(|| {
+                let (sink, record) = db.kinesis_sink();
+                ShardCommitter {
+                    leases: db.shard_leases(&format!("sink-{shards}"), shards),
+                    sink,
+                    record,
+                }
+            });
+            b.iter_custom(|iters| {
+                timed_commits(db, sink, &**record, iters, &mut pending, || {
+                    let mut rows = template[..n].to_vec();
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        read += 1;
+                        read_from_shard(&mut row.event.meta, &leases[i % shards], sequence(read));
+                    }
+                    rows
+                })
+            })
+        });
+    }
     group.finish();
 }
 
@@ -365,7 +517,7 @@ fn pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String], counts: &mu
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let (elapsed, summary) = pipeline_once(db, &config, &template);
+                let (elapsed, summary) = pipeline_once(db, &config, &template, no_record());
                 assert_eq!(summary.received as usize, n);
                 assert_eq!((summary.loaded + summary.rejected) as usize, n);
                 counts.summary = summary;
@@ -380,15 +532,79 @@ fn pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String], counts: &mu
     group.finish();
 }
 
-/// One pipeline run over `template` into emptied tables; the time excludes preparing.
-fn pipeline_once(db: &Db, config: &Config, template: &[Envelope]) -> (Duration, Summary) {
+/// The in-memory source's own commit record: nothing.
+fn no_record() -> Arc<dyn CommitRecord> {
+    Arc::new(NoCommitRecord)
+}
+
+/// The whole pipeline as [`pipeline`] runs it, with the messages read from Kinesis: spread evenly
+/// over 4, then 64 shards (each held under a lease), so that every 10,000-row batch commits with a
+/// fenced checkpoint for each shard, on one connection as the Kinesis source's ordered record
+/// requires. The benchmark's parameter is the shard count.
+fn kinesis_pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
+    let n = bodies.len();
+    let mut group = db_group(c, "kinesis_pipeline", Duration::from_secs(12));
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(n as u64));
+    for shards in KINESIS_SHARDS {
+        let stream = format!("pipeline-{shards}");
+        // Criterion calls the closure once per sample: the leases are taken and the messages
+        // made once.
+        let mut made: Option<(Vec<Envelope>, Arc<dyn CommitRecord>)> = None;
+        group.bench_function(BenchmarkId::new("checkpoints", shards), |b| {
+            let db = db.get_or_init(Db::open);
+            let config = pipeline_config(db);
+            let (template, record) = made.get_or_insert_with(|| {
+                let leases = db.shard_leases(&stream, shards);
+                let mut template = common::envelopes(bodies);
+                for (i, envelope) in template.iter_mut().enumerate() {
+                    let lease = &leases[i % shards];
+                    read_from_shard(&mut envelope.meta, lease, sequence(i as u64 + 1));
+                }
+                let record: Arc<dyn CommitRecord> =
+                    Arc::new(ShardCheckpoints::new(Arc::new(KinesisStats::default())));
+                (template, record)
+            });
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (elapsed, summary) = pipeline_once(db, &config, template, record.clone());
+                    assert_eq!((summary.loaded + summary.rejected) as usize, n);
+                    total += elapsed;
+                }
+                assert_eq!(
+                    db.committed_checkpoints(&stream),
+                    shards,
+                    "every shard checkpointed"
+                );
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+/// One pipeline run over `template` into emptied tables, its batches writing `record`; the time
+/// excludes preparing.
+fn pipeline_once(
+    db: &Db,
+    config: &Config,
+    template: &[Envelope],
+    record: Arc<dyn CommitRecord>,
+) -> (Duration, Summary) {
     db.truncate_all();
     let envelopes: Vec<Envelope> = template.to_vec();
     db.runtime.block_on(async {
         let pipeline = Pipeline::prepare(config)
             .await
             .expect("prepare the pipeline");
-        let source = MemorySource::build(envelopes, 256, pipeline.stats());
+        let source = MemorySource::build_with(
+            envelopes,
+            256,
+            pipeline.stats(),
+            Arc::new(NoAcknowledger),
+            record,
+        );
         let started = Instant::now();
         let summary = pipeline
             .run(source, RunOptions::default())
@@ -433,11 +649,14 @@ fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
         .map(|round| {
             // Alternate which goes first, so neither always follows the other.
             let (pipeline, ceiling) = if round % 2 == 0 {
-                let (pipeline, _) = pipeline_once(db, &config, &template);
+                let (pipeline, _) = pipeline_once(db, &config, &template, no_record());
                 (pipeline, ceiling_once(db, &mut client, &copy, &payloads))
             } else {
                 let ceiling = ceiling_once(db, &mut client, &copy, &payloads);
-                (pipeline_once(db, &config, &template).0, ceiling)
+                (
+                    pipeline_once(db, &config, &template, no_record()).0,
+                    ceiling,
+                )
             };
             eprintln!(
                 "paired round {}: pipeline {:.3} s, ceiling {:.3} s",
@@ -599,7 +818,9 @@ fn main() {
     );
     let mut counts = PipelineCounts::default();
     sink(&mut c, &db);
+    kinesis_sink(&mut c, &db);
     pipeline(&mut c, &db, &bodies, &mut counts);
+    kinesis_pipeline(&mut c, &db, &bodies);
     ceiling(&mut c, &db, &bodies);
     c.final_summary();
     if let Some(db) = db.get()

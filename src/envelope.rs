@@ -50,30 +50,29 @@ impl Meta {
     }
 }
 
-/// Where a message stands in the order its source commits in ([`Meta::source_order`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SourceOrder<'a> {
-    /// A file's line or element number.
-    Position(u64),
-    /// A Kinesis record's sequence number; of the messages made from one record, the one that
-    /// completes it (`true`) comes last.
-    Sequence(&'a crate::source::kinesis::sequence::SequenceNumber, bool),
-}
-
 impl Meta {
-    /// Where this message stands among its source's, for the sources whose commit record follows
-    /// that order (a file's position, a shard's checkpoint): a batch cut out of a chunk must hold a
-    /// stretch in this order, or the position it commits passes a message a later batch still
-    /// holds. `None` for a source without an order (SQS).
+    /// Where the message stands in its source's own order, for sources whose committed position
+    /// covers everything before it: a file's line, a Kinesis record's place in its shard. `None`
+    /// for sources without one (SQS). Compared only between messages of one chunk.
     pub fn source_order(&self) -> Option<SourceOrder<'_>> {
         match (&self.message_id, &self.ack) {
             (MessageId::Position(n), _) => Some(SourceOrder::Position(*n)),
             (_, AckToken::Kinesis(ack)) => {
-                Some(SourceOrder::Sequence(&ack.sequence, ack.completes_record))
+                let (sequence, user_record) = ack.order();
+                Some(SourceOrder::Shard(sequence, user_record))
             }
             _ => None,
         }
     }
+}
+
+/// A message's place in its source's order (see [`Meta::source_order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SourceOrder<'a> {
+    /// Its position in a file.
+    Position(u64),
+    /// A Kinesis record's sequence number, and the user record's index within a KPL aggregate.
+    Shard(&'a crate::source::kinesis::sequence::SequenceNumber, usize),
 }
 
 /// A message's identity at its source.

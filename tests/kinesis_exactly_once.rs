@@ -58,6 +58,7 @@ impl Fixture {
             ReaderSettings {
                 max_records_per_call: 10,
                 idle_poll_interval: Duration::from_millis(200),
+                ..ReaderSettings::default()
             },
         );
         let (tx, rx) = mpsc::channel(64);

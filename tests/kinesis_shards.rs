@@ -43,6 +43,7 @@ fn claim(stream: &TestStream, shard_id: &str) -> Arc<LeaseClaim> {
         shard_id: shard_id.into(),
         owner: Arc::from("test"),
         epoch: 1,
+        duration: std::time::Duration::from_secs(30),
     })
 }
 
@@ -80,6 +81,7 @@ async fn read_shard(
         ReaderSettings {
             max_records_per_call: 7,
             idle_poll_interval: Duration::from_millis(200),
+            ..ReaderSettings::default()
         },
     );
     let (tx, mut rx) = mpsc::channel::<Chunk<Envelope>>(4);

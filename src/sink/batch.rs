@@ -156,11 +156,7 @@ impl Gathering {
             self.rejects.append(&mut chunk.rejects);
             return None;
         }
-        // Rejects gather stage by stage; in source order, each batch takes a stretch of the source.
-        chunk
-            .rejects
-            .sort_by(|a, b| a.meta.source_order().cmp(&b.meta.source_order()));
-        let (take_rows, take_rejects) = split_point(&chunk, room);
+        let (take_rows, take_rejects) = split_point(&mut chunk, room);
         let rest_rows = chunk.items.split_off(take_rows);
         self.keep_rows(chunk.items);
         let rest_rejects = chunk.rejects.split_off(take_rejects);
@@ -183,13 +179,22 @@ impl Gathering {
     }
 }
 
-/// How many rows and dead letters of `chunk` make the first `room` messages. Messages of a source
-/// that commits in order (a file's position, a Kinesis shard's checkpoint) are taken in that order,
-/// rows and dead letters alike, so that each batch covers one stretch of the source and the position
-/// it commits covers exactly what it stored (rows first, a batch would commit a checkpoint past a
-/// dead letter the next batch holds: lost in a crash between the two, and a step backwards for the
-/// next); others are taken rows first. The rejects must be in source order.
-fn split_point(chunk: &Chunk<LoginRow>, room: usize) -> (usize, usize) {
+/// How many rows and dead letters of `chunk` make the first `room` messages. Messages in their
+/// source's own order (a file's lines, a Kinesis shard's records) are taken in that order, rows
+/// and dead letters alike, so that each batch covers one stretch of the source and the position
+/// it commits (a file offset, a shard checkpoint) passes nothing a later batch still holds;
+/// others are taken rows first. Rows keep their source's order through the stages; dead letters
+/// are gathered stage by stage, so they are put back in order here first.
+fn split_point(chunk: &mut Chunk<LoginRow>, room: usize) -> (usize, usize) {
+    if chunk
+        .rejects
+        .iter()
+        .all(|r| r.meta.source_order().is_some())
+    {
+        chunk
+            .rejects
+            .sort_by(|a, b| a.meta.source_order().cmp(&b.meta.source_order()));
+    }
     let rows: Option<Vec<SourceOrder<'_>>> = chunk
         .items
         .iter()
@@ -325,82 +330,81 @@ mod tests {
         for (reject, line) in rejects.iter_mut().zip([3, 5]) {
             reject.meta.message_id = MessageId::Position(line);
         }
-        let chunk = Chunk {
+        let mut chunk = Chunk {
             items: rows,
             rejects,
         };
-        assert_eq!(split_point(&chunk, 3), (2, 1), "lines 1-3");
-        assert_eq!(split_point(&chunk, 4), (3, 1), "lines 1-4");
-        assert_eq!(split_point(&chunk, 5), (3, 2), "lines 1-5");
+        assert_eq!(split_point(&mut chunk, 3), (2, 1), "lines 1-3");
+        assert_eq!(split_point(&mut chunk, 4), (3, 1), "lines 1-4");
+        assert_eq!(split_point(&mut chunk, 5), (3, 2), "lines 1-5");
     }
 
-    use super::*;
-    use crate::envelope::MessageId;
-
-    #[test]
-    fn a_kinesis_chunk_is_split_in_sequence_order() {
+    /// A Kinesis message's acknowledgement: record `sequence`, user record `user_record` of it.
+    fn shard_ack(sequence: u64, user_record: usize, completes_record: bool) -> AckToken {
         use crate::source::kinesis::KinesisAck;
         use crate::source::kinesis::lease::{LeaseClaim, LeaseScope};
         use crate::source::kinesis::sequence::SequenceNumber;
         use std::sync::Arc;
-        let lease = Arc::new(LeaseClaim {
-            scope: Arc::new(LeaseScope {
-                table: crate::table_name::TableName::unqualified("leases"),
-                application: "app".into(),
-                stream: "s".into(),
+        AckToken::Kinesis(KinesisAck {
+            lease: Arc::new(LeaseClaim {
+                scope: Arc::new(LeaseScope {
+                    table: crate::table_name::TableName::unqualified("leases"),
+                    application: "app".into(),
+                    stream: "logins".into(),
+                }),
+                shard_id: "shardId-000000000000".into(),
+                owner: Arc::from("me"),
+                epoch: 1,
+                duration: Duration::from_secs(30),
             }),
-            shard_id: "shard".into(),
-            owner: Arc::from("me"),
-            epoch: 1,
-        });
-        let ack = |sequence: u32| {
-            AckToken::Kinesis(KinesisAck {
-                lease: lease.clone(),
-                sequence: SequenceNumber::parse(&sequence.to_string()).expect("a number"),
-                completes_record: true,
-                ends_shard: false,
-            })
-        };
-        let (mut rows, mut rejects) = test_rows(4, 2);
-        // Rows at records 1, 2, 4, 6; dead letters at 5 and 3 (in the order two stages made them).
-        for (row, n) in rows.iter_mut().zip([1, 2, 4, 6]) {
-            row.event.meta.message_id = MessageId::Text(format!("shard/{n}"));
-            row.event.meta.ack = ack(n);
-        }
-        for (reject, n) in rejects.iter_mut().zip([5, 3]) {
-            reject.meta.message_id = MessageId::Text(format!("shard/{n}"));
-            reject.meta.ack = ack(n);
-        }
-        let mut gathering = Gathering::new(BatchLimits {
-            rows: 3,
-            bytes: usize::MAX,
-            linger: Duration::from_secs(1),
-        });
-        let rest = gathering
-            .add(Chunk {
-                items: rows,
-                rejects,
-            })
-            .expect("a rest");
-        let first = gathering.into_batch();
-        let records = |metas: Vec<&Meta>| -> Vec<String> {
-            let mut ids: Vec<String> = metas.iter().map(|m| m.message_id.to_string()).collect();
-            ids.sort();
-            ids
-        };
-        assert_eq!(
-            records(first.metas().collect()),
-            ["shard/1", "shard/2", "shard/3"],
-            "records 1-3, the dead letter at 3 with them"
-        );
-        let rest: Vec<&Meta> = rest
-            .items
-            .iter()
-            .map(|r| &r.event.meta)
-            .chain(rest.rejects.iter().map(|r| &r.meta))
-            .collect();
-        assert_eq!(records(rest), ["shard/4", "shard/5", "shard/6"]);
+            sequence: SequenceNumber::parse(&sequence.to_string()).expect("valid"),
+            user_record,
+            completes_record,
+            ends_shard: false,
+        })
     }
+
+    #[test]
+    fn a_kinesis_chunk_is_split_in_shard_order() {
+        // One page: records 1, 2, 4 are rows, 3 a dead letter, and record 5 a KPL aggregate whose
+        // user records 0 and 2 are rows and 1 a dead letter.
+        let (mut rows, mut rejects) = test_rows(5, 2);
+        let kinesis_id = |meta: &mut Meta| meta.message_id = MessageId::Text("shard/seq".into());
+        for (row, (sequence, user, completes)) in rows.iter_mut().zip([
+            (1, 0, true),
+            (2, 0, true),
+            (4, 0, true),
+            (5, 0, false),
+            (5, 2, true),
+        ]) {
+            kinesis_id(&mut row.event.meta);
+            row.event.meta.ack = shard_ack(sequence, user, completes);
+        }
+        // Dead letters of two stages: the later stage's come last whatever their place.
+        for (reject, (sequence, user)) in rejects.iter_mut().zip([(5, 1), (3, 0)]) {
+            kinesis_id(&mut reject.meta);
+            reject.meta.ack = shard_ack(sequence, user, false);
+        }
+        let mut chunk = Chunk {
+            items: rows,
+            rejects,
+        };
+        assert_eq!(split_point(&mut chunk, 2), (2, 0), "records 1-2");
+        assert_eq!(split_point(&mut chunk, 3), (2, 1), "records 1-3");
+        assert_eq!(
+            split_point(&mut chunk, 5),
+            (4, 1),
+            "records 1-4 and 5's first user record"
+        );
+        assert_eq!(
+            split_point(&mut chunk, 6),
+            (4, 2),
+            "all but the aggregate's last user record"
+        );
+    }
+
+    use super::*;
+    use crate::envelope::MessageId;
 
     fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {
         Chunk {

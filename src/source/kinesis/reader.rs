@@ -33,6 +33,7 @@ use super::position::StartPosition;
 use super::progress::KinesisAck;
 use super::sequence::SequenceNumber;
 use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta, Reject, Stage};
+use crate::message_file::{BadBody, DEFAULT_MAX_MESSAGE_BYTES, TOO_LARGE_HEAD_BYTES};
 use crate::retry;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -51,6 +52,11 @@ pub struct ReaderSettings {
     pub max_records_per_call: i32,
     /// The pause between calls once caught up; never less than [`MIN_CALL_INTERVAL`].
     pub idle_poll_interval: Duration,
+    /// `source.max_message_bytes`: a message (a plain record's data, or one user record of a KPL
+    /// aggregate) longer than this becomes a dead letter keeping only its start, as an SQS body or
+    /// a file line would, so that what the pipeline holds stays bounded in bytes whatever the
+    /// producers write.
+    pub max_message_bytes: usize,
 }
 
 impl Default for ReaderSettings {
@@ -58,6 +64,7 @@ impl Default for ReaderSettings {
         ReaderSettings {
             max_records_per_call: MAX_RECORDS_PER_CALL,
             idle_poll_interval: Duration::from_secs(1),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -311,7 +318,7 @@ impl ShardReader {
                 } else {
                     tracing::warn!(shard = self.shard(), %error, "GetRecords failed; retrying");
                 }
-                if pause_or_stop(pacing, stop).await {
+                if pause_or_stop(pacing, stop, self.stats.as_deref()).await {
                     Ok(Recovery::Stopped)
                 } else {
                     Ok(Recovery::Retry)
@@ -342,7 +349,7 @@ impl ShardReader {
                 }
                 Err(e) => {
                     tracing::warn!(shard = self.shard(), error = %e, "GetShardIterator failed; retrying");
-                    if pause_or_stop(&mut pacing, stop).await {
+                    if pause_or_stop(&mut pacing, stop, self.stats.as_deref()).await {
                         return Ok(None);
                     }
                 }
@@ -427,10 +434,23 @@ impl ShardReader {
             ack: AckToken::Kinesis(KinesisAck {
                 lease: self.lease.clone(),
                 sequence: message.sequence.clone(),
+                user_record: message.sub_sequence.unwrap_or(0),
                 completes_record: message.completes_record,
                 ends_shard: message.ends_shard,
             }),
         };
+        let limit = self.settings.max_message_bytes;
+        if data.len() > limit {
+            let too_large = too_large(data, limit);
+            tracing::warn!(shard = self.shard(), message_id = %meta.message_id, reason = %too_large, "Kinesis message over `source.max_message_bytes`; dead-lettering it");
+            chunk.rejects.push(Reject {
+                body: String::from_utf8_lossy(too_large.kept_bytes()).into_owned(),
+                meta,
+                stage: Stage::Source,
+                reason: too_large.to_string(),
+            });
+            return;
+        }
         match String::from_utf8(data) {
             Ok(body) => chunk.items.push(Envelope { body, meta }),
             Err(e) => chunk.rejects.push(Reject {
@@ -440,6 +460,26 @@ impl ShardReader {
                 reason: "record data is not UTF-8 text".into(),
             }),
         }
+    }
+}
+
+/// A message over the limit, as a file's over-size line is described: its size and its first
+/// [`TOO_LARGE_HEAD_BYTES`] bytes (cut back to a character boundary when they are text).
+fn too_large(mut data: Vec<u8>, limit: usize) -> BadBody {
+    let bytes = data.len() as u64;
+    let mut head = TOO_LARGE_HEAD_BYTES.min(data.len());
+    if let Err(e) = std::str::from_utf8(&data[..head])
+        && e.error_len().is_none()
+    {
+        // The head ends inside a character: keep the whole characters before it.
+        head = e.valid_up_to();
+    }
+    data.truncate(head);
+    data.shrink_to_fit();
+    BadBody::TooLarge {
+        bytes,
+        limit,
+        head: data,
     }
 }
 
@@ -459,13 +499,18 @@ enum Recovery {
     Stopped,
 }
 
-/// Sleeps for the next backoff delay; true if `stop` came first.
+/// Sleeps for the next backoff delay, counting it in `stats`; true if `stop` came first.
 async fn pause_or_stop(
     pacing: &mut (impl Iterator<Item = Duration> + Send),
     stop: &Shutdown,
+    stats: Option<&Stats>,
 ) -> bool {
+    let delay = retry::next_delay(pacing);
+    if let Some(stats) = stats {
+        stats.record_source_retry(delay);
+    }
     tokio::select! {
-        _ = retry::pause(pacing) => false,
+        _ = tokio::time::sleep(delay) => false,
         _ = stop.requested() => true,
     }
 }
@@ -490,6 +535,7 @@ mod tests {
             shard_id: SHARD.into(),
             owner: Arc::from("me"),
             epoch: 1,
+            duration: std::time::Duration::from_secs(30),
         })
     }
 
@@ -497,6 +543,7 @@ mod tests {
         ReaderSettings {
             max_records_per_call: limit,
             idle_poll_interval: Duration::from_secs(1),
+            ..ReaderSettings::default()
         }
     }
 
@@ -855,6 +902,72 @@ mod tests {
             .map(|e| ack(&e.meta).completes_record)
             .collect();
         assert_eq!(completes, [false, false, true, true]);
+        stop.stop();
+        task.await.expect("join").expect("read");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_and_user_records_over_the_limit_are_dead_letters_naming_their_size() {
+        let api = FakeKinesis::new();
+        // 13 bytes, then two-byte characters: byte 1,024 falls inside one.
+        let big = format!("{{\"user_id\": \"{}\"}}", "é".repeat(600));
+        let users: Vec<UserRecord> = [r#"{"user_id":"a"}"#, big.as_str()]
+            .iter()
+            .map(|data| UserRecord {
+                partition_key: "k".into(),
+                explicit_hash_key: None,
+                data: data.as_bytes().to_vec(),
+            })
+            .collect();
+        let plain = api.put(SHARD, big.as_bytes());
+        let aggregated = api.put(SHARD, &aggregate(&users));
+        let mut reader = reader(&api, StartPosition::TrimHorizon, 10);
+        reader.settings.max_message_bytes = 1100;
+        let (tx, mut rx) = mpsc::channel(4);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader.run(tx, stop.clone()));
+        let chunk = rx.recv().await.expect("one chunk for the page");
+        let bodies: Vec<&str> = chunk.items.iter().map(|e| e.body.as_str()).collect();
+        assert_eq!(bodies, [r#"{"user_id":"a"}"#]);
+        let reason = format!(
+            "message is {} bytes, more than `source.max_message_bytes` (1100); its first 1023 bytes are kept",
+            big.len()
+        );
+        let rejects: Vec<(String, Stage, &str, usize, bool)> = chunk
+            .rejects
+            .iter()
+            .map(|r| {
+                let ack = ack(&r.meta);
+                (
+                    r.meta.message_id.to_string(),
+                    r.stage,
+                    r.reason.as_str(),
+                    r.body.len(),
+                    ack.completes_record,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rejects,
+            [
+                (
+                    format!("{SHARD}/{plain}"),
+                    Stage::Source,
+                    reason.as_str(),
+                    1023,
+                    true
+                ),
+                (
+                    format!("{SHARD}/{aggregated}:1"),
+                    Stage::Source,
+                    reason.as_str(),
+                    1023,
+                    true
+                ),
+            ],
+            "the head is cut back to a whole character"
+        );
+        assert!(big.starts_with(&chunk.rejects[0].body));
         stop.stop();
         task.await.expect("join").expect("read");
     }

@@ -224,6 +224,7 @@ impl KinesisSource {
                 reader: ReaderSettings {
                     max_records_per_call: max_records,
                     idle_poll_interval: Duration::from_millis(kinesis.poll_interval_ms),
+                    max_message_bytes: config.source.max_message_bytes,
                 },
                 initial: initial_position(kinesis),
                 connector,

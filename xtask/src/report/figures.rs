@@ -12,6 +12,10 @@ pub const KINESIS_WRITE_RECORDS: f64 = 1_000.0;
 pub const KINESIS_WRITE_BYTES: f64 = 1024.0 * 1024.0;
 /// ...and serves this many bytes per second read.
 pub const KINESIS_READ_BYTES: f64 = 2.0 * 1024.0 * 1024.0;
+/// At most this many `GetRecords` calls per second per shard...
+pub const KINESIS_READ_CALLS: f64 = 5.0;
+/// ...each returning at most this many records.
+pub const KINESIS_RECORDS_PER_CALL: f64 = 10_000.0;
 /// Plan to run at most this share of a measured ceiling.
 pub const PLANNING_HEADROOM: f64 = 0.7;
 /// A confidence interval wider than this share of its median is flagged as noisy.
@@ -82,6 +86,52 @@ pub fn shards_needed(rate: f64, message_bytes: f64) -> ShardsNeeded {
 /// Whether a shard's record limit, rather than its byte limit, decides at this message size.
 pub fn record_limit_decides(message_bytes: f64) -> bool {
     message_bytes * KINESIS_WRITE_RECORDS < KINESIS_WRITE_BYTES
+}
+
+/// Messages per second one shard can be read at while it catches up: its 2 MiB/s of reads at this
+/// message size, or its five calls of 10,000 records, whichever is lower.
+pub fn catch_up_rate_per_shard(message_bytes: f64) -> f64 {
+    (KINESIS_READ_BYTES / message_bytes).min(KINESIS_READ_CALLS * KINESIS_RECORDS_PER_CALL)
+}
+
+/// Shards one process drains at `rate` messages per second when each is written at `per_shard`.
+pub fn shards_drained(rate: f64, per_shard: f64) -> f64 {
+    rate / per_shard
+}
+
+/// Processes needed for `rate` when each carries `per_process` (at least one).
+pub fn processes_needed(rate: f64, per_process: f64) -> u64 {
+    ((rate / per_process).ceil() as u64).max(1)
+}
+
+/// What a commit record costs per batch as a fixed part plus a part per shard in the batch: the
+/// least-squares line through `(shards, ms per batch)` points. One point gives no slope: it is all
+/// fixed cost.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PerShardCost {
+    pub fixed_ms: f64,
+    pub per_shard_ms: f64,
+}
+
+pub fn per_shard_cost(points: &[(f64, f64)]) -> Option<PerShardCost> {
+    let n = points.len() as f64;
+    let (first, rest) = points.split_first()?;
+    if rest.iter().all(|p| p.0 == first.0) {
+        let mean = points.iter().map(|p| p.1).sum::<f64>() / n;
+        return Some(PerShardCost {
+            fixed_ms: mean,
+            per_shard_ms: 0.0,
+        });
+    }
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let covariance: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    let variance: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    let slope = covariance / variance;
+    Some(PerShardCost {
+        fixed_ms: mean_y - slope * mean_x,
+        per_shard_ms: slope,
+    })
 }
 
 /// A rate rounded to the thousand, for the sizing tables' "this machine" column.
@@ -187,6 +237,29 @@ mod tests {
         assert_eq!(need.by_read_bytes, 2);
         assert_eq!(need.shards, 4);
         assert!(!record_limit_decides(4096.0));
+    }
+
+    #[test]
+    fn a_shard_catches_up_at_its_read_limit() {
+        assert_eq!(catch_up_rate_per_shard(154.0).round(), 13_618.0);
+        assert_eq!(
+            catch_up_rate_per_shard(10.0),
+            50_000.0,
+            "tiny messages: five calls of 10,000 records"
+        );
+        assert_eq!(shards_drained(700_000.0, 1_000.0), 700.0);
+        assert_eq!(processes_needed(1_000.0, 490_000.0), 1);
+        assert_eq!(processes_needed(1_000_000.0, 490_000.0), 3);
+    }
+
+    #[test]
+    fn checkpoint_cost_splits_into_a_fixed_part_and_a_part_per_shard() {
+        let cost = per_shard_cost(&[(4.0, 0.5), (64.0, 2.3)]).unwrap();
+        assert!((cost.per_shard_ms - 0.03).abs() < 1e-12);
+        assert!((cost.fixed_ms - 0.38).abs() < 1e-12);
+        let flat = per_shard_cost(&[(4.0, 0.5)]).unwrap();
+        assert_eq!((flat.fixed_ms, flat.per_shard_ms), (0.5, 0.0));
+        assert!(per_shard_cost(&[]).is_none());
     }
 
     #[test]

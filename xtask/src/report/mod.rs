@@ -3,14 +3,16 @@
 //! Three layers, so that prose and arithmetic never mix: [`inputs`] reads the result files,
 //! [`sections`] turns them into one context struct per section using the rules in [`figures`],
 //! and the templates under `xtask/templates/` (MiniJinja) put the words around the numbers, with
-//! the number formats of [`format`]. The templates are compiled into the binary.
+//! the number formats of [`format`]. The templates are compiled into the binary. [`charts`] draws
+//! the main comparisons from the same sections as SVG files beside the report, which links them.
 
+mod charts;
 mod figures;
 mod format;
 mod inputs;
 mod sections;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use minijinja::Environment;
@@ -19,7 +21,7 @@ use minijinja::value::Serde;
 
 use crate::{bench_dir, memory, repo_root, shown, target_dir};
 use inputs::{Criterion, Machine, PostgresRun};
-use sections::{Load, Measured, Report, Run, Server};
+use sections::{ChartLink, Load, Measured, Report, Run, Server};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -57,6 +59,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/capacity/targets.md"),
     ),
     (
+        "charts.md",
+        include_str!("../../templates/capacity/charts.md"),
+    ),
+    (
         "stages.md",
         include_str!("../../templates/capacity/stages.md"),
     ),
@@ -68,6 +74,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     (
         "end-to-end.md",
         include_str!("../../templates/capacity/end-to-end.md"),
+    ),
+    (
+        "kinesis.md",
+        include_str!("../../templates/capacity/kinesis.md"),
     ),
     (
         "memory.md",
@@ -84,8 +94,7 @@ const TEMPLATES: &[(&str, &str)] = &[
 ];
 
 pub fn write(options: &Options) -> Result<()> {
-    let report = Report::build(measure(options)?)?;
-    let text = render(&report)?;
+    let mut report = Report::build(measure(options)?)?;
     let out = options
         .out
         .clone()
@@ -93,9 +102,29 @@ pub fn write(options: &Options) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    report.charts = write_charts(&report, &out)?;
+    let text = render(&report)?;
     std::fs::write(&out, text).with_context(|| format!("cannot write {}", shown(&out)))?;
     println!("capacity-report: wrote {}", shown(&out));
     Ok(())
+}
+
+/// Draws the charts into `<report stem>-<chart>.svg` beside the report at `out`; returns their
+/// links for the report.
+fn write_charts(report: &Report, out: &Path) -> Result<Vec<ChartLink>> {
+    let stem = out
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("capacity");
+    let mut links = Vec::new();
+    for chart in charts::draw_all(report)? {
+        let path = out.with_file_name(chart.file_name(stem));
+        std::fs::write(&path, &chart.svg)
+            .with_context(|| format!("cannot write {}", shown(&path)))?;
+        println!("capacity-report: wrote {}", shown(&path));
+        links.push(chart.link(stem));
+    }
+    Ok(links)
 }
 
 /// Reads every input of the report.
@@ -242,6 +271,19 @@ mod tests {
         for (size, rate) in [(100, 130_000.0), (1000, 320_000.0), (10_000, 860_000.0)] {
             results.push(bench("sink", "copy", size, size as f64, rate));
         }
+        // Kinesis: the parameter is the shard count.
+        for (shards, rate) in [(4, 290_000.0), (64, 250_000.0)] {
+            results.push(bench("kinesis_sink", "checkpoints", shards, 1000.0, rate));
+        }
+        for (shards, rate) in [(4, 740_000.0), (64, 700_000.0)] {
+            results.push(bench(
+                "kinesis_pipeline",
+                "checkpoints",
+                shards,
+                600_000.0,
+                rate,
+            ));
+        }
         let postgres = PostgresRun {
             paired_seconds: vec![
                 PairedRound {
@@ -295,6 +337,7 @@ mod tests {
             "## Channel hop between stages",
             "## The sink alone",
             "## End to end, and PostgreSQL's own ceiling",
+            "## Kinesis: shard checkpoints in the batch's transaction",
             "## Memory, and the binary end to end",
             "### SQS pollers",
             "### Kinesis shards",
@@ -312,14 +355,102 @@ mod tests {
         assert!(text.contains("Load average when the run started: 1.50 (other work was running"));
         assert!(text.contains("Peak memory changes by +8.0% for 4× the messages"));
         assert!(text.contains(
-            "| 760,000 | 111.62 MiB/s | 760 | 112 | 56 | 760 | this machine's pipeline rate |"
+            "| 700,000 | 102.81 MiB/s | 700 | 103 | 52 | 700 | 2 | this machine's Kinesis pipeline rate |"
         ));
+        assert!(
+            text.contains("| 64 | 250,000 rows/s | 242,718 – 257,732 | 4.00 | 0.875 ms | 78% |")
+        );
+        assert!(
+            text.contains(
+                "Checkpointing costs about 0.286 ms per batch plus 9.20 µs per shard in it"
+            )
+        );
+        assert!(text.contains("| 4 | 740,000 msg/s | 718,447 – 762,887 | 97.4% | 89.2% |"));
+        assert!(text.contains("**490,000 msg/s per process**"));
+        assert!(text.contains("one process keeps up with about **490 shards**"));
+        assert!(text.contains("one process drains a backlog on about 36 shards"));
         assert!(text.contains(
             "| the binary, default config, vs `psql \\copy` of the same rows (1,000,000 messages) | ≥ 1.2× | 1.25× | ✅ met |"
         ));
         assert!(text.contains("| 1.25× | 1.20 s, 1.25 s, 1.30 s |"));
         assert!(!text.contains("\n\n\n"), "no double blank lines");
         assert!(text.ends_with("```\n"));
+    }
+
+    #[test]
+    fn charts_are_written_beside_the_report_and_linked_from_it() {
+        let mut report = Report::build(measured(54.0)).unwrap();
+        let dir = std::env::temp_dir().join(format!("xtask-charts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        report.charts = write_charts(&report, &dir.join("capacity.md")).unwrap();
+        let files: Vec<&str> = report.charts.iter().map(|c| c.file.as_str()).collect();
+        assert_eq!(
+            files,
+            [
+                "capacity-batch-size.svg",
+                "capacity-commit-records.svg",
+                "capacity-end-to-end.svg",
+                "capacity-stage-costs.svg"
+            ]
+        );
+        let svg = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        let expect = [
+            (
+                "capacity-batch-size.svg",
+                &[
+                    "Rows per second against rows per batch",
+                    "sink, no commit record (files)",
+                    "sink, SQS dedupe ledger on",
+                    "sink, Kinesis checkpoints over 64 shards",
+                    "whole pipeline, memory source",
+                    "PostgreSQL&apos;s own COPY ceiling",
+                    "rows per batch (log scale)",
+                ][..],
+            ),
+            (
+                "capacity-commit-records.svg",
+                &[
+                    "ledger off (files)",
+                    "SQS dedupe ledger on",
+                    "Kinesis checkpoints, 4 shards",
+                    "Kinesis checkpoints, 64 shards",
+                    "320,000",
+                    "95,000",
+                ][..],
+            ),
+            (
+                "capacity-end-to-end.svg",
+                &[
+                    "pipeline, memory source",
+                    "pipeline, Kinesis checkpoints, 64 shards",
+                    "PostgreSQL binary COPY ceiling",
+                    "release binary, file, default config",
+                    "psql \\copy of the same rows",
+                ][..],
+            ),
+            (
+                "capacity-stage-costs.svg",
+                &[
+                    "parse/validate",
+                    "mask/transform, HMAC-SHA256",
+                    "four channel hops",
+                    "the whole binary on a file",
+                ][..],
+            ),
+        ];
+        for (file, labels) in expect {
+            let text = svg(file);
+            assert!(text.starts_with("<svg"), "{file} is not SVG");
+            for label in labels {
+                assert!(text.contains(label), "{file} lacks {label:?}");
+            }
+        }
+        let markdown = render(&report).unwrap();
+        assert!(markdown.contains(
+            "\n## At a glance\n\n![Rows per second against rows per batch](capacity-batch-size.svg)\n"
+        ));
+        assert!(!markdown.contains("\n\n\n"), "no double blank lines");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

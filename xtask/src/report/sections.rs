@@ -7,7 +7,7 @@
 use anyhow::{Result, ensure};
 use serde::Serialize;
 
-use super::figures::{self, ShardsNeeded};
+use super::figures::{self, PerShardCost, ShardsNeeded};
 use super::inputs::{Bench, Criterion, Machine, PostgresRun};
 use crate::memory::MemoryResult;
 use crate::stats;
@@ -42,8 +42,19 @@ pub struct Report {
     pub hops: Hops,
     pub sink: Sink,
     pub end_to_end: EndToEnd,
+    pub kinesis: Kinesis,
     pub memory: Memory,
     pub sizing: Sizing,
+    /// The charts drawn beside the report, as the markdown links them.
+    pub charts: Vec<ChartLink>,
+}
+
+/// A chart file beside the report.
+#[derive(Serialize, Clone)]
+pub struct ChartLink {
+    /// The file name, relative to the report.
+    pub file: String,
+    pub title: String,
 }
 
 /// What the report is built from.
@@ -61,9 +72,10 @@ impl Report {
         let stages = Stages::build(c)?;
         let end_to_end = EndToEnd::build(c, &measured.postgres)?;
         let sink = Sink::build(c)?;
+        let kinesis = Kinesis::build(c, &end_to_end)?;
         let memory = Memory::build(measured.memory_large, measured.memory_small);
         let targets = Targets::build(&stages, &end_to_end, &memory);
-        let sizing = Sizing::build(&stages, &end_to_end, &sink, &memory);
+        let sizing = Sizing::build(&stages, &end_to_end, &sink, &kinesis, &memory);
         Ok(Self {
             run: measured.run,
             rules: Rules::default(),
@@ -72,8 +84,10 @@ impl Report {
             hops: Hops::build(c)?,
             sink,
             end_to_end,
+            kinesis,
             memory,
             sizing,
+            charts: Vec::new(),
         })
     }
 }
@@ -403,6 +417,96 @@ impl EndToEnd {
     }
 }
 
+/// The Kinesis source's commit record, fenced shard checkpoints written in every batch's
+/// transaction: what it costs the sink per batch, and what the whole pipeline keeps with it.
+#[derive(Serialize)]
+pub struct Kinesis {
+    /// The sink alone with checkpoints, one row per shard count, fewest shards first.
+    pub sink: Vec<KinesisSink>,
+    /// The plain sink at the same batch size, the comparison for the checkpoints' cost.
+    pub plain_sink: Option<Measure>,
+    /// The checkpoints' cost per batch as a fixed part plus a part per shard.
+    pub cost: Option<PerShardCost>,
+    /// The whole pipeline with checkpoints, one row per shard count.
+    pub pipeline: Vec<KinesisPipeline>,
+    /// Rows per batch of the pipeline runs (the ceiling's batches too).
+    pub pipeline_batch_rows: u64,
+    /// The slowest of the Kinesis pipeline runs: what one process drains, for the sizing rules.
+    pub drain_rate: f64,
+    pub drain_shards: u64,
+}
+
+#[derive(Serialize)]
+pub struct KinesisSink {
+    pub shards: u64,
+    pub measure: Measure,
+    /// Milliseconds per batch more than the plain sink at the same batch size.
+    pub ms_per_batch: Option<f64>,
+    /// Its rate as a share of the plain sink's.
+    pub share: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct KinesisPipeline {
+    pub shards: u64,
+    pub measure: Measure,
+    /// Its rate as a share of the pipeline without a commit record, and of the COPY ceiling
+    /// (criterion medians, measured minutes apart).
+    pub vs_pipeline: f64,
+    pub vs_copy: f64,
+}
+
+/// The Kinesis pipeline runs commit batches of this many rows (`batch_rows` in the benchmark).
+const PIPELINE_BATCH_ROWS: u64 = 10_000;
+
+impl Kinesis {
+    fn build(c: &Criterion, end_to_end: &EndToEnd) -> Result<Self> {
+        let sinks = c.all("kinesis_sink", "checkpoints")?;
+        let plain = c.all("sink", "copy")?;
+        // The benchmark's parameter is the shard count; its elements are the rows per batch.
+        let plain_sink = plain
+            .iter()
+            .find(|p| p.elements == sinks[0].elements)
+            .cloned();
+        let sink: Vec<KinesisSink> = sinks
+            .iter()
+            .map(|k| KinesisSink {
+                shards: k.size(),
+                measure: k.into(),
+                ms_per_batch: plain_sink.as_ref().map(|p| (k.ns - p.ns) / 1e6),
+                share: plain_sink.as_ref().map(|p| k.rate() / p.rate()),
+            })
+            .collect();
+        let points: Vec<(f64, f64)> = sink
+            .iter()
+            .filter_map(|k| Some((k.shards as f64, k.ms_per_batch?)))
+            .collect();
+        let pipelines = c.all("kinesis_pipeline", "checkpoints")?;
+        let pipeline: Vec<KinesisPipeline> = pipelines
+            .iter()
+            .map(|k| KinesisPipeline {
+                shards: k.size(),
+                measure: k.into(),
+                vs_pipeline: k.rate() / end_to_end.pipeline.rate,
+                vs_copy: k.rate() / end_to_end.ceiling.rate,
+            })
+            .collect();
+        let slowest = pipelines
+            .iter()
+            .min_by(|a, b| a.rate().total_cmp(&b.rate()))
+            .expect("at least one");
+        Ok(Self {
+            cost: figures::per_shard_cost(&points),
+            plain_sink: plain_sink.as_ref().map(Measure::from),
+            sink,
+            pipeline,
+            pipeline_batch_rows: PIPELINE_BATCH_ROWS,
+            drain_rate: slowest.rate(),
+            drain_shards: slowest.size(),
+        })
+    }
+}
+
 /// The memory runs of the release binary.
 #[derive(Serialize)]
 pub struct Memory {
@@ -512,6 +616,20 @@ pub struct Shards {
     /// KiB/s of one shard's record limit at this message size.
     pub record_limit_kib: f64,
     pub rows: Vec<ShardRow>,
+    /// The measured Kinesis pipeline rate (the slowest shard count) and the rate to plan with.
+    pub drain_rate: f64,
+    pub drain_shards: u64,
+    pub plan_drain: f64,
+    /// Shards one process keeps up with when each is written at its full record rate.
+    pub shards_at_write_limit: f64,
+    /// Messages per second one shard is read at while catching up, and how many shards one
+    /// process drains at that speed at once.
+    pub catch_up_per_shard: f64,
+    pub shards_catching_up: f64,
+    /// What the checkpoints cost per batch, when the sink was measured beside them.
+    pub cost: Option<PerShardCost>,
+    /// The most shards a measured batch carried checkpoints for.
+    pub most_shards_measured: u64,
 }
 
 #[derive(Serialize)]
@@ -519,6 +637,8 @@ pub struct ShardRow {
     pub rate: f64,
     pub mib_per_second: f64,
     pub need: ShardsNeeded,
+    /// sluice processes needed at the planned Kinesis pipeline rate.
+    pub processes: u64,
     pub this_machine: bool,
 }
 
@@ -538,11 +658,20 @@ pub struct Database {
 }
 
 impl Sizing {
-    fn build(stages: &Stages, end_to_end: &EndToEnd, sink: &Sink, memory: &Memory) -> Self {
+    fn build(
+        stages: &Stages,
+        end_to_end: &EndToEnd,
+        sink: &Sink,
+        kinesis: &Kinesis,
+        memory: &Memory,
+    ) -> Self {
         let pipeline_rate = end_to_end.pipeline.rate;
-        let this_machine = figures::round_to_thousand(pipeline_rate);
         let poller_rates = figures::table_rates(&POLLER_EXAMPLE_RATES, pipeline_rate);
         let bytes = memory.large.avg_message_bytes;
+        let drain = kinesis.drain_rate;
+        let plan_drain = figures::planned(drain);
+        let kinesis_machine = figures::round_to_thousand(drain);
+        let catch_up = figures::catch_up_rate_per_shard(bytes);
         Self {
             pollers: Pollers {
                 rows: SQS_LATENCIES_MS
@@ -564,15 +693,33 @@ impl Sizing {
                 message_bytes: bytes,
                 record_limit_decides: figures::record_limit_decides(bytes),
                 record_limit_kib: bytes * figures::KINESIS_WRITE_RECORDS / 1024.0,
-                rows: figures::table_rates(&SHARD_EXAMPLE_RATES, pipeline_rate)
+                rows: figures::table_rates(&SHARD_EXAMPLE_RATES, drain)
                     .into_iter()
                     .map(|rate| ShardRow {
                         rate,
                         mib_per_second: rate * bytes / 1024.0 / 1024.0,
                         need: figures::shards_needed(rate, bytes),
-                        this_machine: rate == this_machine,
+                        processes: figures::processes_needed(rate, plan_drain),
+                        this_machine: rate == kinesis_machine,
                     })
                     .collect(),
+                drain_rate: drain,
+                drain_shards: kinesis.drain_shards,
+                plan_drain,
+                shards_at_write_limit: figures::shards_drained(
+                    plan_drain,
+                    figures::KINESIS_WRITE_RECORDS,
+                ),
+                catch_up_per_shard: catch_up,
+                shards_catching_up: figures::shards_drained(plan_drain, catch_up),
+                cost: kinesis.cost,
+                most_shards_measured: kinesis
+                    .sink
+                    .iter()
+                    .map(|k| k.shards)
+                    .chain(kinesis.pipeline.iter().map(|k| k.shards))
+                    .max()
+                    .unwrap_or(0),
             },
             database: Database {
                 pipeline_rate,
