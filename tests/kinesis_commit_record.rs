@@ -14,7 +14,7 @@ use sluice::envelope::{AckToken, Envelope, Meta};
 use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
-use sluice::sink::postgres::{PgCopySinkBuilder, SinkSettings};
+use sluice::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkSettings};
 use sluice::sink::schema;
 use sluice::source::kinesis::KinesisAck;
 use sluice::source::kinesis::api::ShardDescription;
@@ -59,62 +59,114 @@ fn row(lease: &Arc<LeaseClaim>, sequence: u64) -> LoginRow {
         .unwrap_or_else(|_| panic!("a row"))
 }
 
+/// A schema with the sink's tables and a lease table, shards 0 and 1 leased to process `a`, and a
+/// committer with the Kinesis source's commit record.
+struct Fixture {
+    schema: TestSchema,
+    admin: tokio_postgres::Client,
+    scope: LeaseScope,
+    ids: Vec<String>,
+    zero: Arc<LeaseClaim>,
+    one: Arc<LeaseClaim>,
+    committer: PgCopySink,
+    record: ShardCheckpoints,
+    kinesis_stats: Arc<KinesisStats>,
+    checkpoint_sql: String,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let schema = TestSchema::new().await;
+        let table =
+            |name: &str| TableName::parse(&format!("{}.{name}", schema.name)).expect("name");
+        let tables = Tables {
+            target: table("user_logins"),
+            dead_letter: table("user_logins_rejected"),
+            ledger: table("unused_ledger"),
+        };
+        let mut admin = pg().await;
+        schema::migrate(&mut admin, &tables, false)
+            .await
+            .expect("migrate");
+        let lease_table = table("kinesis_leases");
+        for statement in lease_ddl(&lease_table) {
+            admin.batch_execute(&statement).await.expect("lease DDL");
+        }
+        let scope = LeaseScope {
+            table: lease_table.clone(),
+            application: "app".into(),
+            stream: "logins".into(),
+        };
+        let shards: Vec<ShardDescription> = (0..2)
+            .map(|i| ShardDescription {
+                shard_id: format!("shardId-{i:012}"),
+                parent_shard_id: None,
+                adjacent_parent_shard_id: None,
+                closed: false,
+            })
+            .collect();
+        let a = Leases::new(scope.clone(), "a", Duration::from_millis(300));
+        a.register(&admin, &shards).await.expect("register");
+        let ids: Vec<String> = shards.iter().map(|s| s.shard_id.clone()).collect();
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let held = a.acquire(&admin, &id_refs).await.expect("a takes both");
+        assert_eq!(held.len(), 2);
+        let lease = |i: usize| {
+            let taken = held.iter().find(|t| t.claim.shard_id == ids[i]);
+            Arc::new(taken.expect("both shards held").claim.clone())
+        };
+        let (zero, one) = (lease(0), lease(1));
+        let columns = schema::verify(&admin, &tables, false)
+            .await
+            .expect("verify");
+        let settings = SinkSettings {
+            connector: Connector::new(database_url(), Duration::from_secs(10)),
+            tables: tables.clone(),
+            dead_letter_columns: columns,
+            dead_letter_queue: None,
+        };
+        let committer = PgCopySinkBuilder::new(settings, Arc::new(sluice::stats::Stats::default()))
+            .committer(None);
+        let kinesis_stats = Arc::new(KinesisStats::default());
+        let record = ShardCheckpoints::new(kinesis_stats.clone());
+        let checkpoint_sql =
+            format!("SELECT checkpoint::text FROM {lease_table} ORDER BY shard_id");
+        Fixture {
+            schema,
+            admin,
+            scope,
+            ids,
+            zero,
+            one,
+            committer,
+            record,
+            kinesis_stats,
+            checkpoint_sql,
+        }
+    }
+
+    async fn checkpoints(&self) -> Vec<String> {
+        checkpoints(&self.admin, &self.checkpoint_sql).await
+    }
+}
+
 #[tokio::test]
 async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_claim_costs_no_more_transactions()
  {
-    let schema = TestSchema::new().await;
-    let table = |name: &str| TableName::parse(&format!("{}.{name}", schema.name)).expect("name");
-    let tables = Tables {
-        target: table("user_logins"),
-        dead_letter: table("user_logins_rejected"),
-        ledger: table("unused_ledger"),
-    };
-    let mut admin = pg().await;
-    schema::migrate(&mut admin, &tables, false)
-        .await
-        .expect("migrate");
-    let lease_table = table("kinesis_leases");
-    for statement in lease_ddl(&lease_table) {
-        admin.batch_execute(&statement).await.expect("lease DDL");
-    }
-    let scope = || LeaseScope {
-        table: lease_table.clone(),
-        application: "app".into(),
-        stream: "logins".into(),
-    };
-    let shards: Vec<ShardDescription> = (0..2)
-        .map(|i| ShardDescription {
-            shard_id: format!("shardId-{i:012}"),
-            parent_shard_id: None,
-            adjacent_parent_shard_id: None,
-            closed: false,
-        })
-        .collect();
-    let a = Leases::new(scope(), "a", Duration::from_millis(300));
-    a.register(&admin, &shards).await.expect("register");
-    let ids: Vec<&str> = shards.iter().map(|s| s.shard_id.as_str()).collect();
-    let held = a.acquire(&admin, &ids).await.expect("a takes both");
-    assert_eq!(held.len(), 2);
-    let lease = |i: usize| {
-        let taken = held.iter().find(|t| t.claim.shard_id == ids[i]);
-        Arc::new(taken.expect("both shards held").claim.clone())
-    };
-    let (zero, one) = (lease(0), lease(1));
-
-    let columns = schema::verify(&admin, &tables, false)
-        .await
-        .expect("verify");
-    let settings = SinkSettings {
-        connector: Connector::new(database_url(), Duration::from_secs(10)),
-        tables: tables.clone(),
-        dead_letter_columns: columns,
-        dead_letter_queue: None,
-    };
-    let mut committer =
-        PgCopySinkBuilder::new(settings, Arc::new(sluice::stats::Stats::default())).committer(None);
-    let kinesis_stats = Arc::new(KinesisStats::default());
-    let record = ShardCheckpoints::new(kinesis_stats.clone());
-    let checkpoint_sql = format!("SELECT checkpoint::text FROM {lease_table} ORDER BY shard_id");
+    let Fixture {
+        schema,
+        admin,
+        scope,
+        ids,
+        zero,
+        one,
+        mut committer,
+        record,
+        kinesis_stats,
+        checkpoint_sql,
+    } = Fixture::new().await;
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let scope = || scope.clone();
     let first = Batch::new(
         vec![row(&zero, 10), row(&one, 20), row(&zero, 11), row(&one, 21)],
         Vec::new(),
@@ -187,6 +239,7 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_cla
     assert_eq!(checkpoints(&admin, &checkpoint_sql).await, ["13", "21"]);
 
     // b hands shard 1 back and a takes it again: a new claim, whose records commit.
+    let a = Leases::new(scope(), "a", Duration::from_millis(300));
     let b_claims: Vec<LeaseClaim> = b_held.into_iter().map(|t| t.claim).collect();
     assert_eq!(b.release(&admin, &b_claims).await.expect("release"), 1);
     let again = a
@@ -213,4 +266,50 @@ async fn checkpoints(admin: &tokio_postgres::Client, sql: &str) -> Vec<String> {
         .iter()
         .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
         .collect()
+}
+
+/// A retry of a batch whose COMMIT succeeded but whose answer was lost (the connection broke right
+/// after the COMMIT was sent): the committer cannot tell it committed and sends it again. The
+/// checkpoints say it did, so the retry loads nothing twice and its records are acknowledged.
+#[tokio::test]
+async fn a_batch_committed_before_is_recognised_by_its_checkpoints_and_not_loaded_twice() {
+    let mut f = Fixture::new().await;
+    let batch = |f: &Fixture| {
+        Batch::new(
+            vec![row(&f.zero, 10), row(&f.one, 20), row(&f.zero, 11)],
+            Vec::new(),
+        )
+    };
+    let first = f
+        .committer
+        .commit(batch(&f), &f.record)
+        .await
+        .expect("commit");
+    assert_eq!(first.committed[0].counts.loaded, 3);
+    assert_eq!(f.checkpoints().await, ["11", "20"]);
+
+    let again = f
+        .committer
+        .commit(batch(&f), &f.record)
+        .await
+        .expect("the retry commits");
+    let loaded: usize = again.committed.iter().map(|c| c.counts.loaded).sum();
+    let duplicates: usize = again.committed.iter().map(|c| c.counts.duplicates).sum();
+    assert_eq!((loaded, duplicates, again.dropped), (0, 3, 0));
+    assert_eq!(f.schema.rows_loaded().await, 3, "nothing loaded twice");
+    assert_eq!(f.checkpoints().await, ["11", "20"]);
+
+    // A batch that goes on from there loads only what is new.
+    let next = Batch::new(
+        vec![row(&f.zero, 11), row(&f.zero, 12), row(&f.one, 21)],
+        Vec::new(),
+    );
+    let next = f.committer.commit(next, &f.record).await.expect("commit");
+    let loaded: usize = next.committed.iter().map(|c| c.counts.loaded).sum();
+    assert_eq!(
+        loaded, 2,
+        "record 11 was committed before, 12 and 21 are new"
+    );
+    assert_eq!(f.schema.rows_loaded().await, 5);
+    assert_eq!(f.checkpoints().await, ["12", "21"]);
 }

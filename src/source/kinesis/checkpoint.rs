@@ -21,7 +21,7 @@
 //! caller must commit a shard's batches in the order they were read: a later batch committed first
 //! would make the earlier one a step backwards, which is refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +72,9 @@ pub enum CheckpointError {
     },
     #[error("shard {shard}: no lease row for it")]
     Unknown { shard: String },
+    /// The stored checkpoint is not a sequence number (the table was edited by hand).
+    #[error("shard {shard}: the stored checkpoint {stored:?} is not a sequence number")]
+    Unreadable { shard: String, stored: String },
     #[error("checkpoint: {}", crate::pg::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
@@ -203,6 +206,35 @@ async fn write_scope(
         Some(missed) => Err(diagnose(tx, &missed.lease, Some(&missed.sequence)).await),
         None => Ok(()),
     }
+}
+
+/// The checkpoints committed so far for `shards` of `scope` (shards without one are left out). Read
+/// without a lock: only this lease holder moves them, its batches commit one after another, and a
+/// take-over meanwhile fences this transaction's own checkpoint write.
+pub async fn committed(
+    client: &impl GenericClient,
+    scope: &LeaseScope,
+    shards: &[&str],
+) -> Result<HashMap<String, SequenceNumber>, CheckpointError> {
+    let sql = format!(
+        "SELECT shard_id, checkpoint::text FROM {t}
+         WHERE application = $1 AND stream = $2 AND shard_id = ANY($3) AND checkpoint IS NOT NULL",
+        t = scope.table
+    );
+    let rows = client
+        .query(&sql, &[&scope.application, &scope.stream, &shards])
+        .await?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let shard: String = row.get(0);
+        let text: String = row.get(1);
+        let sequence = SequenceNumber::parse(&text).map_err(|_| CheckpointError::Unreadable {
+            shard: shard.clone(),
+            stored: text.clone(),
+        })?;
+        found.insert(shard, sequence);
+    }
+    Ok(found)
 }
 
 /// Marks a shard finished when its end was seen after its last record was delivered (an empty

@@ -10,6 +10,11 @@
 //! ([`super::lease::FencedOff`]): the records still in hand under it are dropped before their
 //! batch's transaction begins instead of each costing one more transaction rolled back.
 //!
+//! A batch sent again after a COMMIT whose answer was lost (the connection broke after it was sent)
+//! may in fact be committed: before its rows, each record is compared with its shard's committed
+//! checkpoint, and one at or before it is skipped, only acknowledged. So even a retried COMMIT loads
+//! nothing twice.
+//!
 //! A batch the database refused is committed in pieces; a shard's checkpoint then never moves past
 //! a record that a later piece still holds. Batches must commit in the order they were read
 //! ([`CommitRecord::ordered`]): a checkpoint never moves backwards.
@@ -20,7 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::checkpoint::{self, CheckpointError};
-use super::lease::LeaseClaim;
+use super::lease::{LeaseClaim, LeaseScope};
 use super::metrics::KinesisStats;
 use super::progress::{self, KinesisAck};
 use super::sequence::SequenceNumber;
@@ -40,6 +45,44 @@ impl ShardCheckpoints {
 
 #[async_trait]
 impl CommitRecord for ShardCheckpoints {
+    async fn claim(&self, t: &mut InTransaction<'_, '_>) -> Result<Vec<bool>, RecordError> {
+        let acks: Vec<Option<&KinesisAck>> =
+            t.entries.iter().map(|e| kinesis(&e.meta.ack)).collect();
+        let mut shards_by_scope: Vec<(&LeaseScope, Vec<&str>)> = Vec::new();
+        for ack in acks.iter().flatten() {
+            let scope = &*ack.lease.scope;
+            let shard = ack.lease.shard_id.as_str();
+            match shards_by_scope.iter_mut().find(|(s, _)| *s == scope) {
+                Some((_, shards)) if shards.contains(&shard) => {}
+                Some((_, shards)) => shards.push(shard),
+                None => shards_by_scope.push((scope, vec![shard])),
+            }
+        }
+        let mut committed: Vec<(&LeaseScope, HashMap<String, SequenceNumber>)> = Vec::new();
+        for (scope, shards) in shards_by_scope {
+            let found = checkpoint::committed(t.tx, scope, &shards)
+                .await
+                .map_err(|e| match e {
+                    CheckpointError::Db(e) => RecordError::Database(e),
+                    other => RecordError::Broken(Box::new(other)),
+                })?;
+            committed.push((scope, found));
+        }
+        Ok(acks
+            .iter()
+            .map(|ack| {
+                ack.is_none_or(|a| {
+                    let scope = &*a.lease.scope;
+                    committed
+                        .iter()
+                        .find(|(s, _)| *s == scope)
+                        .and_then(|(_, found)| found.get(&a.lease.shard_id))
+                        .is_none_or(|done| &a.sequence > done)
+                })
+            })
+            .collect())
+    }
+
     async fn seal(&self, t: &mut InTransaction<'_, '_>) -> Result<(), RecordError> {
         // The first record per shard that a later piece of the batch still holds.
         let mut held_back: HashMap<(&str, i64), &SequenceNumber> = HashMap::new();
@@ -138,7 +181,6 @@ fn kinesis(token: &AckToken) -> Option<&KinesisAck> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::kinesis::lease::LeaseScope;
     use crate::table_name::TableName;
 
     fn claim(stream: &str, epoch: i64) -> Arc<LeaseClaim> {
