@@ -178,7 +178,22 @@ async fn a_process_frozen_past_its_lease_has_its_next_commit_fenced_off() {
         .lines_containing("commit failed; keeping the batch and retrying")
         .len();
     // One fenced-off transaction per lost claim at most: the other batches in hand under it are
-    // dropped before their transactions begin.
+    // dropped before their transactions begin, so the thousands of records in hand are settled
+    // (committed before the freeze, or dropped) promptly.
+    eventually(
+        Duration::from_secs(30),
+        "the resumed process settled every record in hand",
+        || {
+            let metrics = &metrics;
+            async move {
+                let received = counter(metrics, "sluice_messages_received_total").await;
+                let settled = counter(metrics, "sluice_messages_acknowledged_total").await
+                    + counter(metrics, "sluice_messages_released_total").await;
+                settled >= received
+            }
+        },
+    )
+    .await;
     let fenced_commits = counter(&metrics, "sluice_kinesis_fenced_commits_total").await;
     assert!(
         fenced_commits <= 4.0,
