@@ -308,6 +308,7 @@ fn read_from_shard(meta: &mut Meta, lease: &Arc<LeaseClaim>, sequence: SequenceN
     meta.ack = AckToken::Kinesis(KinesisAck {
         lease: lease.clone(),
         sequence,
+        user_record: 0,
         completes_record: true,
         ends_shard: false,
     });

@@ -198,7 +198,8 @@ pub struct KinesisConfig {
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
     /// How long a shard lease lasts after its last renewal; renewed every third of it. A dead
-    /// process's shards move within this plus one renewal. Default 30.
+    /// process's shards move within this plus one renewal, and a commit left idle for a third of it
+    /// while it holds lease rows (its process frozen) has its session ended. Default 30.
     #[serde(default = "default_lease_duration_seconds")]
     pub lease_duration_seconds: u64,
     /// Names the reading application: leases and checkpoints are kept per application and stream,

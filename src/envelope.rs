@@ -50,6 +50,31 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// Where the message stands in its source's own order, for sources whose committed position
+    /// covers everything before it: a file's line, a Kinesis record's place in its shard. `None`
+    /// for sources without one (SQS). Compared only between messages of one chunk.
+    pub fn source_order(&self) -> Option<SourceOrder<'_>> {
+        match (&self.message_id, &self.ack) {
+            (MessageId::Position(n), _) => Some(SourceOrder::Position(*n)),
+            (_, AckToken::Kinesis(ack)) => {
+                let (sequence, user_record) = ack.order();
+                Some(SourceOrder::Shard(sequence, user_record))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A message's place in its source's order (see [`Meta::source_order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SourceOrder<'a> {
+    /// Its position in a file.
+    Position(u64),
+    /// A Kinesis record's sequence number, and the user record's index within a KPL aggregate.
+    Shard(&'a crate::source::kinesis::sequence::SequenceNumber, usize),
+}
+
 /// A message's identity at its source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageId {

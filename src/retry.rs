@@ -54,8 +54,12 @@ pub fn backoff() -> impl Iterator<Item = Duration> + Send {
 
 /// Sleeps for the next delay of `pacing`.
 pub async fn pause(pacing: &mut (impl Iterator<Item = Duration> + Send)) {
-    let delay = pacing.next().unwrap_or(LONGEST_DELAY);
-    tokio::time::sleep(delay).await;
+    tokio::time::sleep(next_delay(pacing)).await;
+}
+
+/// The next delay of `pacing`, for a caller that records it before sleeping.
+pub fn next_delay(pacing: &mut (impl Iterator<Item = Duration> + Send)) -> Duration {
+    pacing.next().unwrap_or(LONGEST_DELAY)
 }
 
 #[cfg(test)]

@@ -41,6 +41,12 @@ pub struct Stats {
     pub released: Counter,
     pub batches_committed: Counter,
     pub commit_retries: Counter,
+    /// Source calls (SQS ReceiveMessage, Kinesis GetRecords and GetShardIterator) that failed for a
+    /// passing reason (connection lost or refused, timeout, throttling) and are tried again after a
+    /// backoff pause.
+    pub source_retries: Counter,
+    /// Seconds of those pauses, in all: how long the source waited on its endpoint.
+    pub source_backoff_seconds: Counter<f64, AtomicU64>,
     /// Messages per committed transaction.
     pub batch_messages: Histogram,
     /// Messages in the last committed transaction, and the most in one since the progress line last
@@ -81,6 +87,8 @@ impl Default for Stats {
             released: Counter::default(),
             batches_committed: Counter::default(),
             commit_retries: Counter::default(),
+            source_retries: Counter::default(),
+            source_backoff_seconds: Counter::default(),
             batch_messages: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             last_batch_messages: AtomicU64::new(0),
             max_batch_messages: AtomicU64::new(0),
@@ -210,6 +218,12 @@ impl Stats {
         self.last_progress_ms.store(self.now_ms(), Relaxed);
     }
 
+    /// A source call failed for a passing reason; the next try comes after `pause`.
+    pub fn record_source_retry(&self, pause: Duration) {
+        self.source_retries.inc();
+        self.source_backoff_seconds.inc_by(pause.as_secs_f64());
+    }
+
     pub fn record_released(&self, n: usize) {
         self.released.inc_by(n as u64);
     }
@@ -325,6 +339,16 @@ impl Stats {
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
+        r.register(
+            "source_retries",
+            "Source calls (SQS receive, Kinesis GetRecords) failed for a passing reason and retried after a backoff",
+            self.source_retries.clone(),
+        );
+        r.register(
+            "source_backoff_seconds",
+            "Seconds the source waited between such retries",
+            self.source_backoff_seconds.clone(),
+        );
         let mut histogram =
             |name: &str, help: &str, h: &Histogram| r.register(name, help, h.clone());
         histogram(

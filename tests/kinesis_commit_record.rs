@@ -37,6 +37,7 @@ fn row(lease: &Arc<LeaseClaim>, sequence: u64) -> LoginRow {
     meta.ack = AckToken::Kinesis(KinesisAck {
         lease: lease.clone(),
         sequence: SequenceNumber::parse(&sequence.to_string()).expect("a sequence number"),
+        user_record: 0,
         completes_record: true,
         ends_shard: false,
     });

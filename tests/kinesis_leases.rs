@@ -357,6 +357,54 @@ async fn a_lease_stolen_while_a_commit_is_in_flight_waits_for_it() {
 }
 
 #[tokio::test]
+async fn a_commit_frozen_while_it_holds_the_lease_row_does_not_hold_up_the_take_over() {
+    let f = Fixture::new().await;
+    let one = shards(1);
+    let lease = Duration::from_secs(3);
+    let a = f.leases("a", lease);
+    let b = f.leases("b", LONG);
+    a.register(f.client(), &one).await.expect("register");
+    let held = claim(&a.acquire(f.client(), &ids(&one)).await.expect("a")[0]);
+
+    // a's commit has written its rows and checkpoint, so it holds the lease row's lock, and then
+    // a stops (SIGSTOP, a long pause, a network partition) before its COMMIT.
+    let mut ca = client().await;
+    let tx = ca.transaction().await.expect("begin");
+    tx.execute(
+        &format!("INSERT INTO {}.loaded VALUES ('frozen')", f.schema.name),
+        &[],
+    )
+    .await
+    .expect("insert");
+    checkpoint::checkpoint(&tx, &held, &seq("100"), false)
+        .await
+        .expect("a still holds the lease");
+
+    let cb = client().await;
+    let started = Instant::now();
+    let bound = lease * 5;
+    let taken = tokio::time::timeout(bound, acquire_within(&b, &cb, &ids(&one), bound))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the take-over still waits on the frozen commit's row lock after {bound:?}")
+        });
+    assert!(
+        started.elapsed() < lease * 2,
+        "taken over {:?} after the lease was last renewed",
+        started.elapsed()
+    );
+    assert_eq!(
+        taken[0].checkpoint, None,
+        "the frozen commit's checkpoint is not where the new owner starts"
+    );
+    assert!(
+        tx.commit().await.is_err(),
+        "the frozen commit fails when it resumes"
+    );
+    assert_eq!(f.loaded().await, 0, "its rows were rolled back");
+}
+
+#[tokio::test]
 async fn checkpoints_move_forward_only_and_compare_as_numbers() {
     let f = Fixture::new().await;
     let one = shards(1);

@@ -7,12 +7,12 @@ mod common;
 mod kinesis_common;
 mod kinesis_run;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
 use kinesis_common::TestStream;
-use kinesis_run::kinesis_config;
+use kinesis_run::{kinesis_config, live_leases, pid};
 
 const BAD_EVERY: usize = 50;
 const LEASE_SECONDS: u64 = 3;
@@ -25,33 +25,6 @@ fn record(i: usize) -> (String, Vec<u8>) {
         login(&user)
     };
     (user, body.into_bytes())
-}
-
-/// Live leases per owning process id (owner ids are `host:pid:random`).
-async fn live_leases(schema: &TestSchema) -> BTreeMap<u32, i64> {
-    let rows = schema
-        .client
-        .query(
-            &format!(
-                "SELECT owner, count(*) FROM {}.kinesis_leases
-                 WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
-                schema.name
-            ),
-            &[],
-        )
-        .await
-        .expect("leases");
-    rows.iter()
-        .map(|r| {
-            let owner: String = r.get(0);
-            let pid = owner.split(':').nth(1).and_then(|p| p.parse().ok());
-            (pid.expect("owner id names its process"), r.get(1))
-        })
-        .collect()
-}
-
-fn pid(process: &Watched) -> u32 {
-    process.child.id().expect("running")
 }
 
 #[tokio::test]

@@ -43,6 +43,7 @@ fn claim(stream: &TestStream, shard_id: &str) -> Arc<LeaseClaim> {
         shard_id: shard_id.into(),
         owner: Arc::from("test"),
         epoch: 1,
+        duration: std::time::Duration::from_secs(30),
     })
 }
 

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::envelope::{AckToken, Chunk, MessageId, Meta, Reject};
+use crate::envelope::{AckToken, Chunk, Meta, Reject, SourceOrder};
 use crate::sink::copy_encode::encode_rows;
 use crate::stage::transform::LoginRow;
 
@@ -156,7 +156,7 @@ impl Gathering {
             self.rejects.append(&mut chunk.rejects);
             return None;
         }
-        let (take_rows, take_rejects) = split_point(&chunk, room);
+        let (take_rows, take_rejects) = split_point(&mut chunk, room);
         let rest_rows = chunk.items.split_off(take_rows);
         self.keep_rows(chunk.items);
         let rest_rejects = chunk.rejects.split_off(take_rejects);
@@ -179,21 +179,32 @@ impl Gathering {
     }
 }
 
-/// How many rows and dead letters of `chunk` make the first `room` messages. Messages known by
-/// their position in a file are taken in file order, rows and dead letters alike, so that each
-/// batch covers one stretch of the file and the position it commits covers exactly what it
-/// loaded; others are taken rows first.
-fn split_point(chunk: &Chunk<LoginRow>, room: usize) -> (usize, usize) {
-    let position = |meta: &Meta| match meta.message_id {
-        MessageId::Position(n) => Some(n),
-        MessageId::Text(_) => None,
-    };
-    let rows: Option<Vec<u64>> = chunk
+/// How many rows and dead letters of `chunk` make the first `room` messages. Messages in their
+/// source's own order (a file's lines, a Kinesis shard's records) are taken in that order, rows
+/// and dead letters alike, so that each batch covers one stretch of the source and the position
+/// it commits (a file offset, a shard checkpoint) passes nothing a later batch still holds;
+/// others are taken rows first. Rows keep their source's order through the stages; dead letters
+/// are gathered stage by stage, so they are put back in order here first.
+fn split_point(chunk: &mut Chunk<LoginRow>, room: usize) -> (usize, usize) {
+    if chunk
+        .rejects
+        .iter()
+        .all(|r| r.meta.source_order().is_some())
+    {
+        chunk
+            .rejects
+            .sort_by(|a, b| a.meta.source_order().cmp(&b.meta.source_order()));
+    }
+    let rows: Option<Vec<SourceOrder<'_>>> = chunk
         .items
         .iter()
-        .map(|r| position(&r.event.meta))
+        .map(|r| r.event.meta.source_order())
         .collect();
-    let rejects: Option<Vec<u64>> = chunk.rejects.iter().map(|r| position(&r.meta)).collect();
+    let rejects: Option<Vec<SourceOrder<'_>>> = chunk
+        .rejects
+        .iter()
+        .map(|r| r.meta.source_order())
+        .collect();
     let (Some(rows), Some(rejects)) = (rows, rejects) else {
         let take_rows = chunk.items.len().min(room);
         return (take_rows, room - take_rows);
@@ -319,16 +330,81 @@ mod tests {
         for (reject, line) in rejects.iter_mut().zip([3, 5]) {
             reject.meta.message_id = MessageId::Position(line);
         }
-        let chunk = Chunk {
+        let mut chunk = Chunk {
             items: rows,
             rejects,
         };
-        assert_eq!(split_point(&chunk, 3), (2, 1), "lines 1-3");
-        assert_eq!(split_point(&chunk, 4), (3, 1), "lines 1-4");
-        assert_eq!(split_point(&chunk, 5), (3, 2), "lines 1-5");
+        assert_eq!(split_point(&mut chunk, 3), (2, 1), "lines 1-3");
+        assert_eq!(split_point(&mut chunk, 4), (3, 1), "lines 1-4");
+        assert_eq!(split_point(&mut chunk, 5), (3, 2), "lines 1-5");
+    }
+
+    /// A Kinesis message's acknowledgement: record `sequence`, user record `user_record` of it.
+    fn shard_ack(sequence: u64, user_record: usize, completes_record: bool) -> AckToken {
+        use crate::source::kinesis::KinesisAck;
+        use crate::source::kinesis::lease::{LeaseClaim, LeaseScope};
+        use crate::source::kinesis::sequence::SequenceNumber;
+        use std::sync::Arc;
+        AckToken::Kinesis(KinesisAck {
+            lease: Arc::new(LeaseClaim {
+                scope: Arc::new(LeaseScope {
+                    table: crate::table_name::TableName::unqualified("leases"),
+                    application: "app".into(),
+                    stream: "logins".into(),
+                }),
+                shard_id: "shardId-000000000000".into(),
+                owner: Arc::from("me"),
+                epoch: 1,
+                duration: Duration::from_secs(30),
+            }),
+            sequence: SequenceNumber::parse(&sequence.to_string()).expect("valid"),
+            user_record,
+            completes_record,
+            ends_shard: false,
+        })
+    }
+
+    #[test]
+    fn a_kinesis_chunk_is_split_in_shard_order() {
+        // One page: records 1, 2, 4 are rows, 3 a dead letter, and record 5 a KPL aggregate whose
+        // user records 0 and 2 are rows and 1 a dead letter.
+        let (mut rows, mut rejects) = test_rows(5, 2);
+        let kinesis_id = |meta: &mut Meta| meta.message_id = MessageId::Text("shard/seq".into());
+        for (row, (sequence, user, completes)) in rows.iter_mut().zip([
+            (1, 0, true),
+            (2, 0, true),
+            (4, 0, true),
+            (5, 0, false),
+            (5, 2, true),
+        ]) {
+            kinesis_id(&mut row.event.meta);
+            row.event.meta.ack = shard_ack(sequence, user, completes);
+        }
+        // Dead letters of two stages: the later stage's come last whatever their place.
+        for (reject, (sequence, user)) in rejects.iter_mut().zip([(5, 1), (3, 0)]) {
+            kinesis_id(&mut reject.meta);
+            reject.meta.ack = shard_ack(sequence, user, false);
+        }
+        let mut chunk = Chunk {
+            items: rows,
+            rejects,
+        };
+        assert_eq!(split_point(&mut chunk, 2), (2, 0), "records 1-2");
+        assert_eq!(split_point(&mut chunk, 3), (2, 1), "records 1-3");
+        assert_eq!(
+            split_point(&mut chunk, 5),
+            (4, 1),
+            "records 1-4 and 5's first user record"
+        );
+        assert_eq!(
+            split_point(&mut chunk, 6),
+            (4, 2),
+            "all but the aggregate's last user record"
+        );
     }
 
     use super::*;
+    use crate::envelope::MessageId;
 
     fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {
         Chunk {

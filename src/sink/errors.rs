@@ -34,6 +34,9 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         // transaction rollback (serialization, deadlock), object in use / lock not available,
         // system error (I/O)
         "08" | "53" | "57" | "40" | "55" | "58" => ErrorClass::Transient,
+        // The server ended the session because the transaction sat idle or ran too long (a
+        // process that was paused): a fresh connection can try the transaction again.
+        "25" if matches!(code, "25P03" | "25P04") => ErrorClass::Transient,
         // data exception, integrity constraint violation, check violation
         "22" | "23" => ErrorClass::Data,
         _ => ErrorClass::Fatal,
@@ -49,6 +52,8 @@ mod tests {
         assert_eq!(classify_sqlstate("57P01"), ErrorClass::Transient); // admin_shutdown
         assert_eq!(classify_sqlstate("08006"), ErrorClass::Transient);
         assert_eq!(classify_sqlstate("40P01"), ErrorClass::Transient);
+        assert_eq!(classify_sqlstate("25P03"), ErrorClass::Transient); // idle in transaction
+        assert_eq!(classify_sqlstate("25P02"), ErrorClass::Fatal); // in failed transaction
         assert_eq!(classify_sqlstate("23514"), ErrorClass::Data); // check_violation
         assert_eq!(classify_sqlstate("22001"), ErrorClass::Data); // string too long
         assert_eq!(classify_sqlstate("42P01"), ErrorClass::Fatal); // undefined_table

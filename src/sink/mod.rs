@@ -88,6 +88,14 @@ pub trait Committer: Send {
         batch: Batch,
         record: &dyn CommitRecord,
     ) -> Result<Commit, SinkError>;
+
+    /// Runs while the committer waits for a batch, and is dropped when one comes: a committer with
+    /// a connection notices here that it was lost (so the readiness probe stops counting it) and
+    /// opens a new one, so a daemon idle through a database restart is ready again without
+    /// waiting for traffic. Never returns.
+    async fn keep_connected(&mut self) -> std::convert::Infallible {
+        std::future::pending().await
+    }
 }
 
 /// The queue of batches the committers of one pipeline take from.
@@ -103,7 +111,10 @@ pub async fn run_committer(
     stats: Arc<Stats>,
 ) -> Result<(), SinkError> {
     loop {
-        let next = input.lock().await.recv().await;
+        let next = tokio::select! {
+            next = async { input.lock().await.recv().await } => next,
+            never = committer.keep_connected() => match never {},
+        };
         let Some(batch) = next else {
             return Ok(());
         };

@@ -65,13 +65,25 @@ pub struct PgCopySink {
 }
 
 /// A connection with the sink's statements prepared on it; dropped and rebuilt on reconnect.
+/// While it exists it counts in `sluice_postgres_connections`, which the readiness probe reads.
 struct Session {
     client: Client,
     copy: Statement,
     dead_letters: Statement,
     /// The commit record's statements, prepared on first use.
     record: Statements,
+    stats: Arc<Stats>,
 }
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stats.postgres_connections.dec();
+    }
+}
+
+/// How often an idle committer looks whether its connection is still open: a closed one is seen
+/// within this time, so `/readyz` turns not ready within it when the database goes away.
+const CONNECTION_CHECK: Duration = Duration::from_secs(1);
 
 /// The statements and helpers every committer shares.
 struct CommitParts {
@@ -231,6 +243,33 @@ impl Committer for PgCopySink {
         }
         Ok(commit)
     }
+
+    /// Watches the open connection; once it has closed (the server restarted, the session was
+    /// terminated), drops it and connects again with backoff until the database answers.
+    async fn keep_connected(&mut self) -> std::convert::Infallible {
+        let mut check = tokio::time::interval(CONNECTION_CHECK);
+        loop {
+            while self.session.as_ref().is_some_and(|s| !s.client.is_closed()) {
+                check.tick().await;
+            }
+            if self.session.take().is_some() {
+                tracing::warn!("PostgreSQL connection lost while idle; reconnecting");
+            }
+            let mut pacing = crate::retry::backoff();
+            loop {
+                match self.session().await {
+                    Ok(_) => {
+                        tracing::info!("PostgreSQL connection open again");
+                        break;
+                    }
+                    Err(failure) => {
+                        tracing::warn!(error = %failure, "cannot reconnect to PostgreSQL; retrying");
+                        crate::retry::pause(&mut pacing).await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl PgCopySink {
@@ -300,7 +339,6 @@ impl PgCopySink {
             .await;
         if result.is_err() && self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
-            self.stats.postgres_connections.dec();
         }
         result.map(|counts| (counts, started.elapsed()))
     }
@@ -329,18 +367,11 @@ impl PgCopySink {
             dead_letters: client.prepare(self.parts.dead_letters.sql()).await?,
             record: Statements::default(),
             client,
+            stats: self.stats.clone(),
         };
         tracing::debug!("PostgreSQL session ready");
         self.stats.postgres_connections.inc();
         Ok(session)
-    }
-}
-
-impl Drop for PgCopySink {
-    fn drop(&mut self) {
-        if self.session.is_some() {
-            self.stats.postgres_connections.dec();
-        }
     }
 }
 

@@ -7,6 +7,10 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod fault_proxy;
+pub mod feed;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -494,6 +498,23 @@ where
     }
 }
 
+/// Polls `condition` until it holds (true) or `limit` passes (false), for a caller that explains
+/// a timeout with more than its name.
+pub async fn holds_within<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        if start.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    true
+}
+
 /// Sends SIGTERM (or another signal) to a child.
 pub fn signal(child: &tokio::process::Child, name: &str) {
     let pid = child.id().expect("child still running").to_string();
@@ -580,6 +601,11 @@ impl Watched {
             .find_map(|word| word.strip_prefix("listen="))
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_owned()
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
     }
 
     /// Every log line containing `needle` so far.

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
-use crate::common::{TestSchema, database_url};
+use std::collections::BTreeMap;
+
+use crate::common::{TestSchema, Watched, database_url};
 use crate::kinesis_common::{TestStream, kinesis_endpoint};
 
 /// A Kinesis configuration writing into `schema`, its leases in the schema too. `extra_kinesis`
@@ -61,4 +63,33 @@ fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
         }
     }
     lines.join("\n")
+}
+
+/// Live leases per owning process id (owner ids are `host:pid:random`), as the lease table in
+/// `schema` shows them by the database's clock.
+pub async fn live_leases(schema: &TestSchema) -> BTreeMap<u32, i64> {
+    let rows = schema
+        .client
+        .query(
+            &format!(
+                "SELECT owner, count(*) FROM {}.kinesis_leases
+                 WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .expect("leases");
+    rows.iter()
+        .map(|r| {
+            let owner: String = r.get(0);
+            let pid = owner.split(':').nth(1).and_then(|p| p.parse().ok());
+            (pid.expect("owner id names its process"), r.get(1))
+        })
+        .collect()
+}
+
+/// The process id of a running `sluice`.
+pub fn pid(process: &Watched) -> u32 {
+    process.child.id().expect("running")
 }

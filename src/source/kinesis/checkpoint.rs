@@ -9,6 +9,13 @@
 //! records again from the checkpoint it found. The update's row lock also orders a commit against a
 //! concurrent take-over: whichever comes second sees the other's result.
 //!
+//! That lock must not outlive a stopped process. A process frozen (SIGSTOP, a long pause, a network
+//! partition) between its checkpoint write and its COMMIT would otherwise keep the row locked for as
+//! long as it stays frozen, and every take-over of the shard would wait on it. So the transaction
+//! tells PostgreSQL to end the session if it sits idle that long: a third of the lease duration
+//! (the keeper's renewal interval), far beyond the milliseconds a running committer needs between
+//! its last statements, and short enough that a take-over waits at most one round longer.
+//!
 //! Checkpoints only move forward, compared as numbers by PostgreSQL (`numeric`). Rows are locked in
 //! shard order first, so two transactions checkpointing overlapping shards cannot deadlock. The
 //! caller must commit a shard's batches in the order they were read: a later batch committed first
@@ -16,6 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_postgres::{GenericClient, Transaction};
 
@@ -98,10 +106,25 @@ pub async fn checkpoint_all(
     tx: &Transaction<'_>,
     checkpoints: &[ShardCheckpoint],
 ) -> Result<(), CheckpointError> {
+    if let Some(limit) = lock_idle_limit(checkpoints) {
+        // An integer of milliseconds: SET takes no bind parameters.
+        tx.batch_execute(&format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            limit.as_millis()
+        ))
+        .await?;
+    }
     for (scope, entries) in by_scope(checkpoints) {
         write_scope(tx, &scope, &entries).await?;
     }
     Ok(())
+}
+
+/// How long the transaction may wait on its client once it holds lease rows: a third of the
+/// shortest lease among `checkpoints` (at least 100 ms), `None` when it locks none.
+fn lock_idle_limit(checkpoints: &[ShardCheckpoint]) -> Option<Duration> {
+    let shortest = checkpoints.iter().map(|c| c.lease.duration).min()?;
+    Some((shortest / 3).max(Duration::from_millis(100)))
 }
 
 /// Entries grouped by lease scope, one per shard (the furthest), in shard order.
@@ -284,6 +307,7 @@ mod tests {
             shard_id: shard.into(),
             owner: Arc::from("me"),
             epoch: 1,
+            duration: std::time::Duration::from_secs(30),
         })
     }
 
@@ -293,6 +317,20 @@ mod tests {
             sequence: SequenceNumber::parse(sequence).expect("valid"),
             finished,
         }
+    }
+
+    #[test]
+    fn a_commit_may_sit_idle_a_third_of_its_shortest_lease() {
+        let (a, mut b) = (lease("a", "s0"), (*lease("a", "s1")).clone());
+        b.duration = std::time::Duration::from_secs(3);
+        let b = Arc::new(b);
+        let both = [entry(&a, "1", false), entry(&b, "2", false)];
+        assert_eq!(lock_idle_limit(&both), Some(Duration::from_secs(1)));
+        let mut brief = (*a).clone();
+        brief.duration = Duration::from_millis(90);
+        let brief = [entry(&Arc::new(brief), "1", false)];
+        assert_eq!(lock_idle_limit(&brief), Some(Duration::from_millis(100)));
+        assert_eq!(lock_idle_limit(&[]), None, "no lease rows, no limit");
     }
 
     #[test]

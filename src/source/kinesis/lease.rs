@@ -72,6 +72,10 @@ pub struct LeaseClaim {
     pub shard_id: String,
     pub owner: Arc<str>,
     pub epoch: i64,
+    /// How long the lease lives after each renewal. It also bounds how long a commit under this
+    /// claim may keep the shard's row locked while its process is stopped (see
+    /// [`super::checkpoint`]), so a frozen process cannot hold up the take-over of its shards.
+    pub duration: Duration,
 }
 
 /// A lease just acquired, with what its reader needs to start.
@@ -366,6 +370,7 @@ impl Leases {
                 shard_id: shard_id.to_owned(),
                 owner: self.owner.clone(),
                 epoch: row.get(0),
+                duration: Duration::from_secs_f64(self.duration_seconds),
             },
             checkpoint,
             parent_read_to_end: row.get(2),

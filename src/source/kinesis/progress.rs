@@ -23,10 +23,20 @@ pub struct KinesisAck {
     pub lease: Arc<LeaseClaim>,
     /// The Kinesis record's sequence number (shared by all user records of an aggregate).
     pub sequence: SequenceNumber,
+    /// The message's place among the user records of its KPL aggregate (0 for a plain record).
+    pub user_record: usize,
     /// This is the last message made from its record, so committing it covers the whole record.
     pub completes_record: bool,
     /// Its record is the last of a closed shard: committing it finishes the shard.
     pub ends_shard: bool,
+}
+
+impl KinesisAck {
+    /// Where the message stands in its shard: a batch that holds it must hold every message of the
+    /// shard before it too (or they are committed already), or its checkpoint would pass them.
+    pub fn order(&self) -> (&SequenceNumber, usize) {
+        (&self.sequence, self.user_record)
+    }
 }
 
 /// The checkpoints a committed batch writes: per shard (and lease epoch), the furthest completed
@@ -86,6 +96,7 @@ mod tests {
             shard_id: shard.into(),
             owner: Arc::from("me"),
             epoch: 3,
+            duration: std::time::Duration::from_secs(30),
         })
     }
 
@@ -93,6 +104,7 @@ mod tests {
         AckToken::Kinesis(KinesisAck {
             lease: lease.clone(),
             sequence: SequenceNumber::parse(sequence).expect("valid"),
+            user_record: 0,
             completes_record: completes,
             ends_shard: ends,
         })

@@ -318,7 +318,7 @@ impl ShardReader {
                 } else {
                     tracing::warn!(shard = self.shard(), %error, "GetRecords failed; retrying");
                 }
-                if pause_or_stop(pacing, stop).await {
+                if pause_or_stop(pacing, stop, self.stats.as_deref()).await {
                     Ok(Recovery::Stopped)
                 } else {
                     Ok(Recovery::Retry)
@@ -349,7 +349,7 @@ impl ShardReader {
                 }
                 Err(e) => {
                     tracing::warn!(shard = self.shard(), error = %e, "GetShardIterator failed; retrying");
-                    if pause_or_stop(&mut pacing, stop).await {
+                    if pause_or_stop(&mut pacing, stop, self.stats.as_deref()).await {
                         return Ok(None);
                     }
                 }
@@ -434,6 +434,7 @@ impl ShardReader {
             ack: AckToken::Kinesis(KinesisAck {
                 lease: self.lease.clone(),
                 sequence: message.sequence.clone(),
+                user_record: message.sub_sequence.unwrap_or(0),
                 completes_record: message.completes_record,
                 ends_shard: message.ends_shard,
             }),
@@ -498,13 +499,18 @@ enum Recovery {
     Stopped,
 }
 
-/// Sleeps for the next backoff delay; true if `stop` came first.
+/// Sleeps for the next backoff delay, counting it in `stats`; true if `stop` came first.
 async fn pause_or_stop(
     pacing: &mut (impl Iterator<Item = Duration> + Send),
     stop: &Shutdown,
+    stats: Option<&Stats>,
 ) -> bool {
+    let delay = retry::next_delay(pacing);
+    if let Some(stats) = stats {
+        stats.record_source_retry(delay);
+    }
     tokio::select! {
-        _ = retry::pause(pacing) => false,
+        _ = tokio::time::sleep(delay) => false,
         _ = stop.requested() => true,
     }
 }
@@ -529,6 +535,7 @@ mod tests {
             shard_id: SHARD.into(),
             owner: Arc::from("me"),
             epoch: 1,
+            duration: std::time::Duration::from_secs(30),
         })
     }
 

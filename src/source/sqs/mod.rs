@@ -264,9 +264,10 @@ impl SqsSource {
         .retry(RECEIVE.backoff())
         .sleep(pause)
         .when(|failure| matches!(failure, ReceiveFailure::Failed(e) if !e.is_fatal()))
-        .notify(|failure, _| {
+        .notify(|failure, pause| {
             if let ReceiveFailure::Failed(e) = failure {
-                tracing::warn!(poller = id, queue_url = self.queue_url, error = %Chain(e), "SQS receive failed; retrying");
+                self.stats.record_source_retry(pause);
+                tracing::warn!(poller = id, queue_url = self.queue_url, error = %Chain(e), retry_in_ms = pause.as_millis() as u64, "SQS receive failed; retrying");
             }
         })
         .await

@@ -1,0 +1,242 @@
+//! A file load killed (`kill -9`) part-way three times and run again to its end, with the dedupe
+//! ledger off: the position each batch commits with its rows and dead letters
+//! (`sluice_file_positions`) is all that tells a rerun where to continue, and it must be enough for
+//! every valid line to land exactly once and every invalid one to be exactly one dead letter.
+//!
+//! A killed process drains nothing and says nothing: whatever it had read beyond its last commit is
+//! simply gone, and a transaction it had open is rolled back by the server. So after each kill the
+//! committed state must be exactly a prefix of the file: the recorded position equals the rows plus
+//! the dead letters, with no line after it stored and none before it missing.
+//!
+//! A statement trigger on the table slows every batch down a little (the database's own
+//! `pg_sleep`), so that a run takes seconds and each kill can be asserted to fall mid-file. The kill
+//! moments come from a seeded generator whose seed is printed (`SLUICE_TEST_SEED` replays it).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use common::*;
+
+const LINES: usize = 6000;
+/// Every this-many lines is one sluice must reject.
+const BAD_EVERY: usize = 10;
+const INVALID: usize = LINES / BAD_EVERY;
+const VALID: usize = LINES - INVALID;
+const KILLS: usize = 3;
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn user(i: usize) -> String {
+    format!("line-{i:05}")
+}
+
+/// Line `i` (0-based): a login, or one the parse stage rejects (an IP that is none), each unique.
+fn line(i: usize) -> String {
+    if (i + 1).is_multiple_of(BAD_EVERY) {
+        format!(
+            r#"{{"user_id": "{}", "ip": "not an address {i}"}}"#,
+            user(i)
+        )
+    } else {
+        login(&user(i))
+    }
+}
+
+/// The ledger explicitly off (the default for files): only the position protects a rerun.
+fn file_config(schema: &TestSchema, path: &str) -> String {
+    format!(
+        r#"
+[source]
+kind = "file"
+[source.file]
+path = "{path}"
+chunk_messages = 20
+[sink.postgres]
+url = "{db}"
+table = "{table}"
+ledger_table = "{ledger}"
+dedupe = false
+batch_rows = 20
+linger_ms = 10
+[dead_letter]
+table = "{dead}"
+"#,
+        db = database_url(),
+        table = schema.table(),
+        ledger = schema.ledger(),
+        dead = schema.dead_letters(),
+    )
+}
+
+/// Makes every batch's COPY into the table take at least `seconds` longer (a statement trigger).
+async fn throttle(schema: &TestSchema, seconds: f64) {
+    schema
+        .client
+        .batch_execute(&format!(
+            "CREATE FUNCTION {s}.throttle() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$;
+             CREATE TRIGGER throttle AFTER INSERT ON {t}
+             FOR EACH STATEMENT EXECUTE FUNCTION {s}.throttle();",
+            s = schema.name,
+            t = schema.table(),
+        ))
+        .await
+        .expect("throttle trigger");
+}
+
+/// What is committed: (position recorded for the file, rows, dead letters).
+async fn committed(schema: &TestSchema) -> (i64, i64, i64) {
+    let row = schema
+        .client
+        .query_one(
+            &format!(
+                "SELECT (SELECT coalesce(max(position), 0) FROM {s}.sluice_file_positions),
+                        (SELECT count(*) FROM {t}), (SELECT count(*) FROM {d})",
+                s = schema.name,
+                t = schema.table(),
+                d = schema.dead_letters(),
+            ),
+            &[],
+        )
+        .await
+        .expect("committed state");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The row count at which kill `k` (1-based) falls: within a third of a share of the valid lines
+/// around `k` shares.
+fn kill_threshold(rng: &mut StdRng, k: usize) -> i64 {
+    let share = (VALID / (KILLS + 1)) as i64;
+    k as i64 * share + rng.random_range(-share / 3..share / 3)
+}
+
+/// Runs the file until the table holds `threshold` rows, then kills the process with SIGKILL.
+/// Fails if it exits on its own before.
+async fn run_and_kill(config: &TestConfig, schema: &TestSchema, threshold: i64) {
+    let mut daemon = Watched::spawn(run_command(&config.path, None));
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(status) = daemon.child.try_wait().expect("poll the process") {
+            let run = daemon.finish(Duration::from_secs(5)).await;
+            panic!(
+                "sluice exited on its own ({status}) before the kill:\n{}",
+                run.stderr
+            );
+        }
+        if schema.rows_so_far().await >= threshold {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the table did not reach {threshold} rows within {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.child.start_kill().expect("kill -9");
+    let run = daemon.finish(Duration::from_secs(10)).await;
+    assert_eq!(
+        run.code, None,
+        "killed by a signal, not exited:\n{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_file_killed_three_times_then_rerun_loads_every_line_once() {
+    let seed = std::env::var("SLUICE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    println!("seed {seed} (SLUICE_TEST_SEED={seed} replays these kill moments)");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("backfill.ndjson");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+    for i in 0..LINES {
+        writeln!(file, "{}", line(i)).expect("write");
+    }
+    file.flush().expect("flush");
+    drop(file);
+    let config = TestConfig::write(&file_config(&schema, path_str(&path)));
+    migrate(&config.path).await;
+    throttle(&schema, 0.02).await;
+
+    let started = Instant::now();
+    let (mut rows_before, mut position_before) = (0, 0);
+    for k in 1..=KILLS {
+        let threshold = kill_threshold(&mut rng, k).max(rows_before + 20);
+        run_and_kill(&config, &schema, threshold).await;
+        let (position, rows, dead) = committed(&schema).await;
+        println!(
+            "kill {k} at {:.1} s: position {position}, {rows} rows, {dead} dead letters \
+             (threshold {threshold})",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(rows > rows_before, "kill {k}: the run committed nothing");
+        assert!(
+            position < LINES as i64 && rows < VALID as i64,
+            "kill {k}: the file was loaded before it (position {position}); it proves nothing"
+        );
+        assert_eq!(
+            rows + dead,
+            position,
+            "kill {k}: what is committed is exactly the lines up to the position"
+        );
+        (rows_before, position_before) = (rows, position);
+    }
+
+    let rest = run_to_end(run_command(&config.path, None), LIMIT).await;
+    rest.assert_success();
+    println!(
+        "the rerun finished at {:.1} s: {:?}",
+        started.elapsed().as_secs_f64(),
+        rest.summary()
+    );
+    assert_eq!(
+        rest.summary().received,
+        LINES as u64 - position_before as u64,
+        "the rerun read exactly the lines after the last committed position"
+    );
+
+    let users: Vec<String> = schema
+        .client
+        .query(&format!("SELECT user_id FROM {}", schema.table()), &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let distinct: BTreeSet<&str> = users.iter().map(String::as_str).collect();
+    let expected: Vec<String> = (0..LINES)
+        .filter(|i| !(i + 1).is_multiple_of(BAD_EVERY))
+        .map(user)
+        .collect();
+    let expected: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
+    assert_eq!(users.len(), VALID, "no line loaded twice");
+    assert!(
+        distinct == expected,
+        "every valid line loaded, and only those"
+    );
+
+    let bodies: Vec<String> = schema.rejects().await.into_iter().map(|r| r.2).collect();
+    let distinct: BTreeSet<&str> = bodies.iter().map(String::as_str).collect();
+    let expected: Vec<String> = (0..LINES)
+        .filter(|i| (i + 1).is_multiple_of(BAD_EVERY))
+        .map(line)
+        .collect();
+    let expected: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
+    assert_eq!(bodies.len(), INVALID, "no dead letter stored twice");
+    assert!(distinct == expected, "every invalid line one dead letter");
+    assert_eq!(
+        committed(&schema).await.0,
+        LINES as i64,
+        "the position ends at the last line"
+    );
+}
