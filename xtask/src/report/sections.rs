@@ -427,6 +427,10 @@ pub struct Kinesis {
     pub plain_sink: Option<Measure>,
     /// The checkpoints' cost per batch as a fixed part plus a part per shard.
     pub cost: Option<PerShardCost>,
+    /// That cost spread over a pipeline batch with the most shards measured, µs per message.
+    pub cost_per_message_us: Option<f64>,
+    /// The most shards a measured pipeline batch carried.
+    pub most_shards: u64,
     /// The whole pipeline with checkpoints, one row per shard count.
     pub pipeline: Vec<KinesisPipeline>,
     /// Rows per batch of the pipeline runs (the ceiling's batches too).
@@ -495,8 +499,15 @@ impl Kinesis {
             .iter()
             .min_by(|a, b| a.rate().total_cmp(&b.rate()))
             .expect("at least one");
+        let cost = figures::per_shard_cost(&points);
+        let most_shards = pipeline.iter().map(|k| k.shards).max().unwrap_or(0);
         Ok(Self {
-            cost: figures::per_shard_cost(&points),
+            cost_per_message_us: cost.map(|c| {
+                (c.fixed_ms + c.per_shard_ms * most_shards as f64) * 1000.0
+                    / PIPELINE_BATCH_ROWS as f64
+            }),
+            cost,
+            most_shards,
             plain_sink: plain_sink.as_ref().map(Measure::from),
             sink,
             pipeline,
