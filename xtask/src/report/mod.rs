@@ -365,6 +365,11 @@ mod tests {
                 "Checkpointing costs about 0.286 ms per batch plus 9.20 µs per shard in it"
             )
         );
+        assert!(
+            text.contains(
+                "spread over a 10,000-row batch of 64 shards it is 0.0875 µs per message."
+            )
+        );
         assert!(text.contains("| 4 | 740,000 msg/s | 718,447 – 762,887 | 97.4% | 89.2% |"));
         assert!(text.contains("**490,000 msg/s per process**"));
         assert!(text.contains("one process keeps up with about **490 shards**"));

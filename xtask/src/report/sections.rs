@@ -16,9 +16,10 @@ use crate::stats;
 const TARGET_PARSE: f64 = 1_000_000.0; // messages/s on one core
 const TARGET_TRANSFORM: f64 = 1_000_000.0; // messages/s on one core
 const TARGET_ENCODE: f64 = 3_000_000.0; // rows/s on one core
-const TARGET_VS_COPY: f64 = 0.85; // pipeline rate / COPY ceiling
+const TARGET_VS_COPY: f64 = 0.95; // pipeline rate / COPY ceiling
 const TARGET_VS_NAIVE: f64 = 20.0; // pipeline rate / naive loader
 const TARGET_RSS_MIB: f64 = 64.0; // peak RSS for the large memory run
+const TARGET_LEDGER_SHARE: f64 = 0.6; // sink rate with the ledger / without, same batch size
 const TARGET_VS_PSQL: f64 = 1.2; // the binary's rows/s over psql \copy's, large memory run
 const RSS_GROWTH_TOLERANCE: f64 = 0.10; // "does not grow": large run's peak within 10% of the small one's
 
@@ -74,7 +75,7 @@ impl Report {
         let sink = Sink::build(c)?;
         let kinesis = Kinesis::build(c, &end_to_end)?;
         let memory = Memory::build(measured.memory_large, measured.memory_small);
-        let targets = Targets::build(&stages, &end_to_end, &memory);
+        let targets = Targets::build(&stages, &end_to_end, &sink, &memory);
         let sizing = Sizing::build(&stages, &end_to_end, &sink, &kinesis, &memory);
         Ok(Self {
             run: measured.run,
@@ -230,10 +231,12 @@ pub struct Targets {
     pub rss_mib: Target,
     pub rss_growth: Target,
     pub vs_psql: Target,
+    /// `None` when the plain sink was not measured at the ledger's batch size.
+    pub ledger_share: Option<Target>,
 }
 
 impl Targets {
-    fn build(stages: &Stages, end_to_end: &EndToEnd, memory: &Memory) -> Self {
+    fn build(stages: &Stages, end_to_end: &EndToEnd, sink: &Sink, memory: &Memory) -> Self {
         Self {
             parse: Target::at_least(TARGET_PARSE, stages.parse.rate),
             transform: Target::at_least(TARGET_TRANSFORM, stages.hmac.rate),
@@ -243,6 +246,10 @@ impl Targets {
             rss_mib: Target::at_most(TARGET_RSS_MIB, memory.large.rss_mib),
             rss_growth: Target::at_most(RSS_GROWTH_TOLERANCE, memory.growth),
             vs_psql: Target::at_least(TARGET_VS_PSQL, memory.large.vs_psql),
+            ledger_share: sink
+                .ledger_cost
+                .as_ref()
+                .map(|cost| Target::at_least(TARGET_LEDGER_SHARE, cost.share)),
         }
     }
 }
@@ -427,6 +434,10 @@ pub struct Kinesis {
     pub plain_sink: Option<Measure>,
     /// The checkpoints' cost per batch as a fixed part plus a part per shard.
     pub cost: Option<PerShardCost>,
+    /// That cost spread over a pipeline batch with the most shards measured, µs per message.
+    pub cost_per_message_us: Option<f64>,
+    /// The most shards a measured pipeline batch carried.
+    pub most_shards: u64,
     /// The whole pipeline with checkpoints, one row per shard count.
     pub pipeline: Vec<KinesisPipeline>,
     /// Rows per batch of the pipeline runs (the ceiling's batches too).
@@ -495,8 +506,15 @@ impl Kinesis {
             .iter()
             .min_by(|a, b| a.rate().total_cmp(&b.rate()))
             .expect("at least one");
+        let cost = figures::per_shard_cost(&points);
+        let most_shards = pipeline.iter().map(|k| k.shards).max().unwrap_or(0);
         Ok(Self {
-            cost: figures::per_shard_cost(&points),
+            cost_per_message_us: cost.map(|c| {
+                (c.fixed_ms + c.per_shard_ms * most_shards as f64) * 1000.0
+                    / PIPELINE_BATCH_ROWS as f64
+            }),
+            cost,
+            most_shards,
             plain_sink: plain_sink.as_ref().map(Measure::from),
             sink,
             pipeline,
