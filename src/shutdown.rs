@@ -99,8 +99,9 @@ pub fn listen_for_signals(shutdown: Shutdown) -> std::io::Result<BackgroundTask>
     ))
 }
 
-/// Requests `shutdown` once every message received has been committed and acknowledged and,
-/// since then, the source has delivered nothing for `idle` (see [`Stats::idle_for`]).
+/// Requests `shutdown` once every message received has been committed and acknowledged, no part
+/// of the source is still catching up (see [`Stats::is_catching_up`]) and the source has delivered
+/// nothing for `idle` (see [`Stats::idle_for`]).
 pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) -> BackgroundTask {
     BackgroundTask::new("idle watch", move |stop| async move {
         // Idle time counts from the start of the run at the earliest: a slow start-up (connecting,
@@ -114,7 +115,7 @@ pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) -> 
                 _ = stop.cancelled() => return Ok(()),
             }
             let idle_for = stats.idle_for().min(running_since.elapsed());
-            if stats.in_flight() == 0 && idle_for >= idle {
+            if stats.in_flight() == 0 && !stats.is_catching_up() && idle_for >= idle {
                 tracing::info!(
                     idle_seconds = idle.as_secs_f64(),
                     "source idle and everything acknowledged; stopping"
@@ -129,6 +130,25 @@ pub fn exit_when_idle(shutdown: Shutdown, stats: Arc<Stats>, idle: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source still catching up (a Kinesis shard not yet read to its tip) is not idle, however
+    /// long it has delivered nothing; the idle time counts once it has caught up.
+    #[tokio::test(start_paused = true)]
+    async fn a_source_catching_up_is_not_idle() {
+        let stats = Arc::new(Stats::default());
+        let shutdown = Shutdown::new();
+        let idle = Duration::from_secs(1);
+        let catching_up = stats.catching_up();
+        let watch = exit_when_idle(shutdown.clone(), stats.clone(), idle);
+        tokio::spawn(watch.start(CancellationToken::new()));
+
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!shutdown.is_requested(), "stopped while catching up");
+        drop(catching_up);
+        tokio::time::timeout(Duration::from_millis(200), shutdown.requested())
+            .await
+            .expect("stops once caught up: nothing came for longer than the idle time");
+    }
 
     /// A sink stall longer than the idle time must not end the run the moment it clears: the source
     /// was held back, not idle, and gets the full idle time to receive what is still queued.

@@ -68,6 +68,8 @@ pub struct Stats {
     /// Milliseconds after `started` of the last commit or acknowledgement.
     last_progress_ms: AtomicU64,
     stopped_before_end: AtomicBool,
+    /// Parts of the source that have not yet read up to what is there (see [`CatchingUp`]).
+    catching_up: AtomicU64,
 }
 
 impl Default for Stats {
@@ -99,7 +101,20 @@ impl Default for Stats {
             last_receive_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
             stopped_before_end: AtomicBool::new(false),
+            catching_up: AtomicU64::new(0),
         }
+    }
+}
+
+/// A part of the source that is still catching up (see [`Stats::is_catching_up`]); it is caught
+/// up when this is dropped, whichever way its task ends.
+pub struct CatchingUp {
+    stats: Arc<Stats>,
+}
+
+impl Drop for CatchingUp {
+    fn drop(&mut self) {
+        self.stats.catching_up.fetch_sub(1, Relaxed);
     }
 }
 
@@ -240,6 +255,22 @@ impl Stats {
     pub fn idle_for(&self) -> Duration {
         self.since(&self.last_receive_ms)
             .min(self.since(&self.last_progress_ms))
+    }
+
+    /// Some part of the source has not yet read up to what is there: a source that has not yet
+    /// asked, or was answered "more is behind this", is not idle however long it has delivered
+    /// nothing.
+    pub fn is_catching_up(&self) -> bool {
+        self.catching_up.load(Relaxed) > 0
+    }
+
+    /// Marks a part of the source (a Kinesis shard reader, the source's start-up) as catching up
+    /// until the returned guard is dropped.
+    pub fn catching_up(self: &Arc<Self>) -> CatchingUp {
+        self.catching_up.fetch_add(1, Relaxed);
+        CatchingUp {
+            stats: self.clone(),
+        }
     }
 
     /// Messages are waiting but nothing has been committed or acknowledged for `limit`.

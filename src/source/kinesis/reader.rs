@@ -36,7 +36,7 @@ use crate::envelope::{AckToken, Chunk, Envelope, MessageId, Meta, Reject, Stage}
 use crate::message_file::{BadBody, DEFAULT_MAX_MESSAGE_BYTES, TOO_LARGE_HEAD_BYTES};
 use crate::retry;
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
+use crate::stats::{CatchingUp, Stats};
 
 /// At most five `GetRecords` calls per second per shard.
 pub const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
@@ -127,6 +127,11 @@ pub struct ShardReader {
     progress: Arc<ShardProgress>,
     /// Counts messages delivered (and those dropped on stop), when running in a pipeline.
     stats: Option<Arc<Stats>>,
+    /// Held until the first page at the shard's tip: an idle exit must not end a run whose shard
+    /// has not been read yet (or answered only "more is behind this", which an empty page can).
+    /// Taken when the reader is made, so that no moment passes between a lease handed over and
+    /// its reader counting as catching up.
+    catching_up: Option<CatchingUp>,
 }
 
 /// When the next call may go out.
@@ -163,12 +168,14 @@ impl ShardReader {
             settings,
             progress: Arc::default(),
             stats: None,
+            catching_up: None,
         }
     }
 
     /// Counts what this reader delivers in the pipeline's figures: received when it is handed
     /// over, released when a stop drops it in hand.
     pub fn with_stats(mut self, stats: Arc<Stats>) -> ShardReader {
+        self.catching_up = Some(stats.catching_up());
         self.stats = Some(stats);
         self
     }
@@ -183,7 +190,7 @@ impl ShardReader {
 
     /// Reads until the shard ends, `stop` is requested or the channel closes.
     pub async fn run(
-        self,
+        mut self,
         out: mpsc::Sender<Chunk<Envelope>>,
         stop: Shutdown,
     ) -> Result<ReadEnd, ReadError> {
@@ -191,6 +198,7 @@ impl ShardReader {
             StartPosition::AfterSequence(sequence) => Some(sequence.clone()),
             _ => None,
         };
+        let mut catching_up = self.catching_up.take();
         let Some(mut iterator) = self.iterator(&self.start, &stop).await? else {
             return Ok(ReadEnd::Stopped);
         };
@@ -239,6 +247,9 @@ impl ShardReader {
             let bytes: usize = records.iter().map(|r| r.data.len()).sum();
             let caught_up = records.is_empty() || millis_behind_latest == Some(0);
             pace.after_call(started, bytes, caught_up);
+            if millis_behind_latest.map_or(records.is_empty(), |behind| behind == 0) {
+                drop(catching_up.take());
+            }
             if let Some(behind) = millis_behind_latest {
                 self.progress
                     .millis_behind_latest
@@ -617,6 +628,26 @@ mod tests {
                 window.iter().map(|t| *t - calls[0]).collect::<Vec<_>>()
             );
         }
+    }
+
+    /// For the idle exit, a reader is catching up from the moment it is made until a page finds
+    /// it at the shard's tip; pages with more behind them keep it so.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_catches_up_at_the_first_page_at_the_tip() {
+        let api = shard_holding(25);
+        let stats = Arc::new(Stats::default());
+        let reader = reader(&api, StartPosition::TrimHorizon, 10).with_stats(stats.clone());
+        assert!(stats.is_catching_up(), "before its first call");
+        let (tx, mut rx) = mpsc::channel(1);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(reader.run(tx, stop.clone()));
+        receive(&mut rx, 10).await;
+        assert!(stats.is_catching_up(), "a page with more behind it");
+        receive(&mut rx, 15).await;
+        assert!(!stats.is_catching_up(), "the page that reached the tip");
+        stop.stop();
+        task.await.expect("join").expect("read");
+        assert!(!stats.is_catching_up());
     }
 
     #[tokio::test(start_paused = true)]

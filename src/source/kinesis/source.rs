@@ -159,6 +159,7 @@ pub struct KinesisSource {
     connector: Connector,
     stats: Arc<Stats>,
     kinesis: Arc<KinesisStats>,
+    lease_duration: Duration,
 }
 
 impl KinesisSource {
@@ -230,6 +231,7 @@ impl KinesisSource {
                 connector,
                 stats,
                 kinesis: kinesis_stats.clone(),
+                lease_duration: duration,
             }),
             acknowledger: Arc::new(KinesisAcknowledger {
                 stats: kinesis_stats.clone(),
@@ -276,11 +278,20 @@ impl Source for KinesisSource {
             tasks: JoinSet::new(),
         };
         let mut tick = tokio::time::interval(METRICS_INTERVAL);
+        // Catching up until the keeper hands over a first shard (whose reader then catches up on
+        // its own), or for one lease duration if other processes hold every shard.
+        let mut starting = Some(this.stats.catching_up());
+        let start_wait = tokio::time::sleep(this.lease_duration);
+        tokio::pin!(start_wait);
         let outcome: Result<(), KinesisSourceError> = loop {
             tokio::select! {
                 _ = shutdown.requested() => break Ok(()),
+                _ = &mut start_wait, if starting.is_some() => starting = None,
                 event = events.recv() => match event {
-                    Some(LeaseEvent::Acquired(taken)) => shards.start(taken),
+                    Some(LeaseEvent::Acquired(taken)) => {
+                        shards.start(taken);
+                        starting = None;
+                    }
                     Some(LeaseEvent::Lost(claim)) => shards.stop(&claim),
                     None => break Err(KinesisSourceError::KeeperStopped),
                 },
