@@ -59,41 +59,14 @@ async fn an_sqs_endpoint_cut_and_restored_loses_nothing_and_shows_the_backoff() 
         .await
         .expect("sluice_source_retries_total in the metrics");
 
-    // 1. Connections dropped, new ones closed as soon as they open: the receives fail and are
-    //    retried with growing pauses, while the producer goes on sending.
+    // Connections dropped, new ones closed as soon as they open: the receives fail and are
+    // retried with growing pauses, while the producer goes on sending.
     proxy.cut(Cut::Refuse);
     eventually(Duration::from_secs(60), "retried receives", || async {
         retries().await.unwrap_or(0.0) >= before + 3.0
     })
     .await;
-    feed.sent_more(CUT_MESSAGES).await;
-    assert!(
-        proxy.turned_away() > 0,
-        "the cut must have turned connections away"
-    );
-    assert_alive(&mut daemon, &metrics).await;
-    proxy.restore();
-    let sent = feed.sent();
-    eventually(
-        Duration::from_secs(90),
-        "as many messages committed as were sent by the end of the cut",
-        || caught_up(&schema, sent),
-    )
-    .await;
-
-    // 2. A line that swallows requests: connections open but nothing comes back until it is
-    //    restored, when they are closed.
-    let turned_away = proxy.turned_away();
-    proxy.cut(Cut::Blackhole);
-    feed.sent_more(CUT_MESSAGES).await;
-    eventually(
-        Duration::from_secs(30),
-        "a connection held unanswered",
-        || async { proxy.turned_away() > turned_away },
-    )
-    .await;
-    assert_alive(&mut daemon, &metrics).await;
-    proxy.restore();
+    ride_out_the_cuts(&proxy, &feed, &mut daemon, &metrics, &schema).await;
 
     let total = feed.stop().await;
     let invalid = valid_and_invalid(total).1;
@@ -181,39 +154,13 @@ async fn a_kinesis_endpoint_cut_and_restored_loses_nothing_and_shows_the_backoff
         retries().await.unwrap_or(0.0) >= before + 3.0
     })
     .await;
-    feed.sent_more(CUT_MESSAGES).await;
-    assert!(
-        proxy.turned_away() > 0,
-        "the cut must have turned connections away"
-    );
-    assert_alive(&mut daemon, &metrics).await;
-    proxy.restore();
-    let sent = feed.sent();
-    eventually(
-        Duration::from_secs(90),
-        "as many messages committed as were sent by the end of the cut",
-        || caught_up(&schema, sent),
-    )
-    .await;
-
-    // A line that swallows requests: reads hang until it is restored, when they are closed.
-    let turned_away = proxy.turned_away();
-    proxy.cut(Cut::Blackhole);
-    feed.sent_more(CUT_MESSAGES).await;
-    eventually(
-        Duration::from_secs(30),
-        "a connection held unanswered",
-        || async { proxy.turned_away() > turned_away },
-    )
-    .await;
-    assert_alive(&mut daemon, &metrics).await;
-    proxy.restore();
+    ride_out_the_cuts(&proxy, &feed, &mut daemon, &metrics, &schema).await;
 
     let total = feed.stop().await;
     if !holds_within(Duration::from_secs(90), || settled(&schema, total)).await {
         panic!(
             "{} of {total} records loaded or dead-lettered after 90 s; the daemon said:\n{}",
-            schema.rows_so_far().await as u64 + dead_letters_so_far(&schema).await,
+            schema.rows_so_far().await as u64 + schema.dead_letters_so_far().await as u64,
             daemon.log()
         );
     }
@@ -234,6 +181,45 @@ async fn a_kinesis_endpoint_cut_and_restored_loses_nothing_and_shows_the_backoff
         value("sluice_source_retries_total"),
         value("sluice_source_backoff_seconds_total"),
     );
+}
+
+/// The rest of a refused line, once the daemon has retried through it: `CUT_MESSAGES` more are
+/// sent, the line is restored and the daemon catches up. Then a line that swallows requests
+/// (connections open but nothing comes back until it is restored, when they are closed) while
+/// `CUT_MESSAGES` more are sent. The daemon stays alive throughout.
+async fn ride_out_the_cuts(
+    proxy: &FaultProxy,
+    feed: &Feed,
+    daemon: &mut Watched,
+    metrics: &str,
+    schema: &TestSchema,
+) {
+    feed.sent_more(CUT_MESSAGES).await;
+    assert!(
+        proxy.turned_away() > 0,
+        "the cut must have turned connections away"
+    );
+    assert_alive(daemon, metrics).await;
+    proxy.restore();
+    let sent = feed.sent();
+    eventually(
+        Duration::from_secs(90),
+        "as many messages committed as were sent by the end of the cut",
+        || caught_up(schema, sent),
+    )
+    .await;
+
+    let turned_away = proxy.turned_away();
+    proxy.cut(Cut::Blackhole);
+    feed.sent_more(CUT_MESSAGES).await;
+    eventually(
+        Duration::from_secs(30),
+        "a connection held unanswered",
+        || async { proxy.turned_away() > turned_away },
+    )
+    .await;
+    assert_alive(daemon, metrics).await;
+    proxy.restore();
 }
 
 /// Every valid message of the `total` fed is a row once, every invalid one a dead letter once.
@@ -269,30 +255,15 @@ async fn assert_exactly_once(schema: &TestSchema, total: u64, log: &str) {
 /// so this says the daemon has caught up, not that it has finished).
 async fn caught_up(schema: &TestSchema, sent: u64) -> bool {
     let (valid, invalid) = valid_and_invalid(sent);
-    schema.rows_so_far().await as u64 >= valid && dead_letters_so_far(schema).await >= invalid
+    schema.rows_so_far().await as u64 >= valid
+        && schema.dead_letters_so_far().await as u64 >= invalid
 }
 
 /// Rows and dead letters account for all `sent` messages.
 async fn settled(schema: &TestSchema, sent: u64) -> bool {
     let (valid, invalid) = valid_and_invalid(sent);
-    schema.rows_so_far().await as u64 == valid && dead_letters_so_far(schema).await == invalid
-}
-
-async fn dead_letters_so_far(schema: &TestSchema) -> u64 {
-    let exists: bool = schema
-        .client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&schema.dead_letters()],
-        )
-        .await
-        .expect("to_regclass")
-        .get(0);
-    if exists {
-        schema.count(&schema.dead_letters()).await as u64
-    } else {
-        0
-    }
+    schema.rows_so_far().await as u64 == valid
+        && schema.dead_letters_so_far().await as u64 == invalid
 }
 
 /// The process still runs and its endpoint answers.

@@ -16,26 +16,12 @@ use kinesis_run::kinesis_config;
 use sluice::source::kinesis::kpl::{UserRecord, aggregate};
 
 fn file_config(schema: &TestSchema, path: &str, extra_source: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "file"
-{extra_source}
-[source.file]
-path = "{path}"
-[sink.postgres]
-url = "{db}"
-table = "{table}"
-ledger_table = "{ledger}"
-batch_rows = 50
-linger_ms = 50
-[dead_letter]
-table = "{dead}"
-"#,
-        db = database_url(),
-        table = schema.table(),
-        ledger = schema.ledger(),
-        dead = schema.dead_letters(),
+    common::file_config(
+        schema,
+        path,
+        extra_source,
+        "",
+        "batch_rows = 50\nlinger_ms = 50",
     )
 }
 

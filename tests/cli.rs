@@ -177,27 +177,10 @@ async fn migrate_creates_missing_tables_and_never_alters_existing_ones() {
     assert_eq!(ty, "bigint", "the existing table must not be altered");
 }
 
+const BATCHING: &str = "batch_rows = 500\nlinger_ms = 50";
+
 fn file_config(schema: &TestSchema, path: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "file"
-[source.file]
-path = "{path}"
-[sink.postgres]
-url = "{db}"
-table = "{table}"
-ledger_table = "{ledger}"
-batch_rows = 500
-linger_ms = 50
-[dead_letter]
-table = "{dead}"
-"#,
-        db = database_url(),
-        table = schema.table(),
-        ledger = schema.ledger(),
-        dead = schema.dead_letters(),
-    )
+    common::file_config(schema, path, "", "", BATCHING)
 }
 
 /// `seed --count` writes the file a file source reads, the same for the same seed; `run` loads it
@@ -1084,7 +1067,7 @@ fn closed_port() -> u16 {
 }
 
 fn config_with_database(schema: &TestSchema, data: &std::path::Path, url: &str) -> String {
-    file_config(schema, path_str(data)).replace(&database_url(), url)
+    file_config_at(schema, path_str(data), url, "", "", BATCHING)
 }
 
 /// Start-up against a database that does not answer retries the first connection, saying so

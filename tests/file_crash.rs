@@ -49,27 +49,12 @@ fn line(i: usize) -> String {
 
 /// The ledger explicitly off (the default for files): only the position protects a rerun.
 fn file_config(schema: &TestSchema, path: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "file"
-[source.file]
-path = "{path}"
-chunk_messages = 20
-[sink.postgres]
-url = "{db}"
-table = "{table}"
-ledger_table = "{ledger}"
-dedupe = false
-batch_rows = 20
-linger_ms = 10
-[dead_letter]
-table = "{dead}"
-"#,
-        db = database_url(),
-        table = schema.table(),
-        ledger = schema.ledger(),
-        dead = schema.dead_letters(),
+    common::file_config(
+        schema,
+        path,
+        "",
+        "chunk_messages = 20",
+        "dedupe = false\nbatch_rows = 20\nlinger_ms = 10",
     )
 }
 
@@ -205,35 +190,19 @@ async fn a_file_killed_three_times_then_rerun_loads_every_line_once() {
         "the rerun read exactly the lines after the last committed position"
     );
 
-    let users: Vec<String> = schema
-        .client
-        .query(&format!("SELECT user_id FROM {}", schema.table()), &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let distinct: BTreeSet<&str> = users.iter().map(String::as_str).collect();
-    let expected: Vec<String> = (0..LINES)
+    let expected: BTreeSet<String> = (0..LINES)
         .filter(|i| !(i + 1).is_multiple_of(BAD_EVERY))
         .map(user)
         .collect();
-    let expected: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
-    assert_eq!(users.len(), VALID, "no line loaded twice");
-    assert!(
-        distinct == expected,
-        "every valid line loaded, and only those"
-    );
+    assert_eq!(expected.len(), VALID);
+    assert_exactly_once("loaded line", &schema.user_ids().await, &expected, "");
 
-    let bodies: Vec<String> = schema.rejects().await.into_iter().map(|r| r.2).collect();
-    let distinct: BTreeSet<&str> = bodies.iter().map(String::as_str).collect();
-    let expected: Vec<String> = (0..LINES)
+    let expected: BTreeSet<String> = (0..LINES)
         .filter(|i| (i + 1).is_multiple_of(BAD_EVERY))
         .map(line)
         .collect();
-    let expected: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
-    assert_eq!(bodies.len(), INVALID, "no dead letter stored twice");
-    assert!(distinct == expected, "every invalid line one dead letter");
+    assert_eq!(expected.len(), INVALID);
+    assert_exactly_once("dead letter", &schema.reject_bodies().await, &expected, "");
     assert_eq!(
         committed(&schema).await.0,
         LINES as i64,

@@ -221,27 +221,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-fn file_config(schema: &TestSchema, data: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "file"
-[source.file]
-path = "{data}"
-[sink.postgres]
-url = "{db}"
-table = "{table}"
-ledger_table = "{ledger}"
-[dead_letter]
-table = "{dead}"
-"#,
-        db = database_url(),
-        table = schema.table(),
-        ledger = schema.ledger(),
-        dead = schema.dead_letters(),
-    )
-}
-
 /// Each case's dead letter is there once, from the stage and with the reason expected, and no
 /// other dead letter exists.
 async fn assert_dead_letters(schema: &TestSchema, cases: &[Case]) {
@@ -297,7 +276,7 @@ async fn hostile_lines_of_a_file_each_become_one_precise_dead_letter() {
     }
     bytes.extend_from_slice(format!("{}\n", login("hostile-neighbour-2")).as_bytes());
     std::fs::write(&data, bytes).expect("write");
-    let config = TestConfig::write(&file_config(&schema, path_str(&data)));
+    let config = TestConfig::write(&file_config(&schema, path_str(&data), "", "", ""));
     let out = run_to_end(run_command(&config.path, None), LIMIT).await;
     assert_no_failed_batch(&out);
     assert_eq!(

@@ -83,19 +83,10 @@ async fn killed_three_times_mid_stream_every_record_lands_once() {
     );
 
     let valid = RECORDS - RECORDS / BAD_EVERY;
-    let users: Vec<String> = schema
-        .client
-        .query(&format!("SELECT user_id FROM {}", schema.table()), &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let distinct: HashSet<&String> = users.iter().collect();
-    assert_eq!(distinct.len(), valid, "every valid record loaded");
-    assert_eq!(users.len(), valid, "none loaded twice");
-    let rejects = schema.rejects().await;
-    let distinct: HashSet<&String> = rejects.iter().map(|r| &r.2).collect();
-    assert_eq!(distinct.len(), RECORDS / BAD_EVERY, "every reject stored");
-    assert_eq!(rejects.len(), RECORDS / BAD_EVERY, "none stored twice");
+    assert_distinct_count("loaded record", &schema.user_ids().await, valid);
+    assert_distinct_count(
+        "dead letter",
+        &schema.reject_bodies().await,
+        RECORDS / BAD_EVERY,
+    );
 }

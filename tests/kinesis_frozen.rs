@@ -6,7 +6,6 @@ mod common;
 mod kinesis_common;
 mod kinesis_run;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
@@ -208,17 +207,7 @@ async fn a_process_frozen_past_its_lease_has_its_next_commit_fenced_off() {
     other_out.assert_success();
     let (f, o) = (frozen_out.summary(), other_out.summary());
 
-    let users: Vec<String> = schema
-        .client
-        .query(&format!("SELECT user_id FROM {}", schema.table()), &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let distinct: HashSet<&String> = users.iter().collect();
-    assert_eq!(distinct.len() as i64, valid, "every valid record loaded");
-    assert_eq!(users.len() as i64, valid, "none loaded twice");
+    assert_distinct_count("loaded record", &schema.user_ids().await, valid as usize);
     assert_eq!(
         (f.loaded + o.loaded) as i64,
         valid,

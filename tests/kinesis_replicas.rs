@@ -7,7 +7,6 @@ mod common;
 mod kinesis_common;
 mod kinesis_run;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -109,17 +108,7 @@ async fn processes_share_a_stream_and_a_killed_ones_shards_move() {
         "leases handed back on SIGTERM"
     );
 
-    let users: Vec<String> = schema
-        .client
-        .query(&format!("SELECT user_id FROM {}", schema.table()), &[])
-        .await
-        .expect("rows")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let distinct: HashSet<&String> = users.iter().collect();
-    assert_eq!(distinct.len(), valid, "every valid record loaded");
-    assert_eq!(users.len(), valid, "none loaded twice");
+    assert_distinct_count("loaded record", &schema.user_ids().await, valid);
     let rejects = schema.rejects().await;
     assert_eq!(rejects.len(), 3000 / BAD_EVERY, "every reject stored once");
     eprintln!("shards of the killed process moved within {moved_after:?}");

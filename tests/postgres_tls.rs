@@ -142,27 +142,9 @@ async fn the_daemon_loads_over_verified_tls() {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("logins.ndjson");
     std::fs::write(&data, format!("{}\n{}\n", login("tls-1"), login("tls-2"))).expect("write");
-    let config = |url: &str, ca_line: &str| {
-        format!(
-            r#"
-[source]
-kind = "file"
-[source.file]
-path = "{data}"
-[sink.postgres]
-url = "{url}"
-table = "{table}"
-ledger_table = "{ledger}"
-{ca_line}
-[dead_letter]
-table = "{dead}"
-"#,
-            data = path_str(&data),
-            table = schema.table(),
-            ledger = schema.ledger(),
-            dead = schema.dead_letters(),
-        )
-    };
+    let config =
+        |url: &str, ca_line: &str| file_config_at(&schema, path_str(&data), url, "", "", ca_line);
+
     let full = url_with(Some("localhost"), "verify-full");
     let in_file = TestConfig::write(&config(&full, &format!("ca_file = \"{}\"", path_str(&ca))));
     let run = run_to_end(run_command(&in_file.path, None), Duration::from_secs(60)).await;

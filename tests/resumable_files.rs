@@ -12,26 +12,12 @@ use common::*;
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn file_config(schema: &TestSchema, path: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "file"
-[source.file]
-path = "{path}"
-chunk_messages = 100
-[sink.postgres]
-url = "{db}"
-table = "{table}"
-ledger_table = "{ledger}"
-batch_rows = 500
-linger_ms = 20
-[dead_letter]
-table = "{dead}"
-"#,
-        db = database_url(),
-        table = schema.table(),
-        ledger = schema.ledger(),
-        dead = schema.dead_letters(),
+    common::file_config(
+        schema,
+        path,
+        "",
+        "chunk_messages = 100",
+        "batch_rows = 500\nlinger_ms = 20",
     )
 }
 

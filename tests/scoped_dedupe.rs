@@ -22,25 +22,7 @@ use sluice::table_name::{TableName, Tables};
 const LIMIT: Duration = Duration::from_secs(90);
 
 fn file_config(schema: &TestSchema, path: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "file"
-[source.file]
-path = "{path}"
-[sink.postgres]
-url = "{db}"
-table = "{table}"
-ledger_table = "{ledger}"
-dedupe = true
-[dead_letter]
-table = "{dead}"
-"#,
-        db = database_url(),
-        table = schema.table(),
-        ledger = schema.ledger(),
-        dead = schema.dead_letters(),
-    )
+    common::file_config(schema, path, "", "", "dedupe = true")
 }
 
 async fn run_file(schema: &TestSchema, path: &std::path::Path) -> Summary {

@@ -45,27 +45,6 @@ fn with_password(form: &str, port: Option<u16>) -> String {
 
 const FORMS: [&str; 4] = ["userinfo", "query", "key=value", "key=value quoted"];
 
-fn file_config(schema: &TestSchema, data: &str, db_url: &str) -> String {
-    format!(
-        r#"
-[source]
-kind = "file"
-[source.file]
-path = "{data}"
-[sink.postgres]
-url = "{db_url}"
-table = "{table}"
-ledger_table = "{ledger}"
-[dead_letter]
-table = "{dead}"
-"#,
-        db_url = db_url.replace('\\', "\\\\").replace('"', "\\\""),
-        table = schema.table(),
-        ledger = schema.ledger(),
-        dead = schema.dead_letters(),
-    )
-}
-
 fn at_debug(mut cmd: tokio::process::Command) -> tokio::process::Command {
     cmd.env("RUST_LOG", "debug").env("SLUICE_MASK_KEY", KEY);
     cmd
@@ -93,7 +72,8 @@ async fn check_never_prints_the_database_password() {
     for form in FORMS {
         for (port, expected) in [(None, "postgres    ok"), (Some(1), "postgres    FAIL")] {
             let url = with_password(form, port);
-            let config = TestConfig::write(&file_config(&schema, path_str(&data), &url));
+            let config =
+                TestConfig::write(&file_config_at(&schema, path_str(&data), &url, "", "", ""));
             let out = run_to_end(
                 at_debug(sluice(&["check", "--config", path_str(&config.path)])),
                 LIMIT,
@@ -136,7 +116,7 @@ async fn a_debug_run_prints_no_password_key_or_body() {
         };
         let config = TestConfig::write(&format!(
             "{}{log}",
-            file_config(&schema, path_str(&data), &url)
+            file_config_at(&schema, path_str(&data), &url, "", "", "")
         ));
         let out = run_to_end(at_debug(run_command(&config.path, None)), LIMIT).await;
         out.assert_success();

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod fault_proxy;
 pub mod feed;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -79,15 +80,31 @@ impl TestSchema {
             .get(0)
     }
 
-    /// Rows in the target table, 0 while sluice has not created it yet.
-    pub async fn rows_so_far(&self) -> i64 {
-        let exists: bool = self
-            .client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table()])
+    /// Whether `table` exists yet (sluice creates its tables when it starts).
+    pub async fn exists(&self, table: &str) -> bool {
+        self.client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
             .await
             .expect("to_regclass")
-            .get(0);
-        if exists { self.rows_loaded().await } else { 0 }
+            .get(0)
+    }
+
+    /// Rows in the target table, 0 while sluice has not created it yet.
+    pub async fn rows_so_far(&self) -> i64 {
+        if self.exists(&self.table()).await {
+            self.rows_loaded().await
+        } else {
+            0
+        }
+    }
+
+    /// Dead letters stored, 0 while sluice has not created their table yet.
+    pub async fn dead_letters_so_far(&self) -> i64 {
+        if self.exists(&self.dead_letters()).await {
+            self.count(&self.dead_letters()).await
+        } else {
+            0
+        }
     }
 
     pub async fn rows_loaded(&self) -> i64 {
@@ -109,6 +126,22 @@ impl TestSchema {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect()
+    }
+
+    /// The `user_id` of every loaded row, one entry per row (a row loaded twice appears twice).
+    pub async fn user_ids(&self) -> Vec<String> {
+        self.client
+            .query(&format!("SELECT user_id FROM {}", self.table()), &[])
+            .await
+            .expect("rows")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// The body of every dead letter, ordered by body, one entry per stored dead letter.
+    pub async fn reject_bodies(&self) -> Vec<String> {
+        self.rejects().await.into_iter().map(|r| r.2).collect()
     }
 }
 
@@ -345,6 +378,58 @@ table = "{dead}"
         table = schema.table(),
         ledger = schema.ledger(),
         dead = schema.dead_letters(),
+    )
+}
+
+/// A file source reading `path` into the schema's tables at the database `db_url` (quoted as a TOML
+/// string here). `extra_source`, `extra_file` and `extra_pg` are added verbatim to `[source]`,
+/// `[source.file]` and `[sink.postgres]`; every other key is the daemon's default.
+pub fn file_config_at(
+    schema: &TestSchema,
+    path: &str,
+    db_url: &str,
+    extra_source: &str,
+    extra_file: &str,
+    extra_pg: &str,
+) -> String {
+    format!(
+        r#"
+[source]
+kind = "file"
+{extra_source}
+[source.file]
+path = "{path}"
+{extra_file}
+[sink.postgres]
+url = "{db_url}"
+table = "{table}"
+ledger_table = "{ledger}"
+{extra_pg}
+[dead_letter]
+table = "{dead}"
+"#,
+        db_url = db_url.replace('\\', "\\\\").replace('"', "\\\""),
+        table = schema.table(),
+        ledger = schema.ledger(),
+        dead = schema.dead_letters(),
+    )
+}
+
+/// [`file_config_at`] at the test database.
+pub fn file_config(
+    schema: &TestSchema,
+    path: &str,
+    extra_source: &str,
+    extra_file: &str,
+    extra_pg: &str,
+) -> String {
+    file_config_at(
+        schema,
+        path,
+        &database_url(),
+        extra_source,
+        extra_file,
+        extra_pg,
     )
 }
 
@@ -678,4 +763,55 @@ pub fn metric_value(scrape: &str, name: &str) -> Option<f64> {
         let value = line.strip_prefix(name)?.strip_prefix(' ')?;
         value.split_whitespace().next()?.parse().ok()
     })
+}
+
+/// Occurrences of each item of `found`.
+fn occurrences(found: &[String]) -> BTreeMap<&str, usize> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for item in found {
+        *counts.entry(item).or_default() += 1;
+    }
+    counts
+}
+
+/// Every item of `expected` occurs exactly once in `found`, and nothing else does; a failure names
+/// the first missing, doubled and unexpected items. `context` is appended to the message.
+pub fn assert_exactly_once(
+    what: &str,
+    found: &[String],
+    expected: &BTreeSet<String>,
+    context: &str,
+) {
+    let counts = occurrences(found);
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|e| !counts.contains_key(e.as_str()))
+        .collect();
+    let doubled: Vec<(&&str, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    let strange: Vec<&&str> = counts.keys().filter(|k| !expected.contains(**k)).collect();
+    assert!(
+        missing.is_empty() && doubled.is_empty() && strange.is_empty(),
+        "{what}s: {} missing (first {:?}), {} more than once (first {:?}), {} unexpected (first {:?})\n{context}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        doubled.len(),
+        doubled.iter().take(5).collect::<Vec<_>>(),
+        strange.len(),
+        strange.iter().take(5).collect::<Vec<_>>(),
+    );
+    assert_eq!(found.len(), expected.len(), "{what}s\n{context}");
+}
+
+/// `found` holds exactly `count` items and none of them twice (for tests that know how many items
+/// to expect but not which); a failure names the first doubled items.
+pub fn assert_distinct_count(what: &str, found: &[String], count: usize) {
+    let counts = occurrences(found);
+    let doubled: Vec<(&&str, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        doubled.is_empty(),
+        "{what}s: {} more than once (first {:?})",
+        doubled.len(),
+        doubled.iter().take(5).collect::<Vec<_>>(),
+    );
+    assert_eq!(found.len(), count, "{what}s: {count} expected, each once");
 }
