@@ -38,10 +38,7 @@ fn user(i: usize) -> String {
 /// Line `i` (0-based): a login, or one the parse stage rejects (an IP that is none), each unique.
 fn line(i: usize) -> String {
     if (i + 1).is_multiple_of(BAD_EVERY) {
-        format!(
-            r#"{{"user_id": "{}", "ip": "not an address {i}"}}"#,
-            user(i)
-        )
+        bad_ip_login(&user(i), i)
     } else {
         login(&user(i))
     }
@@ -103,25 +100,14 @@ fn kill_threshold(rng: &mut StdRng, k: usize) -> i64 {
 /// Runs the file until the table holds `threshold` rows, then kills the process with SIGKILL.
 /// Fails if it exits on its own before.
 async fn run_and_kill(config: &TestConfig, schema: &TestSchema, threshold: i64) {
-    let mut daemon = Watched::spawn(run_command(&config.path, None));
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Some(status) = daemon.child.try_wait().expect("poll the process") {
-            let run = daemon.finish(Duration::from_secs(5)).await;
-            panic!(
-                "sluice exited on its own ({status}) before the kill:\n{}",
-                run.stderr
-            );
-        }
-        if schema.rows_so_far().await >= threshold {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the table did not reach {threshold} rows within {LIMIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut daemon = spawn_until_rows(
+        &config.path,
+        schema,
+        threshold,
+        LIMIT,
+        Duration::from_millis(50),
+    )
+    .await;
     daemon.child.start_kill().expect("kill -9");
     let run = daemon.finish(Duration::from_secs(10)).await;
     assert_eq!(

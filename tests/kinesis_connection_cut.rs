@@ -35,10 +35,7 @@ fn user(i: usize) -> String {
 
 fn body(i: usize) -> String {
     if i.is_multiple_of(BAD_EVERY) {
-        format!(
-            r#"{{"user_id": "{}", "ip": "not an address {i}"}}"#,
-            user(i)
-        )
+        bad_ip_login(&user(i), i)
     } else {
         login(&user(i))
     }

@@ -21,7 +21,7 @@ const BAD_EVERY: usize = 50;
 fn record(i: usize) -> (String, Vec<u8>) {
     let user = format!("user-{i:05}");
     let body = if i.is_multiple_of(BAD_EVERY) {
-        format!(r#"{{"user_id": "{user}", "ip": "not an address {i}"}}"#)
+        bad_ip_login(&user, i)
     } else {
         login(&user)
     };

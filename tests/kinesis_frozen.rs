@@ -20,7 +20,7 @@ const METRICS: &str = "\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
 fn record(i: usize) -> (String, Vec<u8>) {
     let user = format!("user-{i:05}");
     let body = if i.is_multiple_of(BAD_EVERY) {
-        format!(r#"{{"user_id": "{user}", "ip": "not an address {i}"}}"#)
+        bad_ip_login(&user, i)
     } else {
         login(&user)
     };

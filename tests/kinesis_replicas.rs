@@ -19,7 +19,7 @@ const LEASE_SECONDS: u64 = 3;
 fn record(i: usize) -> (String, Vec<u8>) {
     let user = format!("user-{i:05}");
     let body = if i.is_multiple_of(BAD_EVERY) {
-        format!(r#"{{"user_id": "{user}", "ip": "not an address {i}"}}"#)
+        bad_ip_login(&user, i)
     } else {
         login(&user)
     };

@@ -49,10 +49,7 @@ fn user(i: usize) -> String {
 
 fn body(i: usize) -> String {
     if i.is_multiple_of(BAD_EVERY) {
-        format!(
-            r#"{{"user_id": "{}", "ip": "not an address {i}"}}"#,
-            user(i)
-        )
+        bad_ip_login(&user(i), i)
     } else {
         login(&user(i))
     }
@@ -107,25 +104,14 @@ async fn run_and_kill(
     threshold: i64,
     extra: Duration,
 ) -> ((i64, i64), i64) {
-    let mut daemon = Watched::spawn(run_command(&config.path, None));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = daemon.child.try_wait().expect("poll the daemon") {
-            let run = daemon.finish(Duration::from_secs(5)).await;
-            panic!(
-                "sluice exited on its own ({status}) before the kill:\n{}",
-                run.stderr
-            );
-        }
-        if schema.rows_so_far().await >= threshold {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the table did not reach {threshold} rows within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut daemon = spawn_until_rows(
+        &config.path,
+        schema,
+        threshold,
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+    )
+    .await;
     tokio::time::sleep(extra).await;
     let depth = queue.depth().await;
     daemon.child.start_kill().expect("kill -9");

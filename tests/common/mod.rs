@@ -308,6 +308,11 @@ pub fn login(user: &str) -> String {
     login_with(user, "10.0.0.1", "111-22-3333")
 }
 
+/// A login the parse stage rejects (its IP is none), unique per `i`.
+pub fn bad_ip_login(user: &str, i: usize) -> String {
+    format!(r#"{{"user_id": "{user}", "ip": "not an address {i}"}}"#)
+}
+
 pub fn login_with(user: &str, ip: &str, device_id: &str) -> String {
     format!(
         r#"{{"user_id": "{user}", "app_version": "2.3.0", "device_type": "android", "ip": "{ip}", "locale": "RU", "device_id": "{device_id}"}}"#
@@ -379,6 +384,36 @@ table = "{dead}"
         ledger = schema.ledger(),
         dead = schema.dead_letters(),
     )
+}
+
+/// Spawns `run` on `config` and waits until the table holds `threshold` rows, polling every
+/// `poll`; fails if the process exits on its own before, or if `limit` passes.
+pub async fn spawn_until_rows(
+    config: &Path,
+    schema: &TestSchema,
+    threshold: i64,
+    limit: Duration,
+    poll: Duration,
+) -> Watched {
+    let mut daemon = Watched::spawn(run_command(config, None));
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = daemon.child.try_wait().expect("poll the process") {
+            let run = daemon.finish(Duration::from_secs(5)).await;
+            panic!(
+                "sluice exited on its own ({status}) before the kill:\n{}",
+                run.stderr
+            );
+        }
+        if schema.rows_so_far().await >= threshold {
+            return daemon;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the table did not reach {threshold} rows within {limit:?}"
+        );
+        tokio::time::sleep(poll).await;
+    }
 }
 
 /// A file source reading `path` into the schema's tables at the database `db_url` (quoted as a TOML
