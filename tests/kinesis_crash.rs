@@ -18,16 +18,6 @@ const RECORDS: usize = 10_000;
 /// Every this-many records is one sluice must reject.
 const BAD_EVERY: usize = 50;
 
-fn record(i: usize) -> (String, Vec<u8>) {
-    let user = format!("user-{i:05}");
-    let body = if i.is_multiple_of(BAD_EVERY) {
-        bad_ip_login(&user, i)
-    } else {
-        login(&user)
-    };
-    (user, body.into_bytes())
-}
-
 /// Rows loaded between two kills: far enough apart that each run commits many batches, close
 /// enough that three runs leave most of the stream unread.
 const ROWS_PER_RUN: i64 = 1500;
@@ -44,7 +34,7 @@ async fn rows_beyond(schema: &TestSchema, rows: i64) {
 async fn killed_three_times_mid_stream_every_record_lands_once() {
     let schema = TestSchema::new().await;
     let stream = TestStream::new(4).await;
-    let records: Vec<(String, Vec<u8>)> = (0..RECORDS).map(record).collect();
+    let records: Vec<(String, Vec<u8>)> = (0..RECORDS).map(|i| user_record(i, BAD_EVERY)).collect();
     let putting = Instant::now();
     let puts = stream.put(&records).await;
     eprintln!("{RECORDS} records put in {:?}", putting.elapsed());

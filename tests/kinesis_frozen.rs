@@ -17,16 +17,6 @@ const BAD_EVERY: usize = 50;
 const LEASE_SECONDS: u64 = 3;
 const METRICS: &str = "\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
 
-fn record(i: usize) -> (String, Vec<u8>) {
-    let user = format!("user-{i:05}");
-    let body = if i.is_multiple_of(BAD_EVERY) {
-        bad_ip_login(&user, i)
-    } else {
-        login(&user)
-    };
-    (user, body.into_bytes())
-}
-
 /// One counter of a scrape of `addr`, 0 when absent.
 async fn counter(addr: &str, name: &str) -> f64 {
     let (status, body) = http_get(addr, "/metrics").await;
@@ -75,7 +65,11 @@ async fn a_process_frozen_past_its_lease_has_its_next_commit_fenced_off() {
     let schema = TestSchema::new().await;
     let stream = TestStream::new(4).await;
     stream
-        .put(&(0..RECORDS).map(record).collect::<Vec<_>>())
+        .put(
+            &(0..RECORDS)
+                .map(|i| user_record(i, BAD_EVERY))
+                .collect::<Vec<_>>(),
+        )
         .await;
     let valid = (RECORDS - RECORDS / BAD_EVERY) as i64;
     let rejects = (RECORDS / BAD_EVERY) as i64;

@@ -16,21 +16,11 @@ use kinesis_run::{kinesis_config, live_leases, pid};
 const BAD_EVERY: usize = 50;
 const LEASE_SECONDS: u64 = 3;
 
-fn record(i: usize) -> (String, Vec<u8>) {
-    let user = format!("user-{i:05}");
-    let body = if i.is_multiple_of(BAD_EVERY) {
-        bad_ip_login(&user, i)
-    } else {
-        login(&user)
-    };
-    (user, body.into_bytes())
-}
-
 #[tokio::test]
 async fn processes_share_a_stream_and_a_killed_ones_shards_move() {
     let schema = TestSchema::new().await;
     let stream = TestStream::new(4).await;
-    let first: Vec<_> = (0..2000).map(record).collect();
+    let first: Vec<_> = (0..2000).map(|i| user_record(i, BAD_EVERY)).collect();
     stream.put(&first).await;
     let config = TestConfig::write(&kinesis_config(
         &stream,
@@ -74,7 +64,7 @@ async fn processes_share_a_stream_and_a_killed_ones_shards_move() {
     a.child.start_kill().expect("kill -9");
     a.child.wait().await.expect("reaped");
     let killed = Instant::now();
-    let more: Vec<_> = (2000..3000).map(record).collect();
+    let more: Vec<_> = (2000..3000).map(|i| user_record(i, BAD_EVERY)).collect();
     stream.put(&more).await;
     eventually(
         Duration::from_secs(LEASE_SECONDS * 5),

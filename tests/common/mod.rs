@@ -308,6 +308,18 @@ pub fn login(user: &str) -> String {
     login_with(user, "10.0.0.1", "111-22-3333")
 }
 
+/// Message `i` as (user, body): user `user-{i:05}` (also a good partition key), and every
+/// `bad_every`-th body one the parse stage rejects.
+pub fn user_record(i: usize, bad_every: usize) -> (String, Vec<u8>) {
+    let user = format!("user-{i:05}");
+    let body = if i.is_multiple_of(bad_every) {
+        bad_ip_login(&user, i)
+    } else {
+        login(&user)
+    };
+    (user, body.into_bytes())
+}
+
 /// A login the parse stage rejects (its IP is none), unique per `i`.
 pub fn bad_ip_login(user: &str, i: usize) -> String {
     format!(r#"{{"user_id": "{user}", "ip": "not an address {i}"}}"#)
