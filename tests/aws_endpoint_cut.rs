@@ -25,8 +25,7 @@ async fn an_sqs_endpoint_cut_and_restored_loses_nothing_and_shows_the_backoff() 
     let schema = TestSchema::new().await;
     let queue = TestQueue::new().await;
     let upstream = aws_endpoint();
-    let proxy =
-        FaultProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/')).await;
+    let proxy = proxy_to(&upstream).await;
     // A short visibility timeout: deletes that fail during a cut leave committed messages to come
     // back, and the test waits for them to be recognised as duplicates and deleted.
     let toml = sqs_config(
@@ -35,16 +34,8 @@ async fn an_sqs_endpoint_cut_and_restored_loses_nothing_and_shows_the_backoff() 
         "visibility_timeout_seconds = 10",
         "batch_rows = 50\nlinger_ms = 50",
         "[metrics]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .replace(
-        &format!("endpoint_url = \"{upstream}\""),
-        &format!("endpoint_url = \"{}\"", proxy.url()),
     );
-    assert!(
-        toml.contains(&proxy.url()),
-        "the daemon must go through the proxy"
-    );
-    let config = TestConfig::write(&toml);
+    let config = through(&proxy, &upstream, &toml);
     let mut daemon = Watched::spawn(run_command(&config.path, None));
     let metrics = daemon.metrics_address().await;
     let scrape = || async { http_get(&metrics, "/metrics").await.1 };
@@ -111,21 +102,12 @@ async fn a_kinesis_endpoint_cut_and_restored_loses_nothing_and_shows_the_backoff
     let schema = TestSchema::new().await;
     let stream = Arc::new(TestStream::new(2).await);
     let upstream = kinesis_endpoint();
-    let proxy =
-        FaultProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/')).await;
+    let proxy = proxy_to(&upstream).await;
     let toml = format!(
         "{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
         kinesis_config(&stream, &schema, "", "batch_rows = 50\nlinger_ms = 50")
-    )
-    .replace(
-        &format!("endpoint_url = \"{upstream}\""),
-        &format!("endpoint_url = \"{}\"", proxy.url()),
     );
-    assert!(
-        toml.contains(&proxy.url()),
-        "the daemon must go through the proxy"
-    );
-    let config = TestConfig::write(&toml);
+    let config = through(&proxy, &upstream, &toml);
     let mut daemon = Watched::spawn(run_command(&config.path, None));
     let metrics = daemon.metrics_address().await;
     let scrape = || async { http_get(&metrics, "/metrics").await.1 };
@@ -181,6 +163,24 @@ async fn a_kinesis_endpoint_cut_and_restored_loses_nothing_and_shows_the_backoff
         value("sluice_source_retries_total"),
         value("sluice_source_backoff_seconds_total"),
     );
+}
+
+/// A proxy in front of `upstream` (an `http://host:port` address).
+async fn proxy_to(upstream: &str) -> FaultProxy {
+    FaultProxy::start(upstream.trim_start_matches("http://").trim_end_matches('/')).await
+}
+
+/// `toml` written with its `endpoint_url` pointed at `proxy` instead of `upstream`.
+fn through(proxy: &FaultProxy, upstream: &str, toml: &str) -> TestConfig {
+    let toml = toml.replace(
+        &format!("endpoint_url = \"{upstream}\""),
+        &format!("endpoint_url = \"{}\"", proxy.url()),
+    );
+    assert!(
+        toml.contains(&proxy.url()),
+        "the daemon must go through the proxy"
+    );
+    TestConfig::write(&toml)
 }
 
 /// The rest of a refused line, once the daemon has retried through it: `CUT_MESSAGES` more are
