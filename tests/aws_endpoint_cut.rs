@@ -225,19 +225,9 @@ async fn ride_out_the_cuts(
 /// Every valid message of the `total` fed is a row once, every invalid one a dead letter once.
 async fn assert_exactly_once(schema: &TestSchema, total: u64, log: &str) {
     let (valid, invalid) = valid_and_invalid(total);
-    let row = schema
-        .client
-        .query_one(
-            &format!(
-                "SELECT count(*), count(DISTINCT user_id) FROM {}",
-                schema.table()
-            ),
-            &[],
-        )
-        .await
-        .expect("count");
+    let (rows, users) = schema.rows_and_users().await;
     assert_eq!(
-        (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64),
+        (rows as u64, users as u64),
         (valid, valid),
         "every valid message exactly once\n{log}"
     );

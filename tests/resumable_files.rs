@@ -75,18 +75,7 @@ async fn a_file_stopped_by_sigterm_is_continued_by_the_next_run_exactly_once() {
         LINES as u64,
         "the rest exactly: {first:?} then {second:?}"
     );
-    let row = schema
-        .client
-        .query_one(
-            &format!(
-                "SELECT count(*), count(DISTINCT user_id) FROM {}",
-                schema.table()
-            ),
-            &[],
-        )
-        .await
-        .expect("count");
-    let (rows, users): (i64, i64) = (row.get(0), row.get(1));
+    let (rows, users) = schema.rows_and_users().await;
     assert_eq!(
         (rows, users),
         (54_000, 54_000),

@@ -54,18 +54,7 @@ async fn three_replicas_on_one_fed_queue_load_each_message_once() {
         summaries.push(out.summary());
     }
 
-    let row = schema
-        .client
-        .query_one(
-            &format!(
-                "SELECT count(*), count(DISTINCT user_id) FROM {}",
-                schema.table()
-            ),
-            &[],
-        )
-        .await
-        .expect("counts");
-    let (rows, users): (i64, i64) = (row.get(0), row.get(1));
+    let (rows, users) = schema.rows_and_users().await;
     assert_eq!((rows, users), (total, total), "each message exactly once");
     let loaded: u64 = summaries.iter().map(|s| s.loaded).sum();
     assert_eq!(loaded as i64, total, "{summaries:?}");

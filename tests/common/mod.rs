@@ -89,6 +89,23 @@ impl TestSchema {
             .get(0)
     }
 
+    /// Rows in the target table and distinct user ids among them: equal when no message loaded
+    /// twice.
+    pub async fn rows_and_users(&self) -> (i64, i64) {
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT count(*), count(DISTINCT user_id) FROM {}",
+                    self.table()
+                ),
+                &[],
+            )
+            .await
+            .expect("row and user counts");
+        (row.get(0), row.get(1))
+    }
+
     /// Rows in the target table, 0 while sluice has not created it yet.
     pub async fn rows_so_far(&self) -> i64 {
         if self.exists(&self.table()).await {
@@ -481,7 +498,7 @@ pub fn file_config(
 }
 
 /// `extra` plus every `key = value` default whose key `extra` does not set.
-fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
+pub fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
     let mut lines: Vec<String> = extra.lines().map(str::to_owned).collect();
     for (key, value) in defaults {
         if !extra

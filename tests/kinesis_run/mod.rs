@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::{TestSchema, Watched, database_url};
+use crate::common::{TestSchema, Watched, database_url, with_defaults};
 use crate::kinesis_common::{TestStream, kinesis_endpoint};
 
 /// A Kinesis configuration writing into `schema`, its leases in the schema too. `extra_kinesis`
@@ -49,20 +49,6 @@ table = "{dead}"
         table = schema.table(),
         dead = schema.dead_letters(),
     )
-}
-
-/// `extra` plus every `key = value` default whose key `extra` does not set.
-fn with_defaults(extra: &str, defaults: &[(&str, &str)]) -> String {
-    let mut lines: Vec<String> = extra.lines().map(str::to_owned).collect();
-    for (key, value) in defaults {
-        if !extra
-            .lines()
-            .any(|l| l.trim_start().starts_with(&format!("{key} ")))
-        {
-            lines.push(format!("{key} = {value}"));
-        }
-    }
-    lines.join("\n")
 }
 
 /// Live leases per owning process id (owner ids are `host:pid:random`), as the lease table in
