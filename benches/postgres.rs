@@ -40,6 +40,7 @@ use sluice::pg::Connector;
 use sluice::pipeline::{Pipeline, RunOptions};
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
+use sluice::sink::commit_order::Turn;
 use sluice::sink::commit_record::{CommitRecord, NoCommitRecord};
 use sluice::sink::copy_encode::{copy_statement, encode_rows};
 use sluice::sink::ledger::LedgerRecord;
@@ -452,7 +453,7 @@ fn timed_commits(
         let started = Instant::now();
         let done = db
             .runtime
-            .block_on(sink.commit(batch, record))
+            .block_on(sink.commit(batch, record, &mut Turn::free()))
             .expect("commit");
         total += started.elapsed();
         assert_eq!(

@@ -10,8 +10,8 @@
 //! source, which stops receiving. Rejects ride along in the same chunks as good rows, so one
 //! transaction commits both and one rule covers acknowledgement: after commit, never before. The
 //! committers (PostgreSQL's, or a fake in tests) write each batch with the source's commit record;
-//! the pipeline only hands it over, and commits on one connection when the record needs its
-//! batches in order.
+//! the pipeline only hands it over, and hands out batches with their turns when the record needs
+//! them committed in order ([`crate::sink::commit_order`]).
 //!
 //! [`Pipeline::run`] supervises the tasks, the stages and the background work beside them
 //! ([`crate::background`]): the first failure or panic of either stops the source, the stages drain
@@ -35,6 +35,7 @@ use crate::metrics::{self, ChannelProbe};
 use crate::progress;
 use crate::shutdown::{self, Shutdown};
 use crate::sink::batch::{Batch, BatchLimits, run_batcher};
+use crate::sink::commit_order::BatchQueue;
 use crate::sink::{self, Sink, SinkError, run_committer};
 use crate::source::{Acknowledger, BuiltSource, SourceError};
 use crate::stage::mask::{MaskKey, Masker};
@@ -257,15 +258,9 @@ impl Pipeline {
             Ok(())
         });
         let record = source.commit_record;
-        let mut committers = sink.committers;
-        if record.ordered() && committers.len() > 1 {
-            tracing::info!(
-                "the source's batches must commit in order: committing on one connection"
-            );
-            committers.truncate(1);
-        }
-        let queue = Arc::new(tokio::sync::Mutex::new(batches.1));
-        for committer in committers {
+        let queue = BatchQueue::new(batches.1, record.ordered());
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for committer in sink.committers {
             let (queue, acks, record, s) =
                 (queue.clone(), acks.0.clone(), record.clone(), stats.clone());
             tasks.spawn("sink", async move {
@@ -565,6 +560,7 @@ mod tests {
 
     use crate::config::EnvOverrides;
     use crate::envelope::{Envelope, Meta};
+    use crate::sink::commit_order::Turn;
     use crate::sink::commit_record::{CommitRecord, NoCommitRecord};
     use crate::sink::{Commit, CommitCounts, Committed, Committer};
     use crate::source::memory::MemorySource;
@@ -608,11 +604,13 @@ mod tests {
             &mut self,
             mut batch: Batch,
             _record: &dyn CommitRecord,
+            turn: &mut Turn,
         ) -> Result<sink::Commit, SinkError> {
             if self.stuck {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(self.takes).await;
+            turn.wait().await?;
             let dropped = batch.drop_where(self.fenced);
             let handles = batch.metas().map(handle).collect();
             self.log
@@ -705,6 +703,18 @@ mod tests {
         stop_after: Option<Duration>,
         background: Vec<BackgroundTask>,
     ) -> Run {
+        let record: Arc<dyn CommitRecord> = Arc::new(NoCommitRecord);
+        run_source(n, committers, stop_after, background, record).await
+    }
+
+    /// [`run_with`], with the source's commit record.
+    async fn run_source(
+        n: usize,
+        committers: impl FnOnce(&Log) -> Vec<FakeCommitter>,
+        stop_after: Option<Duration>,
+        background: Vec<BackgroundTask>,
+        record: Arc<dyn CommitRecord>,
+    ) -> Run {
         let log = Log::default();
         let stats = Arc::new(Stats::default());
         let committers = committers(&log)
@@ -714,7 +724,6 @@ mod tests {
         let pipeline =
             Pipeline::with_sink(&config(), stats.clone(), Sink::of(committers)).expect("pipeline");
         let acknowledger = Arc::new(FakeAcknowledger { log: log.clone() });
-        let record: Arc<dyn CommitRecord> = Arc::new(NoCommitRecord);
         // One message per chunk, so a stop can come between them.
         let mut source =
             MemorySource::build_with(messages(n), 1, stats.clone(), acknowledger, record);
@@ -772,6 +781,52 @@ mod tests {
         let events = log_of(&done.log);
         assert_eq!(assert_acknowledged_after_commit(&events).len(), 25);
         assert_eq!(events.last(), Some(&Event::Finished));
+    }
+
+    /// A commit record whose batches must commit in delivery order.
+    struct InOrder;
+
+    #[async_trait]
+    impl CommitRecord for InOrder {
+        fn ordered(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ordered_source_commits_and_acknowledges_in_delivery_order_on_every_connection() {
+        // The slow committer takes a batch first; the fast one must not commit the next before it.
+        let slow_and_fast = |log: &Log| {
+            vec![
+                committer(log, Duration::from_secs(1)),
+                committer(log, Duration::from_millis(10)),
+            ]
+        };
+        let started = tokio::time::Instant::now();
+        let done = run_source(45, slow_and_fast, None, Vec::new(), Arc::new(InOrder)).await;
+        let took = started.elapsed();
+        assert_eq!(done.result.expect("a clean run").loaded, 45);
+        let events = log_of(&done.log);
+        assert_acknowledged_after_commit(&events);
+        let order = |committed: bool| -> Vec<usize> {
+            events
+                .iter()
+                .filter_map(|e| match (e, committed) {
+                    (Event::Committed(h), true) | (Event::Acknowledged(h), false) => Some(h),
+                    _ => None,
+                })
+                .flatten()
+                .map(|h| h[1..].parse().expect("m<n>"))
+                .collect()
+        };
+        let delivered: Vec<usize> = (0..45).collect();
+        assert_eq!(order(true), delivered, "committed in delivery order");
+        assert_eq!(order(false), delivered, "acknowledged in delivery order");
+        // Five batches of ten or fewer: on the slow committer alone they would take five seconds.
+        assert!(
+            took < Duration::from_secs(4),
+            "the fast committer took batches while the slow one worked: {took:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -195,3 +195,43 @@ async fn a_file_killed_three_times_then_rerun_loads_every_line_once() {
         "the position ends at the last line"
     );
 }
+
+/// Two runs of the same file at once (a second started by mistake) with the ledger off: each reads
+/// the committed position without a lock, so both load the same lines; the position is written only
+/// while it is still before every line of its transaction, so only one of them commits each line,
+/// and the other's transaction is rolled back and tried again, skipping what the first committed.
+#[tokio::test]
+async fn two_runs_of_one_file_at_once_load_every_line_once() {
+    const LINES: usize = 1500;
+    let schema = TestSchema::new().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("twice.ndjson");
+    let body: String = (0..LINES).map(|i| line(i) + "\n").collect();
+    std::fs::write(&path, body).expect("write");
+    let config = TestConfig::write(&file_config(&schema, path_str(&path)));
+    migrate(&config.path).await;
+    throttle(&schema, 0.01).await;
+
+    let (first, second) = tokio::join!(
+        run_to_end(run_command(&config.path, None), LIMIT),
+        run_to_end(run_command(&config.path, None), LIMIT)
+    );
+    first.assert_success();
+    second.assert_success();
+
+    let valid: BTreeSet<String> = (0..LINES)
+        .filter(|i| !(i + 1).is_multiple_of(BAD_EVERY))
+        .map(user)
+        .collect();
+    assert_exactly_once("loaded line", &schema.user_ids().await, &valid, "");
+    let invalid: BTreeSet<String> = (0..LINES)
+        .filter(|i| (i + 1).is_multiple_of(BAD_EVERY))
+        .map(line)
+        .collect();
+    assert_exactly_once("dead letter", &schema.reject_bodies().await, &invalid, "");
+    assert_eq!(
+        committed(&schema).await.0,
+        LINES as i64,
+        "the position ends at the last line"
+    );
+}

@@ -14,6 +14,7 @@ use sluice::envelope::{AckToken, Envelope, Meta};
 use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
+use sluice::sink::commit_order::Turn;
 use sluice::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkSettings};
 use sluice::sink::schema;
 use sluice::source::kinesis::KinesisAck;
@@ -171,7 +172,10 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_cla
         vec![row(&zero, 10), row(&one, 20), row(&zero, 11), row(&one, 21)],
         Vec::new(),
     );
-    let commit = committer.commit(first, &record).await.expect("commit");
+    let commit = committer
+        .commit(first, &record, &mut Turn::free())
+        .await
+        .expect("commit");
     assert_eq!((commit.committed[0].counts.loaded, commit.dropped), (4, 0));
     assert_eq!(checkpoints(&admin, &checkpoint_sql).await, ["11", "21"]);
 
@@ -194,7 +198,10 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_cla
         vec![row(&zero, 12), row(&one, 22), row(&one, 23)],
         Vec::new(),
     );
-    let commit = committer.commit(second, &record).await.expect("commit");
+    let commit = committer
+        .commit(second, &record, &mut Turn::free())
+        .await
+        .expect("commit");
     assert_eq!(commit.dropped, 2, "shard 1's records are dropped unloaded");
     assert_eq!(
         kinesis_stats.fenced_commits.get(),
@@ -222,7 +229,10 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_cla
         vec![row(&one, 24), row(&zero, 13), row(&one, 25)],
         Vec::new(),
     );
-    let commit = committer.commit(third, &record).await.expect("commit");
+    let commit = committer
+        .commit(third, &record, &mut Turn::free())
+        .await
+        .expect("commit");
     assert_eq!(commit.dropped, 2, "the lost claim's records are dropped");
     assert_eq!(
         kinesis_stats.fenced_commits.get(),
@@ -232,7 +242,10 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_cla
     assert_eq!(commit.committed.len(), 1, "one transaction, for shard 0");
     assert_eq!(commit.committed[0].counts.loaded, 1);
     let fourth = Batch::new(vec![row(&one, 26)], Vec::new());
-    let commit = committer.commit(fourth, &record).await.expect("commit");
+    let commit = committer
+        .commit(fourth, &record, &mut Turn::free())
+        .await
+        .expect("commit");
     assert_eq!((commit.dropped, commit.committed.len()), (1, 0));
     assert_eq!(kinesis_stats.fenced_commits.get(), 1);
     assert_eq!(schema.rows_loaded().await, 6);
@@ -250,7 +263,10 @@ async fn a_fenced_shard_is_dropped_and_the_rest_of_the_batch_commits_and_its_cla
     let renewed = Arc::new(again[0].claim.clone());
     assert!(renewed.epoch > one.epoch);
     let fifth = Batch::new(vec![row(&renewed, 22), row(&one, 27)], Vec::new());
-    let commit = committer.commit(fifth, &record).await.expect("commit");
+    let commit = committer
+        .commit(fifth, &record, &mut Turn::free())
+        .await
+        .expect("commit");
     assert_eq!(commit.dropped, 1, "only the old claim's record is dropped");
     let loaded: usize = commit.committed.iter().map(|c| c.counts.loaded).sum();
     assert_eq!(loaded, 1, "the new claim's record is committed");
@@ -282,7 +298,7 @@ async fn a_batch_committed_before_is_recognised_by_its_checkpoints_and_not_loade
     };
     let first = f
         .committer
-        .commit(batch(&f), &f.record)
+        .commit(batch(&f), &f.record, &mut Turn::free())
         .await
         .expect("commit");
     assert_eq!(first.committed[0].counts.loaded, 3);
@@ -290,7 +306,7 @@ async fn a_batch_committed_before_is_recognised_by_its_checkpoints_and_not_loade
 
     let again = f
         .committer
-        .commit(batch(&f), &f.record)
+        .commit(batch(&f), &f.record, &mut Turn::free())
         .await
         .expect("the retry commits");
     let loaded: usize = again.committed.iter().map(|c| c.counts.loaded).sum();
@@ -304,7 +320,11 @@ async fn a_batch_committed_before_is_recognised_by_its_checkpoints_and_not_loade
         vec![row(&f.zero, 11), row(&f.zero, 12), row(&f.one, 21)],
         Vec::new(),
     );
-    let next = f.committer.commit(next, &f.record).await.expect("commit");
+    let next = f
+        .committer
+        .commit(next, &f.record, &mut Turn::free())
+        .await
+        .expect("commit");
     let loaded: usize = next.committed.iter().map(|c| c.counts.loaded).sum();
     assert_eq!(
         loaded, 2,

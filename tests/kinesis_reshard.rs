@@ -227,13 +227,44 @@ async fn lease_state(
         .map(|r| (r.get(0), r.get(1)))
 }
 
-/// The transaction id that wrote each row (PostgreSQL's `xmin`), by user: rows of one
-/// transaction share it, and a transaction that began writing later has a larger one.
+/// Makes the target table note the order in which transactions writing to it commit: a deferred
+/// trigger runs as its transaction commits and draws a number from a sequence, so a transaction
+/// that commits after another draws a larger one (sluice sends a batch's COMMIT only once the
+/// batch before it has committed, while their COPYs may overlap).
+async fn note_commit_order(schema: &TestSchema) {
+    let s = &schema.name;
+    schema
+        .client
+        .batch_execute(&format!(
+            "CREATE SEQUENCE {s}.commit_seq;
+             CREATE TABLE {s}.commit_order (xid bigint PRIMARY KEY, seq bigint NOT NULL);
+             CREATE FUNCTION {s}.note_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO {s}.commit_order
+               VALUES (pg_current_xact_id()::text::bigint % 4294967296, nextval('{s}.commit_seq'))
+               ON CONFLICT DO NOTHING;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER note_commit AFTER INSERT ON {table}
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {s}.note_commit();",
+            table = schema.table()
+        ))
+        .await
+        .expect("commit order trigger");
+}
+
+/// The place of the transaction that wrote each row in the order of commits, by user (see
+/// [`note_commit_order`]): rows of one transaction share it.
 async fn writers(schema: &TestSchema) -> Vec<(String, i64)> {
     schema
         .client
         .query(
-            &format!("SELECT user_id, xmin::text::bigint FROM {}", schema.table()),
+            &format!(
+                "SELECT t.user_id, c.seq FROM {} t
+                 JOIN {}.commit_order c ON c.xid = t.xmin::text::bigint",
+                schema.table(),
+                schema.name
+            ),
             &[],
         )
         .await
@@ -258,6 +289,7 @@ async fn a_split_and_a_merge_under_writes_and_restarts_drain_parents_before_chil
         "batch_rows = 50\nlinger_ms = 50",
     ));
     migrate(&config.path).await;
+    note_commit_order(&schema).await;
     let start = || Watched::spawn(run_command(&config.path, None));
     let rows_beyond = |rows: i64| {
         let schema = &schema;
@@ -349,11 +381,11 @@ async fn a_split_and_a_merge_under_writes_and_restarts_drain_parents_before_chil
 
     let rows = writers(&schema).await;
     assert_eq!(rows.len() as i64, total, "none lost, none loaded twice");
-    let xmin: HashMap<String, i64> = rows.into_iter().collect();
-    assert_eq!(xmin.len() as i64, total, "none loaded twice");
+    let commit: HashMap<String, i64> = rows.into_iter().collect();
+    assert_eq!(commit.len() as i64, total, "none loaded twice");
     let wrote = |l: &Landed| -> i64 {
         let user = format!("user-{:05}", l.index);
-        *xmin.get(&user).unwrap_or_else(|| panic!("{user} lost"))
+        *commit.get(&user).unwrap_or_else(|| panic!("{user} lost"))
     };
 
     // Within a shard, rows commit in sequence order.

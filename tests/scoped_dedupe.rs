@@ -13,6 +13,7 @@ use sluice::envelope::{AckToken, MessageId, Meta, Reject, Stage};
 use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
+use sluice::sink::commit_order::Turn;
 use sluice::sink::ledger::LedgerRecord;
 use sluice::sink::postgres::{PgCopySinkBuilder, SinkSettings};
 use sluice::sink::schema;
@@ -149,7 +150,11 @@ async fn a_redelivered_dead_letter_is_stored_once() {
     };
     for (round, duplicates) in [(1, 0), (2, 1)] {
         let commit = committer
-            .commit(Batch::new(Vec::new(), vec![rejected()]), &record)
+            .commit(
+                Batch::new(Vec::new(), vec![rejected()]),
+                &record,
+                &mut Turn::free(),
+            )
             .await
             .expect("commit");
         let counts = commit.committed[0].counts;
@@ -180,7 +185,11 @@ async fn a_redelivered_dead_letter_is_stored_once() {
         .transform(event, chrono::Utc::now().date_naive())
         .unwrap_or_else(|_| panic!("a row"));
     let commit = committer
-        .commit(Batch::new(vec![row], Vec::new()), &record)
+        .commit(
+            Batch::new(vec![row], Vec::new()),
+            &record,
+            &mut Turn::free(),
+        )
         .await
         .expect("commit");
     assert_eq!(commit.committed[0].counts.loaded, 1);

@@ -24,8 +24,12 @@
 //! under the same claim, so before each transaction the committer asks
 //! [`CommitRecord::fenced_off`] and drops them the same way without a transaction: a process that
 //! lost a lease does not pay one rolled-back transaction per batch still in hand for it.
-//! A record whose positions must advance in delivery order says so with [`CommitRecord::ordered`];
-//! the pipeline then commits on one connection, so no batch can commit before the one ahead of it.
+//! A record whose positions must advance in delivery order says so with [`CommitRecord::ordered`]:
+//! its batches then commit in delivery order, each transaction waiting for the one before to commit
+//! between its rows and its seal ([`super::commit_order`]). Such a record's claim runs before that
+//! wait, while an earlier batch's transaction may still be open: it must take no lock that
+//! transaction could wait for, and what it reads may be outdated by the seal, which must lock and
+//! check what the claim relied on.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -94,6 +98,11 @@ pub enum RecordError {
         #[source]
         cause: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// What the claim read changed before the seal (another process committed some of the same
+    /// messages): the committer rolls back and tries the transaction again, whose claim then sees
+    /// the change.
+    #[error("the commit record changed since the claim")]
+    Outdated(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The record cannot be written and retrying cannot cure it (a checkpoint that would move
     /// backwards): the committer stops without committing or acknowledging.
     #[error("the commit record cannot be written")]
@@ -107,6 +116,7 @@ impl fmt::Debug for RecordError {
             RecordError::Fenced { cause, .. } => {
                 f.debug_struct("Fenced").field("cause", cause).finish()
             }
+            RecordError::Outdated(cause) => f.debug_tuple("Outdated").field(cause).finish(),
             RecordError::Broken(cause) => f.debug_tuple("Broken").field(cause).finish(),
         }
     }
@@ -125,6 +135,9 @@ pub struct InTransaction<'a, 't> {
     pub statements: &'a mut Statements,
     /// The messages this transaction commits: the rows', then the dead letters'.
     pub entries: &'a [Entry<'a>],
+    /// At the seal, what the claim answered for each entry (true: new, written in this
+    /// transaction); empty at the claim.
+    pub fresh: &'a [bool],
     /// Messages of the same batch that later transactions will commit (a batch split around a row
     /// the database refused), which a position must not move past.
     pub pending: &'a [&'a Meta],

@@ -3,10 +3,12 @@
 //! A [`Committer`] commits one batch at a time, each in one transaction together with its source's
 //! [`commit_record`]. The pipeline runs several of them side by side on one queue of batches
 //! ([`run_committer`]) and hands what they committed to the source's acknowledger: the order
-//! "commit, then acknowledge" lives here, whoever the committer is. [`PgCopySink`] is the committer
+//! "commit, then acknowledge" lives here, whoever the committer is, and so does the order of
+//! sources whose batches must commit as delivered ([`commit_order`]). [`PgCopySink`] is the committer
 //! of the daemon; tests of the pipeline's delivery rules put a fake in its place.
 
 pub mod batch;
+pub mod commit_order;
 pub mod commit_record;
 pub mod copy_encode;
 pub mod dead_letter;
@@ -29,6 +31,7 @@ use crate::envelope::AckToken;
 use crate::pg::{ConnectError, Connector, PgError};
 use crate::stats::Stats;
 use batch::Batch;
+use commit_order::{BatchQueue, Turn};
 use commit_record::CommitRecord;
 use dead_letter_queue::DeadLetterQueue;
 use ledger::Ledger;
@@ -52,6 +55,8 @@ pub enum SinkError {
     AcknowledgerStopped,
     #[error("the source's commit record")]
     Record(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    OutOfTurn(#[from] commit_order::OutOfTurn),
 }
 
 /// What one committed transaction held.
@@ -82,11 +87,13 @@ pub struct Commit {
 #[async_trait]
 pub trait Committer: Send {
     /// Commits `batch` (rows, dead letters and `record`) and returns what was committed. Transient
-    /// failures are retried inside; an error means nothing more can be committed.
+    /// failures are retried inside; an error means nothing more can be committed. Each transaction
+    /// waits for `turn` before its commit record's seal and its COMMIT, never earlier.
     async fn commit(
         &mut self,
         batch: Batch,
         record: &dyn CommitRecord,
+        turn: &mut Turn,
     ) -> Result<Commit, SinkError>;
 
     /// Runs while the committer waits for a batch, and is dropped when one comes: a committer with
@@ -99,10 +106,10 @@ pub trait Committer: Send {
 }
 
 /// The queue of batches the committers of one pipeline take from.
-pub type SharedBatches = Arc<tokio::sync::Mutex<mpsc::Receiver<Batch>>>;
+pub type SharedBatches = Arc<tokio::sync::Mutex<BatchQueue>>;
 
 /// A committer task: commits batches until the queue closes, and hands each committed piece's
-/// acknowledgement tokens on, only after its commit.
+/// acknowledgement tokens on, only after its commit; then passes the batch's turn.
 pub async fn run_committer(
     mut committer: Box<dyn Committer>,
     record: Arc<dyn CommitRecord>,
@@ -112,13 +119,13 @@ pub async fn run_committer(
 ) -> Result<(), SinkError> {
     loop {
         let next = tokio::select! {
-            next = async { input.lock().await.recv().await } => next,
+            next = async { input.lock().await.next().await } => next,
             never = committer.keep_connected() => match never {},
         };
-        let Some(batch) = next else {
+        let Some((batch, mut turn)) = next else {
             return Ok(());
         };
-        let commit = committer.commit(batch, &*record).await?;
+        let commit = committer.commit(batch, &*record, &mut turn).await?;
         stats.record_released(commit.dropped);
         for done in commit.committed {
             let c = done.counts;
@@ -130,6 +137,7 @@ pub async fn run_committer(
                 return Err(SinkError::AcknowledgerStopped);
             }
         }
+        turn.pass();
     }
 }
 

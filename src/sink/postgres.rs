@@ -2,9 +2,10 @@
 //! source's commit record.
 //!
 //! A batch's transaction claims its messages in the source's commit record (the dedupe ledger skips
-//! the ones already committed), COPYs the rows in binary, inserts the dead-letter records, seals the
-//! record (checkpoints, positions), forwards the dead letters to the dead-letter queue (if any), and
-//! commits. Only then do the batch's acknowledgement tokens go on (see [`super::run_committer`]).
+//! the ones already committed), COPYs the rows in binary, inserts the dead-letter records, waits for
+//! the batch's turn (only a source whose batches commit in order has to: [`super::commit_order`]),
+//! seals the record (checkpoints, positions), forwards the dead letters to the dead-letter queue (if
+//! any), and commits. Only then do the batch's acknowledgement tokens go on (see [`super::run_committer`]).
 //!
 //! Failures are sorted by [`classify`]: transient ones (connection lost, server restarting) keep the
 //! batch and retry it on a fresh connection with backoff, forever, so an outage stalls the pipeline
@@ -31,6 +32,7 @@ use crate::error_chain::Chain;
 use crate::pg::{ConnectError, Connector, PgError};
 use crate::retry::RetryPolicy;
 use crate::sink::batch::Batch;
+use crate::sink::commit_order::{OutOfTurn, Turn};
 use crate::sink::commit_record::{
     CommitRecord, Entry, Fence, InTransaction, Outcome, RecordError, Statements,
 };
@@ -110,6 +112,9 @@ enum Attempt {
     Refused(tokio_postgres::Error),
     /// The source fenced the commit off for the messages `Fence` names.
     Fenced(Fence, Box<dyn std::error::Error + Send + Sync>),
+    /// While the piece waited for its turn, an earlier batch's answer fenced some of its messages
+    /// off: rolled back, to be committed again without them.
+    FencedMeanwhile,
 }
 
 /// Why one try of a transaction failed.
@@ -118,6 +123,9 @@ enum Failure {
     Db(tokio_postgres::Error),
     Fenced(Fence, Box<dyn std::error::Error + Send + Sync>),
     Record(Box<dyn std::error::Error + Send + Sync>),
+    Outdated(Box<dyn std::error::Error + Send + Sync>),
+    OutOfTurn(OutOfTurn),
+    FencedMeanwhile,
 }
 
 impl Failure {
@@ -127,7 +135,11 @@ impl Failure {
                 .driver()
                 .is_some_and(|d| classify(d) == ErrorClass::Transient),
             Failure::Db(e) => classify(e) == ErrorClass::Transient,
-            Failure::Fenced(..) | Failure::Record(_) => false,
+            Failure::Outdated(_) => true,
+            Failure::Fenced(..)
+            | Failure::Record(_)
+            | Failure::OutOfTurn(_)
+            | Failure::FencedMeanwhile => false,
         }
     }
 }
@@ -139,6 +151,9 @@ impl std::fmt::Display for Failure {
             Failure::Db(e) => f.write_str(&crate::pg::describe(e)),
             Failure::Fenced(_, cause) => write!(f, "fenced off: {cause}"),
             Failure::Record(cause) => write!(f, "commit record: {cause}"),
+            Failure::Outdated(cause) => write!(f, "commit record outdated: {cause}"),
+            Failure::OutOfTurn(e) => write!(f, "{e}"),
+            Failure::FencedMeanwhile => f.write_str("fenced off by an earlier batch's commit"),
         }
     }
 }
@@ -154,6 +169,7 @@ impl From<RecordError> for Failure {
         match e {
             RecordError::Database(e) => Failure::Db(e),
             RecordError::Fenced { fence, cause } => Failure::Fenced(fence, cause),
+            RecordError::Outdated(cause) => Failure::Outdated(cause),
             RecordError::Broken(cause) => Failure::Record(cause),
         }
     }
@@ -203,6 +219,7 @@ impl Committer for PgCopySink {
         &mut self,
         batch: Batch,
         record: &dyn CommitRecord,
+        turn: &mut Turn,
     ) -> Result<Commit, SinkError> {
         let mut commit = Commit::default();
         let mut work = vec![batch];
@@ -228,7 +245,9 @@ impl Committer for PgCopySink {
                 pending: &pending,
                 committed: &done,
             };
-            let attempt = self.commit_with_retry(&mut batch, record, pieces).await?;
+            let attempt = self
+                .commit_with_retry(&mut batch, record, pieces, turn)
+                .await?;
             drop(done);
             match attempt {
                 Attempt::Committed(counts, took) => commit.committed.push(Committed {
@@ -252,6 +271,8 @@ impl Committer for PgCopySink {
                         work.push(batch);
                     }
                 }
+                // Taken out at the top of the loop, like anything fenced off before.
+                Attempt::FencedMeanwhile => work.push(batch),
             }
         }
         Ok(commit)
@@ -292,7 +313,13 @@ impl PgCopySink {
             Ok(_) => Ok(()),
             Err(Failure::Connect(e)) => Err(SinkError::Connect(e)),
             Err(Failure::Db(e)) => Err(SinkError::Prepare(PgError(e))),
-            Err(Failure::Fenced(..) | Failure::Record(_)) => {
+            Err(
+                Failure::Fenced(..)
+                | Failure::Record(_)
+                | Failure::Outdated(_)
+                | Failure::OutOfTurn(_)
+                | Failure::FencedMeanwhile,
+            ) => {
                 unreachable!("opening a session writes no record")
             }
         }
@@ -304,16 +331,18 @@ impl PgCopySink {
         batch: &'a mut Batch,
         record: &'a dyn CommitRecord,
         pieces: Pieces<'a>,
+        turn: &'a mut Turn,
     ) -> Result<Attempt, SinkError> {
         let stats = self.stats.clone();
         let messages = batch.len();
-        let attempt = |(this, batch): (&'a mut Self, &'a mut Batch)| async move {
-            let result = this.try_commit(batch, record, pieces).await;
-            ((this, batch), result)
+        type Context<'a> = (&'a mut PgCopySink, &'a mut Batch, &'a mut Turn);
+        let attempt = |(this, batch, turn): Context<'a>| async move {
+            let result = this.try_commit(batch, record, pieces, turn).await;
+            ((this, batch, turn), result)
         };
         let (_, result) = attempt
         .retry(COMMIT.backoff())
-        .context((self, batch))
+        .context((self, batch, turn))
         .when(Failure::is_transient)
         .notify(|failure, _| {
             stats.commit_retries.inc();
@@ -327,6 +356,10 @@ impl PgCopySink {
             Err(Failure::Connect(e)) => Err(SinkError::Connect(e)),
             Err(Failure::Fenced(fence, cause)) => Ok(Attempt::Fenced(fence, cause)),
             Err(Failure::Record(cause)) => Err(SinkError::Record(cause)),
+            Err(Failure::OutOfTurn(e)) => Err(SinkError::OutOfTurn(e)),
+            Err(Failure::FencedMeanwhile) => Ok(Attempt::FencedMeanwhile),
+            // Retried for as long as it happens; kept here only should the policy ever give up.
+            Err(Failure::Outdated(cause)) => Err(SinkError::Record(cause)),
         }
     }
 
@@ -337,6 +370,7 @@ impl PgCopySink {
         batch: &mut Batch,
         record: &dyn CommitRecord,
         pieces: Pieces<'_>,
+        turn: &mut Turn,
     ) -> Result<(CommitCounts, Duration), Failure> {
         let parts = self.parts.clone();
         let session = self.session().await?;
@@ -348,7 +382,7 @@ impl PgCopySink {
             data => data,
         };
         let result = parts
-            .transaction(session, batch, encoded, record, pieces)
+            .transaction(session, batch, encoded, record, pieces, turn)
             .await;
         if result.is_err() && self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
@@ -397,6 +431,7 @@ impl CommitParts {
         encoded: bytes::Bytes,
         record: &dyn CommitRecord,
         pieces: Pieces<'_>,
+        turn: &mut Turn,
     ) -> Result<CommitCounts, Failure> {
         let tx = session.client.transaction().await?;
         let entries: Vec<Entry<'_>> = batch
@@ -416,6 +451,7 @@ impl CommitParts {
             tx: &tx,
             statements: &mut session.record,
             entries: &entries,
+            fresh: &[],
             pending: pieces.pending,
             committed: pieces.committed,
         };
@@ -441,6 +477,16 @@ impl CommitParts {
         self.dead_letters
             .insert(&tx, &session.dead_letters, &rejects)
             .await?;
+        turn.wait().await.map_err(Failure::OutOfTurn)?;
+        // The batch before may have learnt meanwhile that some of these messages are fenced off:
+        // give them up now rather than have the seal find it out.
+        if entries.iter().any(|e| record.fenced_off(e.meta)) {
+            return Err(Failure::FencedMeanwhile);
+        }
+        let mut view = InTransaction {
+            fresh: &fresh,
+            ..view
+        };
         record.seal(&mut view).await?;
         // Last before commit, so a batch the database refuses is not forwarded twice. Forwarding
         // gives up what the queue will not take: it never holds up the commit for long.

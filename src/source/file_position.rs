@@ -5,11 +5,16 @@
 //!
 //! A file is known by its canonical path, its size and its modification time: a file changed since
 //! is another file and is read from its start. Standard input has no identity and is not resumed.
-//! The position is claimed at the start of each transaction (the row is locked, and a message at or
-//! before it counts as committed already, so a batch retried after a COMMIT whose outcome was lost
-//! is recognised and skipped), and sealed last, never past a message a split batch has yet to
-//! commit. Positions only move forward in file order, so the file's batches commit in order on one
-//! connection ([`CommitRecord::ordered`]).
+//! The position is read at the start of each transaction (a message at or before it counts as
+//! committed already, so a batch retried after a COMMIT whose outcome was lost is recognised and
+//! skipped), and sealed last, never past a message a split batch has yet to commit. Positions only
+//! move forward in file order, so the file's batches commit in order ([`CommitRecord::ordered`]),
+//! while the next batch's rows are already being copied on another connection.
+//!
+//! The read takes no lock (the batch before may still hold the row until its COMMIT), so the seal
+//! checks it: the position is written only if it is still before every message this transaction
+//! loaded. Otherwise someone else (another run of the same file) committed them meanwhile, and the
+//! transaction is rolled back and tried again, which then skips them.
 
 use std::path::Path;
 
@@ -79,11 +84,13 @@ impl FilePositions {
     ) -> FilePositions {
         FilePositions {
             file,
-            select: format!("SELECT position FROM {table} WHERE file = $1 FOR UPDATE"),
+            select: format!("SELECT position FROM {table} WHERE file = $1"),
             upsert: format!(
                 "INSERT INTO {table} AS p (file, position) VALUES ($1, $2)
                  ON CONFLICT (file) DO UPDATE
-                 SET position = GREATEST(p.position, EXCLUDED.position), committed_at = now()"
+                 SET position = GREATEST(p.position, EXCLUDED.position), committed_at = now()
+                 WHERE p.position < $3
+                 RETURNING 1"
             ),
             ledger,
         }
@@ -108,6 +115,17 @@ impl FilePositions {
             .map_err(read)?;
         Ok(row.map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
     }
+}
+
+/// Another run of the file committed messages this transaction loaded, after its claim read the
+/// position.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{file}: the committed position passed message {first_loaded} while this batch was loading it"
+)]
+struct Overtaken {
+    file: String,
+    first_loaded: i64,
 }
 
 /// The positions table: one row per file identity.
@@ -156,9 +174,26 @@ impl CommitRecord for FilePositions {
         if at <= 0 {
             return Ok(());
         }
+        // The first message this transaction loads: the committed position must still be before it.
+        let first_loaded = t
+            .entries
+            .iter()
+            .zip(t.fresh)
+            .filter(|(_, fresh)| **fresh)
+            .map(|(e, _)| position(e.meta))
+            .min()
+            .unwrap_or(i64::MAX);
         let statement = t.statements.get(t.tx, &self.upsert).await?;
-        t.tx.execute(&statement, &[&self.file, &at]).await?;
-        Ok(())
+        let written =
+            t.tx.query_opt(&statement, &[&self.file, &at, &first_loaded])
+                .await?;
+        match written {
+            Some(_) => Ok(()),
+            None => Err(RecordError::Outdated(Box::new(Overtaken {
+                file: self.file.clone(),
+                first_loaded,
+            }))),
+        }
     }
 
     fn ordered(&self) -> bool {
