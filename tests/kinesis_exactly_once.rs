@@ -14,6 +14,7 @@ use common::TestSchema;
 use kinesis_common::TestStream;
 use sluice::envelope::{Chunk, Envelope};
 use sluice::shutdown::Shutdown;
+use sluice::sink::commit_record::Statements;
 use sluice::source::kinesis::api::{KinesisApi, StreamRef};
 use sluice::source::kinesis::checkpoint::{self, CheckpointError};
 use sluice::source::kinesis::lease::{LeaseScope, Leases, TakenLease, lease_ddl};
@@ -87,7 +88,12 @@ impl Fixture {
         let tokens = chunks
             .iter()
             .flat_map(|c| c.items.iter().map(|e| &e.meta.ack));
-        let written = checkpoint::checkpoint_all(&tx, &progress::checkpoints(tokens)).await;
+        let written = checkpoint::checkpoint_all(
+            &tx,
+            &mut Statements::default(),
+            &progress::checkpoints(tokens),
+        )
+        .await;
         match &written {
             Ok(()) => tx.commit().await.expect("commit"),
             Err(_) => tx.rollback().await.expect("rollback"),

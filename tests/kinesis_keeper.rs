@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TestSchema;
 use sluice::shutdown::Shutdown;
+use sluice::sink::commit_record::Statements;
 use sluice::source::kinesis::api::ShardDescription;
 use sluice::source::kinesis::checkpoint;
 use sluice::source::kinesis::keeper::{KeeperSettings, LeaseEvent, LeaseKeeper};
@@ -219,9 +220,15 @@ async fn a_finished_shard_is_let_go_and_its_children_are_taken_up() {
     let mut client = common::pg().await;
     let tx = client.transaction().await.expect("begin");
     let last = SequenceNumber::parse("12345").expect("valid");
-    checkpoint::checkpoint(&tx, &Arc::new(lease), &last, true)
-        .await
-        .expect("fenced write");
+    checkpoint::checkpoint(
+        &tx,
+        &mut Statements::default(),
+        &Arc::new(lease),
+        &last,
+        true,
+    )
+    .await
+    .expect("fenced write");
     tx.commit().await.expect("commit");
     until(
         Duration::from_secs(10),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::TestSchema;
+use sluice::sink::commit_record::Statements;
 use sluice::source::kinesis::api::ShardDescription;
 use sluice::source::kinesis::checkpoint::{self, CheckpointError};
 use sluice::source::kinesis::lease::{LeaseClaim, LeaseScope, Leases, TakenLease, lease_ddl};
@@ -99,7 +100,14 @@ impl Fixture {
         )
         .await
         .expect("insert");
-        let written = checkpoint::checkpoint(&tx, lease, &seq(sequence), finished).await;
+        let written = checkpoint::checkpoint(
+            &tx,
+            &mut Statements::default(),
+            lease,
+            &seq(sequence),
+            finished,
+        )
+        .await;
         match written {
             Ok(()) => tx.commit().await.expect("commit"),
             Err(_) => tx.rollback().await.expect("rollback"),
@@ -308,7 +316,7 @@ async fn a_lease_stolen_while_a_commit_is_in_flight_waits_for_it() {
             finished: false,
         })
         .collect();
-    checkpoint::checkpoint_all(&tx, &batch)
+    checkpoint::checkpoint_all(&tx, &mut Statements::default(), &batch)
         .await
         .expect("fenced write holds");
 
@@ -376,7 +384,7 @@ async fn a_commit_frozen_while_it_holds_the_lease_row_does_not_hold_up_the_take_
     )
     .await
     .expect("insert");
-    checkpoint::checkpoint(&tx, &held, &seq("100"), false)
+    checkpoint::checkpoint(&tx, &mut Statements::default(), &held, &seq("100"), false)
         .await
         .expect("a still holds the lease");
 

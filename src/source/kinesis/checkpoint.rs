@@ -27,6 +27,8 @@ use std::time::Duration;
 
 use tokio_postgres::{GenericClient, Transaction};
 
+use crate::sink::commit_record::Statements;
+
 use super::lease::{LeaseClaim, LeaseScope};
 use super::sequence::SequenceNumber;
 
@@ -90,6 +92,7 @@ impl CheckpointError {
 /// Moves one shard's checkpoint to `sequence` (and marks it finished), fenced by `lease`.
 pub async fn checkpoint(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     lease: &Arc<LeaseClaim>,
     sequence: &SequenceNumber,
     finished: bool,
@@ -99,26 +102,30 @@ pub async fn checkpoint(
         sequence: sequence.clone(),
         finished,
     };
-    checkpoint_all(tx, std::slice::from_ref(&one)).await
+    checkpoint_all(tx, statements, std::slice::from_ref(&one)).await
 }
 
 /// Writes every checkpoint of a batch, one statement per lease table, all fenced. Fails on the
 /// first shard that does not match; the caller then rolls back. Several entries for one shard are
-/// reduced to the furthest.
+/// reduced to the furthest. The statements are prepared once per connection (`statements`): they
+/// run in every batch's transaction.
 pub async fn checkpoint_all(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     checkpoints: &[ShardCheckpoint],
 ) -> Result<(), CheckpointError> {
     if let Some(limit) = lock_idle_limit(checkpoints) {
-        // An integer of milliseconds: SET takes no bind parameters.
-        tx.batch_execute(&format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {}",
-            limit.as_millis()
-        ))
-        .await?;
+        // `SET LOCAL` takes no bind parameters; its function form does, and can be prepared.
+        let set = statements
+            .get(
+                tx,
+                "SELECT set_config('idle_in_transaction_session_timeout', $1, true)",
+            )
+            .await?;
+        tx.execute(&set, &[&limit.as_millis().to_string()]).await?;
     }
     for (scope, entries) in by_scope(checkpoints) {
-        write_scope(tx, &scope, &entries).await?;
+        write_scope(tx, statements, &scope, &entries).await?;
     }
     Ok(())
 }
@@ -156,6 +163,7 @@ fn by_scope(checkpoints: &[ShardCheckpoint]) -> Vec<(Arc<LeaseScope>, Vec<&Shard
 
 async fn write_scope(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     scope: &LeaseScope,
     entries: &[&ShardCheckpoint],
 ) -> Result<(), CheckpointError> {
@@ -169,6 +177,7 @@ async fn write_scope(
         "SELECT 1 FROM {t} WHERE application = $1 AND stream = $2 AND shard_id = ANY($3)
          ORDER BY shard_id FOR UPDATE"
     );
+    let lock = statements.get(tx, &lock).await?;
     tx.execute(&lock, &[&scope.application, &scope.stream, &shards])
         .await?;
     let update = format!(
@@ -181,6 +190,7 @@ async fn write_scope(
            AND (l.checkpoint IS NULL OR l.checkpoint <= c.sequence::numeric)
          RETURNING l.shard_id"
     );
+    let update = statements.get(tx, &update).await?;
     let rows = tx
         .query(
             &update,
@@ -212,7 +222,8 @@ async fn write_scope(
 /// without a lock: only this lease holder moves them, its batches commit one after another, and a
 /// take-over meanwhile fences this transaction's own checkpoint write.
 pub async fn committed(
-    client: &impl GenericClient,
+    tx: &Transaction<'_>,
+    statements: &mut Statements,
     scope: &LeaseScope,
     shards: &[&str],
 ) -> Result<HashMap<String, SequenceNumber>, CheckpointError> {
@@ -221,8 +232,9 @@ pub async fn committed(
          WHERE application = $1 AND stream = $2 AND shard_id = ANY($3) AND checkpoint IS NOT NULL",
         t = scope.table
     );
-    let rows = client
-        .query(&sql, &[&scope.application, &scope.stream, &shards])
+    let select = statements.get(tx, &sql).await?;
+    let rows = tx
+        .query(&select, &[&scope.application, &scope.stream, &shards])
         .await?;
     let mut found = HashMap::with_capacity(rows.len());
     for row in rows {

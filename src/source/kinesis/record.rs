@@ -60,7 +60,7 @@ impl CommitRecord for ShardCheckpoints {
         }
         let mut committed: Vec<(&LeaseScope, HashMap<String, SequenceNumber>)> = Vec::new();
         for (scope, shards) in shards_by_scope {
-            let found = checkpoint::committed(t.tx, scope, &shards)
+            let found = checkpoint::committed(t.tx, t.statements, scope, &shards)
                 .await
                 .map_err(|e| match e {
                     CheckpointError::Db(e) => RecordError::Database(e),
@@ -100,7 +100,7 @@ impl CommitRecord for ShardCheckpoints {
             })
         });
         let checkpoints = progress::checkpoints(tokens);
-        match checkpoint::checkpoint_all(t.tx, &checkpoints).await {
+        match checkpoint::checkpoint_all(t.tx, t.statements, &checkpoints).await {
             Ok(()) => Ok(()),
             Err(CheckpointError::Db(e)) => Err(RecordError::Database(e)),
             Err(CheckpointError::Fenced {
