@@ -540,8 +540,8 @@ fn no_record() -> Arc<dyn CommitRecord> {
 
 /// The whole pipeline as [`pipeline`] runs it, with the messages read from Kinesis: spread evenly
 /// over 4, then 64 shards (each held under a lease), so that every 10,000-row batch commits with a
-/// fenced checkpoint for each shard, on one connection as the Kinesis source's ordered record
-/// requires. The benchmark's parameter is the shard count.
+/// fenced checkpoint for each shard, in the order they were read as the Kinesis source's record
+/// requires (on the default two connections: each batch's COPY overlaps the COMMIT before it). The benchmark's parameter is the shard count.
 fn kinesis_pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
     let n = bodies.len();
     let mut group = db_group(c, "kinesis_pipeline", Duration::from_secs(12));
