@@ -12,6 +12,13 @@
 //! Keys are kept for the source's retention (after that the source cannot redeliver) and pruned in
 //! small slices so pruning never holds long locks.
 //!
+//! Most batches hold no key seen before (a redelivery is the exception), so a batch's keys are first
+//! written as all new, with one binary COPY inside a savepoint: that pays one index entry per key
+//! and no conflict check. Only if a key turns out to be committed already (the COPY fails on the
+//! primary key) is the savepoint rolled back and the keys inserted one by one `ON CONFLICT DO
+//! NOTHING`, which tells which are new. Either way, the primary key is what makes two transactions
+//! holding the same key wait for each other, so exactly one of them loads the message.
+//!
 //! Earlier versions kept unscoped text keys (`message_key text`). Such a table is never altered: its
 //! keys cannot be scoped after the fact, so sluice refuses to use it (see [`crate::sink::schema`])
 //! and the default ledger is a new table, `sluice_ledger_v2`.
@@ -21,8 +28,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::pin_mut;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Transaction;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Meta;
@@ -62,13 +73,18 @@ pub trait LedgerKeys: Send + Sync {
 
 /// The ledger table's statements.
 pub struct Ledger {
+    copy: String,
     insert: String,
     prune: String,
 }
 
+/// The savepoint the all-new COPY is tried in.
+const SAVEPOINT: &str = "sluice_ledger_copy";
+
 impl Ledger {
     pub fn new(table: &TableName) -> Ledger {
         Ledger {
+            copy: format!("COPY {table} (scoped_key) FROM STDIN (FORMAT binary)"),
             insert: format!(
                 "INSERT INTO {table} (scoped_key) SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING scoped_key"
             ),
@@ -86,6 +102,11 @@ impl Ledger {
         statements: &mut Statements,
         keys: &[LedgerKey],
     ) -> Result<Vec<bool>, tokio_postgres::Error> {
+        let mut listed = HashSet::with_capacity(keys.len());
+        let first: Vec<bool> = keys.iter().map(|k| listed.insert(k)).collect();
+        if keys.is_empty() || self.copy_all_new(tx, statements, &listed).await? {
+            return Ok(first);
+        }
         let statement = statements.get(tx, &self.insert).await?;
         let bytes: Vec<&[u8]> = keys.iter().map(|k| k.0.as_slice()).collect();
         let rows = tx.query(&statement, &[&bytes]).await?;
@@ -94,6 +115,36 @@ impl Ledger {
             .iter()
             .map(|k| inserted.remove(k.0.as_slice()))
             .collect())
+    }
+
+    /// Writes `keys` with one COPY, as if none were in the ledger yet; true if so. If one was (the
+    /// primary key refuses it), the COPY is undone and false returned.
+    async fn copy_all_new(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &mut Statements,
+        keys: &HashSet<&LedgerKey>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        tx.batch_execute(&format!("SAVEPOINT {SAVEPOINT}")).await?;
+        let statement = statements.get(tx, &self.copy).await?;
+        let copied = async {
+            let sink = tx.copy_in(&statement).await?;
+            let writer = BinaryCopyInWriter::new(sink, &[Type::BYTEA]);
+            pin_mut!(writer);
+            for key in keys {
+                writer.as_mut().write(&[&key.0.as_slice()]).await?;
+            }
+            writer.finish().await
+        };
+        match copied.await {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"))
+                    .await?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes keys older than `retention`, slice by slice; returns how many went.

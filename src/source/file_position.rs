@@ -107,7 +107,12 @@ impl FilePositions {
             table: table.to_string(),
             source: PgError(source),
         };
-        client.batch_execute(&ddl(table)).await.map_err(read)?;
+        match client.batch_execute(&ddl(table)).await {
+            // Another run starting at the same moment created it first: `IF NOT EXISTS` does not
+            // cover that race, and the table is there now.
+            Err(e) if is_created_meanwhile(&e) => {}
+            other => other.map_err(read)?,
+        }
         let select = format!("SELECT position FROM {table} WHERE file = $1");
         let row = client
             .query_opt(&select, &[&self.file])
@@ -126,6 +131,12 @@ impl FilePositions {
 struct Overtaken {
     file: String,
     first_loaded: i64,
+}
+
+fn is_created_meanwhile(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code()
+        .is_some_and(|c| *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE)
 }
 
 /// The positions table: one row per file identity.
