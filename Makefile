@@ -58,11 +58,12 @@ unit: ## unit tests only (no services needed)
 test: up lint ## everything the tests need, then the whole suite (lint has checked that the benchmarks compile)
 	$(WITH_STACK) cargo nextest run --workspace --no-fail-fast
 
-bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (5-10 min)
+bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (about 10 min once the release build exists)
 	@mkdir -p $(BENCH_OUT) && date +%s > $(BENCH_OUT)/started-at && cp /proc/loadavg $(BENCH_OUT)/loadavg-at-start
 	cargo build --release --bins
 	$(WITH_STACK) cargo bench --bench stages --bench postgres
 	$(WITH_STACK) cargo xtask memory-runs $(BENCH_MEMORY_LARGE) $(BENCH_MEMORY_SMALL)
+	date +%s > $(BENCH_OUT)/finished-at
 	cargo xtask capacity-report --since "$$(cat $(BENCH_OUT)/started-at)" --command "make bench" \
 		--memory-large $(BENCH_MEMORY_LARGE) --memory-small $(BENCH_MEMORY_SMALL)
 

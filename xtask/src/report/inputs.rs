@@ -263,6 +263,14 @@ pub fn load_average(path: &Path, since: Option<SystemTime>) -> Option<f64> {
         .ok()
 }
 
+/// The Unix time written in `path` (what `date +%s` prints), if the file is as fresh as `since`.
+pub fn unix_time_in(path: &Path, since: Option<SystemTime>) -> Option<i64> {
+    if !path.exists() || !is_fresh(path, since).ok()? {
+        return None;
+    }
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 /// Seconds since the Unix epoch as a time.
 pub fn unix_time(seconds: f64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0))

@@ -146,7 +146,11 @@ fn measure(options: &Options) -> Result<Measured> {
     let memory_large: memory::MemoryResult = memory_run(options.memory_large)?;
     let memory_small = memory_run(options.memory_small)?;
     let machine = Machine::this_one();
-    let now = chrono::Utc::now();
+    // When the measuring ended (`make bench` notes it before writing the report), so that a report
+    // written again from the same results tells the same times; now, when that is not known.
+    let now = inputs::unix_time_in(&dir.join("finished-at"), since)
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .unwrap_or_else(chrono::Utc::now);
     let started = options
         .since
         .and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0));
