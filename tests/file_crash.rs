@@ -196,25 +196,35 @@ async fn a_file_killed_three_times_then_rerun_loads_every_line_once() {
     );
 }
 
-/// Two runs of the same file at once (a second started by mistake) with the ledger off: each reads
-/// the committed position without a lock, so both load the same lines; the position is written only
-/// while it is still before every line of its transaction, so only one of them commits each line,
-/// and the other's transaction is rolled back and tried again, skipping what the first committed.
-#[tokio::test]
-async fn two_runs_of_one_file_at_once_load_every_line_once() {
+/// Two runs of the same file at once (a second started by mistake), ledger off (`dedupe`) or on.
+/// Each reads the committed position without a lock, so both load the same lines; the position is
+/// written only while it is still before every line of its transaction, so only one of them
+/// commits each line, and the other's transaction is rolled back and tried again, skipping what
+/// the first committed. With the ledger on, both also claim the same keys: those claims wait for
+/// the batch's turn, or a batch waiting for its turn while holding keys the other run's batch
+/// waits for could close a circle of waits that PostgreSQL cannot see, and both runs would stall.
+async fn two_runs_of_one_file_at_once(dedupe: bool) {
     const LINES: usize = 1500;
     let schema = TestSchema::new().await;
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("twice.ndjson");
     let body: String = (0..LINES).map(|i| line(i) + "\n").collect();
     std::fs::write(&path, body).expect("write");
-    let config = TestConfig::write(&file_config(&schema, path_str(&path)));
+    let config = TestConfig::write(&common::file_config(
+        &schema,
+        path_str(&path),
+        "",
+        "chunk_messages = 20",
+        &format!("dedupe = {dedupe}\nbatch_rows = 20\nlinger_ms = 10"),
+    ));
     migrate(&config.path).await;
     throttle(&schema, 0.01).await;
 
+    // A few seconds' work each: a run still going after a minute is stalled.
+    let limit = Duration::from_secs(60);
     let (first, second) = tokio::join!(
-        run_to_end(run_command(&config.path, None), LIMIT),
-        run_to_end(run_command(&config.path, None), LIMIT)
+        run_to_end(run_command(&config.path, None), limit),
+        run_to_end(run_command(&config.path, None), limit)
     );
     first.assert_success();
     second.assert_success();
@@ -234,4 +244,14 @@ async fn two_runs_of_one_file_at_once_load_every_line_once() {
         LINES as i64,
         "the position ends at the last line"
     );
+}
+
+#[tokio::test]
+async fn two_runs_of_one_file_at_once_load_every_line_once() {
+    two_runs_of_one_file_at_once(false).await;
+}
+
+#[tokio::test]
+async fn two_runs_of_one_deduplicated_file_at_once_load_every_line_once_and_never_stall() {
+    two_runs_of_one_file_at_once(true).await;
 }

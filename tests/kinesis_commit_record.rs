@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use sluice::envelope::{AckToken, Envelope, Meta};
+use sluice::envelope::{AckToken, Meta};
 use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
@@ -43,21 +43,7 @@ fn row(lease: &Arc<LeaseClaim>, sequence: u64) -> LoginRow {
         completes_record: true,
         ends_shard: false,
     });
-    let body = login(&format!("{}-{sequence}", lease.shard_id));
-    let event = sluice::stage::parse::parse_login(Envelope { body, meta })
-        .unwrap_or_else(|_| panic!("a valid login"));
-    let transformer = sluice::stage::transform::Transformer::new(
-        sluice::stage::mask::Masker::new(
-            sluice::stage::mask::MaskMode::HmacSha256,
-            &sluice::stage::mask::MaskKey::from_bytes(MASK_KEY.as_bytes()),
-        )
-        .expect("a hash key"),
-        Default::default(),
-        Default::default(),
-    );
-    transformer
-        .transform(event, chrono::Utc::now().date_naive())
-        .unwrap_or_else(|_| panic!("a row"))
+    login_row(&format!("{}-{sequence}", lease.shard_id), meta)
 }
 
 /// A schema with the sink's tables and a lease table, shards 0 and 1 leased to process `a`, and a

@@ -15,9 +15,10 @@
 //! refused: a batch must not commit past one that is not committed.
 //!
 //! Because a claim runs before the batch's turn, an ordered record's claim must not lock anything an
-//! earlier batch's transaction could wait for (that wait and the turn would wait on each other), and
-//! what it read may be outdated by the time the seal runs: the seal, which runs in turn, locks and
-//! checks (see [`super::commit_record`]).
+//! earlier batch's transaction could wait for (that wait and the turn would wait on each other; a
+//! record whose claim does lock, the dedupe ledger of a file, has its claims wait for the turn
+//! too), and what it read may be outdated by the time the seal runs: the seal, which runs in turn,
+//! locks and checks (see [`super::commit_record`]).
 
 use tokio::sync::{mpsc, oneshot};
 

@@ -28,8 +28,9 @@
 //! its batches then commit in delivery order, each transaction waiting for the one before to commit
 //! between its rows and its seal ([`super::commit_order`]). Such a record's claim runs before that
 //! wait, while an earlier batch's transaction may still be open: it must take no lock that
-//! transaction could wait for, and what it reads may be outdated by the seal, which must lock and
-//! check what the claim relied on.
+//! transaction could wait for (a claim that does waits for the turn first:
+//! [`CommitRecord::claim_in_turn`]), and what it reads may be outdated by the seal, which must lock
+//! and check what the claim relied on.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -174,6 +175,15 @@ pub trait CommitRecord: Send + Sync {
 
     /// Whether batches must commit in the order the source delivered them.
     fn ordered(&self) -> bool {
+        false
+    }
+
+    /// For an ordered record: whether the claim, too, must wait for the batch's turn. A claim that
+    /// takes locks another process's transaction may wait for (the dedupe ledger's keys: two runs
+    /// of one file claim the same lines) must, or a batch waiting for its turn while holding them
+    /// could close a circle of waits that PostgreSQL cannot see (the turn is not a database lock),
+    /// and every process in it would stall. Such batches overlap less: only their encoding.
+    fn claim_in_turn(&self) -> bool {
         false
     }
 }

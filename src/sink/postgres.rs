@@ -455,6 +455,9 @@ impl CommitParts {
             pending: pieces.pending,
             committed: pieces.committed,
         };
+        if record.claim_in_turn() {
+            turn.wait().await.map_err(Failure::OutOfTurn)?;
+        }
         let fresh = record.claim(&mut view).await?;
         let (fresh_rows, fresh_rejects) = fresh.split_at(batch.row_count());
         let rejects: Vec<&Reject> = batch

@@ -210,4 +210,10 @@ impl CommitRecord for FilePositions {
     fn ordered(&self) -> bool {
         true
     }
+
+    /// With the ledger, the claim inserts the lines' keys, which another run of the same file may
+    /// be inserting too.
+    fn claim_in_turn(&self) -> bool {
+        self.ledger.is_some()
+    }
 }

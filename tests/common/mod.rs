@@ -338,6 +338,22 @@ pub fn user_record(i: usize, bad_every: usize) -> (String, Vec<u8>) {
 }
 
 /// A login the parse stage rejects (its IP is none), unique per `i`.
+/// The row sluice makes of `user`'s login, delivered with `meta`.
+pub fn login_row(user: &str, meta: sluice::envelope::Meta) -> sluice::stage::transform::LoginRow {
+    use sluice::stage::mask::{MaskKey, MaskMode, Masker};
+    let body = login(user);
+    let event = sluice::stage::parse::parse_login(sluice::envelope::Envelope { body, meta })
+        .unwrap_or_else(|_| panic!("a valid login"));
+    let masker = Masker::new(
+        MaskMode::HmacSha256,
+        &MaskKey::from_bytes(MASK_KEY.as_bytes()),
+    )
+    .expect("a hash key");
+    sluice::stage::transform::Transformer::new(masker, Default::default(), Default::default())
+        .transform(event, chrono::Utc::now().date_naive())
+        .unwrap_or_else(|_| panic!("a row"))
+}
+
 pub fn bad_ip_login(user: &str, i: usize) -> String {
     format!(r#"{{"user_id": "{user}", "ip": "not an address {i}"}}"#)
 }
