@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -12,14 +11,10 @@ use tokio::sync::mpsc;
 
 use common::*;
 use sluice::envelope::Meta;
-use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
 use sluice::sink::commit_order::BatchQueue;
 use sluice::sink::commit_record::{CommitRecord, InTransaction, RecordError};
-use sluice::sink::postgres::{PgCopySinkBuilder, SinkSettings};
-use sluice::sink::schema;
-use sluice::table_name::{TableName, Tables};
 
 /// An ordered record that reports each claim, taking its claims in turn or not.
 struct Probe {
@@ -59,27 +54,7 @@ fn batch(first: u64) -> Batch {
 /// whether the claim ran before the turn passed, and then whether the batch committed after.
 async fn second_batch_while_the_first_is_held(in_turn: bool) -> (bool, i64, i64) {
     let schema = TestSchema::new().await;
-    let table = |name: &str| TableName::parse(&format!("{}.{name}", schema.name)).expect("name");
-    let tables = Tables {
-        target: table("user_logins"),
-        dead_letter: table("user_logins_rejected"),
-        ledger: table("unused_ledger"),
-    };
-    let mut admin = pg().await;
-    schema::migrate(&mut admin, &tables, false)
-        .await
-        .expect("migrate");
-    let columns = schema::verify(&admin, &tables, false)
-        .await
-        .expect("verify");
-    let settings = SinkSettings {
-        connector: Connector::new(database_url(), Duration::from_secs(10)),
-        tables,
-        dead_letter_columns: columns,
-        dead_letter_queue: None,
-    };
-    let mut committer =
-        PgCopySinkBuilder::new(settings, Arc::new(sluice::stats::Stats::default())).committer(None);
+    let (_, mut committer) = committer_in(&schema, false).await;
 
     let (batches, queue) = mpsc::channel(2);
     batches.send(batch(1)).await.expect("queued");

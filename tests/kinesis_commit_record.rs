@@ -11,12 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use sluice::envelope::{AckToken, Meta};
-use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
 use sluice::sink::commit_order::Turn;
-use sluice::sink::postgres::{PgCopySink, PgCopySinkBuilder, SinkSettings};
-use sluice::sink::schema;
+use sluice::sink::postgres::PgCopySink;
 use sluice::source::kinesis::KinesisAck;
 use sluice::source::kinesis::api::ShardDescription;
 use sluice::source::kinesis::lease::{LeaseClaim, LeaseScope, Leases, lease_ddl};
@@ -24,7 +22,7 @@ use sluice::source::kinesis::metrics::KinesisStats;
 use sluice::source::kinesis::record::ShardCheckpoints;
 use sluice::source::kinesis::sequence::SequenceNumber;
 use sluice::stage::transform::LoginRow;
-use sluice::table_name::{TableName, Tables};
+use sluice::table_name::TableName;
 
 fn kinesis(token: &AckToken) -> Option<&KinesisAck> {
     match token {
@@ -64,18 +62,10 @@ struct Fixture {
 impl Fixture {
     async fn new() -> Fixture {
         let schema = TestSchema::new().await;
-        let table =
-            |name: &str| TableName::parse(&format!("{}.{name}", schema.name)).expect("name");
-        let tables = Tables {
-            target: table("user_logins"),
-            dead_letter: table("user_logins_rejected"),
-            ledger: table("unused_ledger"),
-        };
-        let mut admin = pg().await;
-        schema::migrate(&mut admin, &tables, false)
-            .await
-            .expect("migrate");
-        let lease_table = table("kinesis_leases");
+        let (_, committer) = committer_in(&schema, false).await;
+        let admin = pg().await;
+        let lease_table =
+            TableName::parse(&format!("{}.kinesis_leases", schema.name)).expect("name");
         for statement in lease_ddl(&lease_table) {
             admin.batch_execute(&statement).await.expect("lease DDL");
         }
@@ -103,17 +93,6 @@ impl Fixture {
             Arc::new(taken.expect("both shards held").claim.clone())
         };
         let (zero, one) = (lease(0), lease(1));
-        let columns = schema::verify(&admin, &tables, false)
-            .await
-            .expect("verify");
-        let settings = SinkSettings {
-            connector: Connector::new(database_url(), Duration::from_secs(10)),
-            tables: tables.clone(),
-            dead_letter_columns: columns,
-            dead_letter_queue: None,
-        };
-        let committer = PgCopySinkBuilder::new(settings, Arc::new(sluice::stats::Stats::default()))
-            .committer(None);
         let kinesis_stats = Arc::new(KinesisStats::default());
         let record = ShardCheckpoints::new(kinesis_stats.clone());
         let checkpoint_sql =

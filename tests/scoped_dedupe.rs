@@ -10,15 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use sluice::envelope::{AckToken, MessageId, Meta, Reject, Stage};
-use sluice::pg::Connector;
 use sluice::sink::Committer;
 use sluice::sink::batch::Batch;
 use sluice::sink::commit_order::Turn;
 use sluice::sink::ledger::LedgerRecord;
-use sluice::sink::postgres::{PgCopySinkBuilder, SinkSettings};
-use sluice::sink::schema;
 use sluice::source::sqs::SqsLedgerKeys;
-use sluice::table_name::{TableName, Tables};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -112,25 +108,7 @@ async fn a_dead_lettered_event_does_not_block_its_corrected_resend() {
 #[tokio::test]
 async fn a_redelivered_dead_letter_is_stored_once() {
     let schema = TestSchema::new().await;
-    let table = |name: &str| TableName::parse(&format!("{}.{name}", schema.name)).expect("name");
-    let tables = Tables {
-        target: table("user_logins"),
-        dead_letter: table("user_logins_rejected"),
-        ledger: table("sluice_ledger"),
-    };
-    let mut admin = pg().await;
-    schema::migrate(&mut admin, &tables, true)
-        .await
-        .expect("migrate");
-    let columns = schema::verify(&admin, &tables, true).await.expect("verify");
-    let settings = SinkSettings {
-        connector: Connector::new(database_url(), Duration::from_secs(10)),
-        tables: tables.clone(),
-        dead_letter_columns: columns,
-        dead_letter_queue: None,
-    };
-    let mut committer =
-        PgCopySinkBuilder::new(settings, Arc::new(sluice::stats::Stats::default())).committer(None);
+    let (tables, mut committer) = committer_in(&schema, true).await;
     let record = LedgerRecord::new(&tables.ledger, Arc::new(SqsLedgerKeys::new("arn:test:q")));
 
     let meta = |id: &str| {

@@ -338,6 +338,42 @@ pub fn user_record(i: usize, bad_every: usize) -> (String, Vec<u8>) {
 }
 
 /// A login the parse stage rejects (its IP is none), unique per `i`.
+/// The sink's tables in `schema` (the ledger too when `ledger`), created as `migrate` creates them,
+/// and a committer writing to them, built as the daemon builds its own.
+pub async fn committer_in(
+    schema: &TestSchema,
+    ledger: bool,
+) -> (
+    sluice::table_name::Tables,
+    sluice::sink::postgres::PgCopySink,
+) {
+    use sluice::sink::postgres::{PgCopySinkBuilder, SinkSettings};
+    use sluice::sink::schema as tables;
+    use sluice::table_name::{TableName, Tables};
+    let table = |name: &str| TableName::parse(&format!("{}.{name}", schema.name)).expect("name");
+    let names = Tables {
+        target: table("user_logins"),
+        dead_letter: table("user_logins_rejected"),
+        ledger: table("sluice_ledger"),
+    };
+    let mut admin = pg().await;
+    tables::migrate(&mut admin, &names, ledger)
+        .await
+        .expect("migrate");
+    let columns = tables::verify(&admin, &names, ledger)
+        .await
+        .expect("verify");
+    let settings = SinkSettings {
+        connector: sluice::pg::Connector::new(database_url(), Duration::from_secs(10)),
+        tables: names.clone(),
+        dead_letter_columns: columns,
+        dead_letter_queue: None,
+    };
+    let stats = std::sync::Arc::new(sluice::stats::Stats::default());
+    let committer = PgCopySinkBuilder::new(settings, stats).committer(None);
+    (names, committer)
+}
+
 /// The row sluice makes of `user`'s login, delivered with `meta`.
 pub fn login_row(user: &str, meta: sluice::envelope::Meta) -> sluice::stage::transform::LoginRow {
     use sluice::stage::mask::{MaskKey, MaskMode, Masker};
