@@ -5,7 +5,7 @@
 //! the README's table is checked against them by a test. Values arrive typed: table names are
 //! parsed while deserializing, the metrics address is a socket address, and paths are made absolute
 //! (relative to the file's directory) the moment the file is loaded, so the rest of the code never
-//! sees raw config text. A file is read whole ([`document`]): every key that cannot be read is
+//! sees raw config text. A file is read whole (`config::document`): every key that cannot be read is
 //! reported, not only the first. [`Config::load`] then validates ranges and combinations across the
 //! whole tree, reporting every problem by its dotted key and line in one list. Environment variables
 //! override what differs between deployments and carry the secrets: `SLUICE_SQS_QUEUE_URL`,
