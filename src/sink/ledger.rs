@@ -43,7 +43,7 @@ use crate::sink::commit_record::{CommitRecord, InTransaction, Outcome, RecordErr
 use crate::table_name::TableName;
 
 /// A message's key in the ledger: SHA-256 of its source's scope and its key at that source.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LedgerKey(pub [u8; 32]);
 
 impl std::fmt::Debug for LedgerKey {
@@ -104,7 +104,11 @@ impl Ledger {
     ) -> Result<Vec<bool>, tokio_postgres::Error> {
         let mut listed = HashSet::with_capacity(keys.len());
         let first: Vec<bool> = keys.iter().map(|k| listed.insert(k)).collect();
-        if keys.is_empty() || self.copy_all_new(tx, statements, &listed).await? {
+        // In key order: two transactions sharing keys take them in the same order, so they wait
+        // for each other instead of deadlocking.
+        let mut distinct: Vec<&LedgerKey> = listed.into_iter().collect();
+        distinct.sort_unstable();
+        if keys.is_empty() || self.copy_all_new(tx, statements, &distinct).await? {
             return Ok(first);
         }
         let statement = statements.get(tx, &self.insert).await?;
@@ -123,7 +127,7 @@ impl Ledger {
         &self,
         tx: &Transaction<'_>,
         statements: &mut Statements,
-        keys: &HashSet<&LedgerKey>,
+        keys: &[&LedgerKey],
     ) -> Result<bool, tokio_postgres::Error> {
         tx.batch_execute(&format!("SAVEPOINT {SAVEPOINT}")).await?;
         let statement = statements.get(tx, &self.copy).await?;
