@@ -18,8 +18,8 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use rand::RngExt;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use common::*;
 
@@ -100,7 +100,7 @@ fn kill_threshold(rng: &mut StdRng, k: usize) -> i64 {
 /// Runs the file until the table holds `threshold` rows, then kills the process with SIGKILL.
 /// Fails if it exits on its own before.
 async fn run_and_kill(config: &TestConfig, schema: &TestSchema, threshold: i64) {
-    let mut daemon = spawn_until_rows(
+    let daemon = spawn_until_rows(
         &config.path,
         schema,
         threshold,
@@ -108,23 +108,12 @@ async fn run_and_kill(config: &TestConfig, schema: &TestSchema, threshold: i64) 
         Duration::from_millis(50),
     )
     .await;
-    daemon.child.start_kill().expect("kill -9");
-    let run = daemon.finish(Duration::from_secs(10)).await;
-    assert_eq!(
-        run.code, None,
-        "killed by a signal, not exited:\n{}",
-        run.stderr
-    );
+    daemon.kill_9().await;
 }
 
 #[tokio::test]
 async fn a_file_killed_three_times_then_rerun_loads_every_line_once() {
-    let seed = std::env::var("SLUICE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    println!("seed {seed} (SLUICE_TEST_SEED={seed} replays these kill moments)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng("these kill moments");
 
     let schema = TestSchema::new().await;
     let dir = tempfile::tempdir().expect("dir");

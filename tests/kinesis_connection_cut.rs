@@ -56,20 +56,24 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while !condition().await {
-        assert!(
-            daemon.lines_containing("sluice: error").is_empty(),
-            "sluice failed:\n{}",
-            daemon.lines_containing("").join("\n")
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "timed out after 90 s waiting for {what}; sluice logged:\n{}",
-            daemon.lines_containing("").join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let held = holds_within(Duration::from_secs(90), || {
+        let check = condition();
+        async move {
+            let holds = check.await;
+            assert!(
+                holds || daemon.lines_containing("sluice: error").is_empty(),
+                "sluice failed:\n{}",
+                daemon.lines_containing("").join("\n")
+            );
+            holds
+        }
+    })
+    .await;
+    assert!(
+        held,
+        "timed out after 90 s waiting for {what}; sluice logged:\n{}",
+        daemon.lines_containing("").join("\n")
+    );
 }
 
 #[tokio::test]

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use rand::RngExt;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use common::*;
 
@@ -104,7 +104,7 @@ async fn run_and_kill(
     threshold: i64,
     extra: Duration,
 ) -> ((i64, i64), i64) {
-    let mut daemon = spawn_until_rows(
+    let daemon = spawn_until_rows(
         &config.path,
         schema,
         threshold,
@@ -114,24 +114,13 @@ async fn run_and_kill(
     .await;
     tokio::time::sleep(extra).await;
     let depth = queue.depth().await;
-    daemon.child.start_kill().expect("kill -9");
-    let run = daemon.finish(Duration::from_secs(10)).await;
-    assert_eq!(
-        run.code, None,
-        "killed by a signal, not exited:\n{}",
-        run.stderr
-    );
+    daemon.kill_9().await;
     (depth, schema.rows_so_far().await)
 }
 
 #[tokio::test]
 async fn killed_five_times_while_fed_every_message_lands_once() {
-    let seed = std::env::var("SLUICE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    println!("seed {seed} (SLUICE_TEST_SEED={seed} replays these kill moments)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng("these kill moments");
 
     let schema = TestSchema::new().await;
     let queue = Arc::new(TestQueue::with_visibility(Some(VISIBILITY_SECONDS)).await);

@@ -683,20 +683,28 @@ pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// A generator seeded from `SLUICE_TEST_SEED`, or at random; the seed is printed, so a run whose
+/// random moments failed can be replayed.
+pub fn seeded_rng(what: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("SLUICE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    println!("seed {seed} (SLUICE_TEST_SEED={seed} replays {what})");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 /// Polls `condition` until it holds or `limit` passes.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while !condition().await {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        holds_within(limit, condition).await,
+        "timed out after {limit:?} waiting for {what}"
+    );
 }
 
 /// Polls `condition` until it holds (true) or `limit` passes (false), for a caller that explains
@@ -816,6 +824,18 @@ impl Watched {
             .filter(|l| l.contains(needle))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Kills the process with SIGKILL and checks that the signal ended it, not an exit of its own.
+    pub async fn kill_9(mut self) -> Finished {
+        self.child.start_kill().expect("kill -9");
+        let run = self.finish(Duration::from_secs(10)).await;
+        assert_eq!(
+            run.code, None,
+            "killed by a signal, not exited:\n{}",
+            run.stderr
+        );
+        run
     }
 
     pub async fn finish(self, limit: Duration) -> Finished {
