@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -42,40 +41,18 @@ async fn no_message_is_lost_when_the_database_connection_is_cut() {
         schema.rows_so_far().await > 0
     })
     .await;
-    let feeding = Arc::new(AtomicBool::new(true));
-    let kills = Arc::new(AtomicU64::new(0));
-    let killer = {
-        let (feeding, kills, app) = (feeding.clone(), kills.clone(), app.clone());
-        tokio::spawn(async move {
-            let admin = pg().await;
-            while feeding.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let killed = admin
-                    .query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-                        &[&app],
-                    )
-                    .await
-                    .expect("terminate");
-                kills.fetch_add(killed.len() as u64, Ordering::Relaxed);
-            }
-        })
-    };
+    let cutter = SessionCutter::start(&app);
     // Feed while sluice consumes, in slices, so the cuts land mid-stream.
     for slice in rest.chunks(50) {
         queue.send(slice).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    feeding.store(false, Ordering::Relaxed);
-    killer.await.expect("killer");
+    let kills = cutter.stop().await;
 
     let run = finish(daemon, Duration::from_secs(180)).await;
     run.assert_success();
-    assert!(
-        kills.load(Ordering::Relaxed) >= 3,
-        "the test must actually cut connections"
-    );
+    assert!(kills >= 3, "the test must actually cut connections");
     assert_eq!(
         schema.rows_and_users().await,
         (TOTAL as i64, TOTAL as i64),

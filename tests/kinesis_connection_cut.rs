@@ -13,8 +13,6 @@ mod kinesis_common;
 mod kinesis_run;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -108,26 +106,7 @@ async fn no_record_is_lost_or_doubled_when_the_database_connection_is_cut() {
     })
     .await;
 
-    let cutting = Arc::new(AtomicBool::new(true));
-    let cuts = Arc::new(AtomicU64::new(0));
-    let killer = {
-        let (cutting, cuts, app) = (cutting.clone(), cuts.clone(), app.clone());
-        tokio::spawn(async move {
-            let admin = pg().await;
-            while cutting.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let killed = admin
-                    .query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE application_name = $1",
-                        &[&app],
-                    )
-                    .await
-                    .expect("terminate");
-                cuts.fetch_add(killed.len() as u64, Ordering::Relaxed);
-            }
-        })
-    };
+    let cutter = SessionCutter::start(&app);
     for slice in rest.chunks(SLICE) {
         stream.put(slice).await;
         let progress = stored(&schema).await;
@@ -141,9 +120,7 @@ async fn no_record_is_lost_or_doubled_when_the_database_connection_is_cut() {
         stored(&schema).await >= (RECORDS * 3 / 4) as i64
     })
     .await;
-    cutting.store(false, Ordering::Relaxed);
-    killer.await.expect("killer");
-    let cut = cuts.load(Ordering::Relaxed);
+    let cut = cutter.stop().await;
     println!(
         "{cut} sessions cut over {:.1} s",
         started.elapsed().as_secs_f64()

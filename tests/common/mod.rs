@@ -683,6 +683,46 @@ pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// Ends every database session of one application name every 300 ms, from start to stop: the
+/// database connections of a running sluice cut again and again.
+pub struct SessionCutter {
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl SessionCutter {
+    pub fn start(application_name: &str) -> SessionCutter {
+        use std::sync::atomic::Ordering;
+        let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (still, app) = (running.clone(), application_name.to_owned());
+        let task = tokio::spawn(async move {
+            let admin = pg().await;
+            let mut cuts = 0;
+            while still.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let ended = admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE application_name = $1",
+                        &[&app],
+                    )
+                    .await
+                    .expect("terminate");
+                cuts += ended.len() as u64;
+            }
+            cuts
+        });
+        SessionCutter { running, task }
+    }
+
+    /// Stops cutting; how many sessions were ended.
+    pub async fn stop(self) -> u64 {
+        self.running
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("session cutter")
+    }
+}
+
 /// A generator seeded from `SLUICE_TEST_SEED`, or at random; the seed is printed, so a run whose
 /// random moments failed can be replayed.
 pub fn seeded_rng(what: &str) -> rand::rngs::StdRng {
