@@ -338,7 +338,8 @@ fn db_group<'a>(
 }
 
 /// `PgCopySink::commit` of one batch of rows: a transaction with the binary COPY, at 100, 1,000 and
-/// 10,000 rows, and at 1,000 with the dedupe ledger (every key new, as for fresh SQS traffic).
+/// 10,000 rows, and at 1,000 with the dedupe ledger (every key new, as for fresh SQS traffic), for
+/// messages known by their SQS message id (ordered keys) and by a producer's key (unordered).
 /// Building and encoding the batch is not timed (the batcher does it while the previous batch
 /// commits).
 fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
@@ -363,7 +364,26 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
     let mut key = 0u64;
     let pid = std::process::id();
     group.throughput(Throughput::Elements(n as u64));
+    // The SQS source's usual messages: known by message id, their keys ordered by `SentTimestamp`
+    // (here 100 messages sent per millisecond).
     group.bench_function(BenchmarkId::new("copy+ledger", n), |b| {
+        let db = db.get_or_init(Db::open);
+        let (mut sink, record) = db.sink(true);
+        b.iter_custom(|iters| {
+            timed_commits(db, &mut sink, &*record, iters, &mut pending, || {
+                let mut rows = template[..n].to_vec();
+                for row in &mut rows {
+                    key += 1;
+                    let meta = &mut row.event.meta;
+                    meta.message_id = MessageId::Text(format!("bench-{pid}-{key}"));
+                    meta.sent_at_ms = Some(common::SENT_AT_MS + (key / 100) as i64);
+                }
+                rows
+            })
+        })
+    });
+    // Messages carrying a producer's idempotency key: their keys are unordered.
+    group.bench_function(BenchmarkId::new("copy+producer-ledger", n), |b| {
         let db = db.get_or_init(Db::open);
         let (mut sink, record) = db.sink(true);
         b.iter_custom(|iters| {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use sluice::sink::commit_record::Outcome;
+use sluice::sink::ledger::LedgerKey;
 
 /// Terminating sluice's database sessions again and again while messages flow: every message still
 /// lands exactly once, and the queue ends empty.
@@ -184,8 +185,9 @@ async fn sigterm_drains_and_exits_zero() {
 }
 
 /// A message whose row was committed but which was never deleted (the crash case) comes back: the
-/// ledger recognises it by its SQS message id, skips it and deletes it. A producer resending with the
-/// same dedupe id is skipped the same way.
+/// ledger recognises it by its SQS message id, skips it and deletes it, also when a version of
+/// sluice before ordered keys committed it. A producer resending with the same dedupe id is skipped
+/// the same way.
 #[tokio::test]
 async fn redelivered_messages_are_skipped_not_loaded_twice() {
     let schema = TestSchema::new().await;
@@ -193,29 +195,51 @@ async fn redelivered_messages_are_skipped_not_loaded_twice() {
     let config = TestConfig::write(&sqs_config(&queue, &schema, "", "", ""));
     migrate(&config.path).await;
 
-    // "Committed before a crash": receive it, record its id in the ledger, leave it in the queue.
-    queue.send(&[login("crashed-before-delete")]).await;
-    let received = queue
-        .client
-        .receive_message()
-        .queue_url(&queue.url)
-        .visibility_timeout(1)
-        .send()
-        .await
-        .expect("receive")
-        .messages
-        .unwrap_or_default();
-    assert_eq!(received.len(), 1);
-    let message_id = received[0].message_id.clone().expect("id");
-    let key = ledger_key(&queue, &message_id, None, Outcome::Row).await;
-    schema
-        .client
-        .execute(
-            &format!("INSERT INTO {} (scoped_key) VALUES ($1)", schema.ledger()),
-            &[&key.0.as_slice()],
-        )
-        .await
-        .expect("ledger");
+    // "Committed before a crash": receive them, record their keys in the ledger, leave them in the
+    // queue. One as this version records it, one as versions before ordered keys did.
+    queue
+        .send(&[
+            login("crashed-before-delete"),
+            login("crashed-before-upgrade"),
+        ])
+        .await;
+    let mut received = Vec::new();
+    while received.len() < 2 {
+        received.extend(
+            queue
+                .client
+                .receive_message()
+                .queue_url(&queue.url)
+                .visibility_timeout(1)
+                .max_number_of_messages(2)
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+                .send()
+                .await
+                .expect("receive")
+                .messages
+                .unwrap_or_default(),
+        );
+    }
+    assert_eq!(received.len(), 2);
+    let ledger_insert = format!("INSERT INTO {} (scoped_key) VALUES ($1)", schema.ledger());
+    let first_delivery = ledger_keys(&queue, &received[0], None, Outcome::Row).await;
+    assert_eq!(
+        first_delivery.earlier, None,
+        "a first delivery claims one key"
+    );
+    let earlier_version = LedgerKey::of(&[
+        b"sqs",
+        queue.arn().await.as_bytes(),
+        b"message",
+        received[1].message_id.as_deref().expect("id").as_bytes(),
+    ]);
+    for key in [first_delivery.key, earlier_version] {
+        schema
+            .client
+            .execute(&ledger_insert, &[&key.0.as_slice()])
+            .await
+            .expect("ledger");
+    }
     // The producer sent this login twice, with one idempotency key; plus one ordinary message.
     queue
         .send_with_ids(
@@ -223,11 +247,11 @@ async fn redelivered_messages_are_skipped_not_loaded_twice() {
             &["k-resent", "k-resent", "k-fresh"],
         )
         .await;
-    // The received message is invisible for a second: wait until the queue shows all four.
+    // The received messages are invisible for a second: wait until the queue shows all five.
     eventually(
         Duration::from_secs(20),
-        "the message to be visible again",
-        || async { queue.depth().await == (4, 0) },
+        "the messages to be visible again",
+        || async { queue.depth().await == (5, 0) },
     )
     .await;
 
@@ -236,10 +260,10 @@ async fn redelivered_messages_are_skipped_not_loaded_twice() {
     assert_eq!(
         run.summary(),
         Summary {
-            received: 4,
+            received: 5,
             loaded: 2,
             rejected: 0,
-            duplicates: 2
+            duplicates: 3
         }
     );
     let users: Vec<String> = schema

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use sluice::sink::commit_record::Statements;
-use sluice::sink::ledger::{Ledger, LedgerKey};
+use sluice::sink::ledger::{Ledger, LedgerKey, MessageKeys};
 use sluice::sink::schema;
 use sluice::table_name::TableName;
 use tokio_postgres::Client;
@@ -83,6 +83,36 @@ async fn new_keys_are_new_once_and_committed_ones_are_not() {
     );
     assert_eq!(l.stored().await, 4, "each key stored once");
     assert_eq!(l.commit(&mut client, &[]).await, Vec::<bool>::new());
+}
+
+#[tokio::test]
+async fn a_message_claimed_under_two_keys_is_new_only_if_both_are() {
+    // A redelivery claims its key and the one an earlier version gave it: committed under
+    // either, it is not new, and both keys are recorded either way.
+    let l = TestLedger::new().await;
+    let mut client = pg().await;
+    l.commit(&mut client, &["own-committed", "earlier-committed"])
+        .await;
+    let claim = |own: &str, earlier: Option<&str>| MessageKeys {
+        key: key(own),
+        earlier: earlier.map(key),
+    };
+    let messages = [
+        claim("own-committed", Some("earlier-1")),
+        claim("own-2", Some("earlier-committed")),
+        claim("own-3", Some("earlier-3")),
+        claim("own-4", None),
+        claim("own-3", Some("earlier-3")),
+    ];
+    let tx = client.transaction().await.expect("begin");
+    let fresh = l
+        .ledger
+        .record_messages(&tx, &mut Statements::default(), &messages)
+        .await
+        .expect("record");
+    tx.commit().await.expect("commit");
+    assert_eq!(fresh, [false, false, true, true, false]);
+    assert_eq!(l.stored().await, 7, "every distinct key recorded once");
 }
 
 #[tokio::test]

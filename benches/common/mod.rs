@@ -55,7 +55,7 @@ pub fn bodies(n: usize, seed: u64) -> Vec<String> {
 
 /// A sent timestamp like SQS's `SentTimestamp` (2024-11-19, UTC), so the transform takes the row's
 /// date from the message as it does for live traffic.
-const SENT_AT_MS: i64 = 1_732_000_000_000;
+pub const SENT_AT_MS: i64 = 1_732_000_000_000;
 
 /// The envelope a file or memory source would build for the message at `position` (1-based).
 pub fn envelope(body: String, position: u64, received_at: SystemTime) -> Envelope {

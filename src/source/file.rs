@@ -22,7 +22,7 @@ use crate::message_file::{self, FileMessage, MessageReader};
 use crate::pg::Connector;
 use crate::shutdown::Shutdown;
 use crate::sink::commit_record::{CommitRecord, NoCommitRecord, Outcome};
-use crate::sink::ledger::{LedgerKey, LedgerKeys, LedgerRecord};
+use crate::sink::ledger::{LedgerKey, LedgerKeys, LedgerRecord, MessageKeys};
 use crate::source::file_position::{self, FilePositions};
 use crate::source::{BuiltSource, Delivery, NoAcknowledger, Source, SourceError};
 use crate::stats::Stats;
@@ -141,12 +141,17 @@ impl FileLedgerKeys {
 }
 
 impl LedgerKeys for FileLedgerKeys {
-    fn key(&self, meta: &Meta, body: &str, _outcome: Outcome) -> LedgerKey {
+    fn keys(&self, meta: &Meta, body: &str, _outcome: Outcome) -> MessageKeys {
         let position = match &meta.message_id {
             MessageId::Position(n) => n.to_be_bytes().to_vec(),
             MessageId::Text(id) => id.as_bytes().to_vec(),
         };
-        LedgerKey::of(&[b"file", &self.scope, &position, body.as_bytes()])
+        MessageKeys::only(LedgerKey::of(&[
+            b"file",
+            &self.scope,
+            &position,
+            body.as_bytes(),
+        ]))
     }
 }
 
@@ -232,7 +237,7 @@ mod tests {
         let a = FileLedgerKeys::new(FileIdentity::Path("/data/a.ndjson".into()));
         let b = FileLedgerKeys::new(FileIdentity::Path("/data/b.ndjson".into()));
         let at = |n| Meta::at_position(n, SystemTime::now());
-        let key = |keys: &FileLedgerKeys, n, body| keys.key(&at(n), body, Outcome::Row);
+        let key = |keys: &FileLedgerKeys, n, body| keys.keys(&at(n), body, Outcome::Row).key;
         assert_eq!(
             key(&a, 1, "{}"),
             key(&a, 1, "{}"),
@@ -243,7 +248,7 @@ mod tests {
         assert_ne!(key(&a, 1, "{}"), key(&a, 1, "{ }"), "a corrected line");
         assert_eq!(
             key(&a, 1, "x"),
-            a.key(&at(1), "x", Outcome::DeadLetter),
+            a.keys(&at(1), "x", Outcome::DeadLetter).key,
             "a dead letter's redelivery is recognised"
         );
     }

@@ -774,31 +774,48 @@ pub fn signal(child: &tokio::process::Child, name: &str) {
     assert!(status.success(), "kill -{name} {pid} failed");
 }
 
-/// The ledger key sluice records for a message of `queue` (as the SQS source scopes it).
-pub async fn ledger_key(
+impl TestQueue {
+    /// The queue's ARN, which scopes its messages' ledger keys.
+    pub async fn arn(&self) -> String {
+        self.client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("queue attributes")
+            .attributes
+            .unwrap_or_default()
+            .remove(&QueueAttributeName::QueueArn)
+            .expect("the queue's ARN")
+    }
+}
+
+/// The ledger keys sluice claims for `message` as received from `queue` (received with its system
+/// attributes, as the SQS source asks for them).
+pub async fn ledger_keys(
     queue: &TestQueue,
-    message_id: &str,
+    message: &aws_sdk_sqs::types::Message,
     producer_key: Option<&str>,
     outcome: sluice::sink::commit_record::Outcome,
-) -> sluice::sink::ledger::LedgerKey {
+) -> sluice::sink::ledger::MessageKeys {
+    use aws_sdk_sqs::types::MessageSystemAttributeName as Attribute;
     use sluice::envelope::{MessageId, Meta};
     use sluice::sink::ledger::LedgerKeys;
-    let arn = queue
-        .client
-        .get_queue_attributes()
-        .queue_url(&queue.url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .expect("queue attributes")
-        .attributes
-        .unwrap_or_default()
-        .remove(&QueueAttributeName::QueueArn)
-        .expect("the queue's ARN");
+    let attribute = |name: Attribute| {
+        message
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get(&name))
+            .map(|v| v.parse::<i64>().expect("a numeric attribute"))
+    };
     let mut meta = Meta::at_position(1, std::time::SystemTime::now());
-    meta.message_id = MessageId::Text(message_id.to_owned());
+    meta.message_id = MessageId::Text(message.message_id.clone().expect("a message id"));
     meta.dedupe_key = producer_key.map(str::to_owned);
-    sluice::source::sqs::SqsLedgerKeys::new(arn).key(&meta, "", outcome)
+    meta.sent_at_ms = Some(attribute(Attribute::SentTimestamp).expect("SentTimestamp"));
+    meta.receive_count =
+        attribute(Attribute::ApproximateReceiveCount).expect("ApproximateReceiveCount") as u32;
+    sluice::source::sqs::SqsLedgerKeys::new(queue.arn().await).keys(&meta, "", outcome)
 }
 
 /// A running `sluice` whose log (stderr) is read as it is written, so a test can wait for what

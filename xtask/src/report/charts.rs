@@ -72,10 +72,17 @@ fn batch_sizes(report: &Report) -> Result<Chart> {
         .iter()
         .map(|m| (m.size as f64, m.rate))
         .collect();
-    let mut marks: Vec<(String, Vec<(f64, f64)>)> = vec![(
-        "sink, SQS dedupe ledger on".into(),
-        vec![(report.sink.ledger.size as f64, report.sink.ledger.rate)],
-    )];
+    let ledger = |m: &super::sections::Measure| vec![(m.size as f64, m.rate)];
+    let mut marks: Vec<(String, Vec<(f64, f64)>)> = vec![
+        (
+            "sink, SQS dedupe ledger on".into(),
+            ledger(&report.sink.ledger),
+        ),
+        (
+            "sink, ledger on, producer keys".into(),
+            ledger(&report.sink.producer_ledger),
+        ),
+    ];
     for k in &report.kinesis.sink {
         marks.push((
             format!("sink, Kinesis checkpoints over {} shards", k.shards),
@@ -171,6 +178,12 @@ fn commit_records(report: &Report) -> Result<Chart> {
         label: "SQS dedupe ledger on".into(),
         value: report.sink.ledger.rate,
     });
+    if report.sink.producer_ledger.size == rows {
+        bars.push(Bar {
+            label: "ledger on, producer keys".into(),
+            value: report.sink.producer_ledger.rate,
+        });
+    }
     for k in report
         .kinesis
         .sink

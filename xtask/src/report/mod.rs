@@ -247,6 +247,7 @@ mod tests {
             bench("encode", "encode_rows", 1000, 1000.0, 3.0e7),
             bench("encode", "encode_rows", 10000, 10000.0, 2.7e7),
             bench("sink", "copy+ledger", 1000, 1000.0, 95_000.0),
+            bench("sink", "copy+producer-ledger", 1000, 1000.0, 80_000.0),
             bench(
                 "pipeline",
                 "memory_to_postgres",
@@ -410,6 +411,7 @@ mod tests {
                     "Rows per second against rows per batch",
                     "sink, no commit record (files)",
                     "sink, SQS dedupe ledger on",
+                    "sink, ledger on, producer keys",
                     "sink, Kinesis checkpoints over 64 shards",
                     "whole pipeline, memory source",
                     "PostgreSQL&apos;s own COPY ceiling",
@@ -421,6 +423,8 @@ mod tests {
                 &[
                     "ledger off (files)",
                     "SQS dedupe ledger on",
+                    "ledger on, producer keys",
+                    "80,000",
                     "Kinesis checkpoints, 4 shards",
                     "Kinesis checkpoints, 64 shards",
                     "320,000",

@@ -335,7 +335,12 @@ impl Hops {
 #[derive(Serialize)]
 pub struct Sink {
     pub plain: Vec<Measure>,
+    /// The ledger with the SQS source's usual keys: by message id, ordered by sent time.
     pub ledger: Measure,
+    /// The ledger with producers' idempotency keys, which are unordered.
+    pub producer_ledger: Measure,
+    /// The producer keys' rate as a share of the plain sink's, when measured at the same size.
+    pub producer_ledger_share: Option<f64>,
     /// The ledger's cost against the plain sink at the same batch size, when both were measured.
     pub ledger_cost: Option<LedgerCost>,
 }
@@ -351,6 +356,11 @@ impl Sink {
     fn build(c: &Criterion) -> Result<Self> {
         let plain = c.all("sink", "copy")?;
         let ledger = c.one("sink", "copy+ledger")?;
+        let producer_ledger = c.one("sink", "copy+producer-ledger")?;
+        let producer_ledger_share = plain
+            .iter()
+            .find(|p| p.size() == producer_ledger.size())
+            .map(|p| producer_ledger.rate() / p.rate());
         let ledger_cost = plain
             .iter()
             .find(|p| p.size() == ledger.size())
@@ -361,6 +371,8 @@ impl Sink {
         Ok(Self {
             plain: plain.iter().map(Measure::from).collect(),
             ledger: (&ledger).into(),
+            producer_ledger: (&producer_ledger).into(),
+            producer_ledger_share,
             ledger_cost,
         })
     }
