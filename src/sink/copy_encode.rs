@@ -40,11 +40,9 @@ pub struct CopyEncoder {
 
 impl CopyEncoder {
     pub fn with_capacity(rows: usize) -> CopyEncoder {
-        let mut buf = BytesMut::with_capacity(19 + rows * TYPICAL_ROW_BYTES + 2);
-        buf.put_slice(SIGNATURE);
-        buf.put_i32(0); // flags: no OIDs
-        buf.put_i32(0); // header extension length
-        CopyEncoder { buf }
+        CopyEncoder {
+            buf: binary_copy_buffer(rows * TYPICAL_ROW_BYTES),
+        }
     }
 
     pub fn push(&mut self, row: &LoginRow) {
@@ -65,10 +63,24 @@ impl CopyEncoder {
         buf.put_i32(pg_date(row.create_date));
     }
 
-    pub fn finish(mut self) -> Bytes {
-        self.buf.put_i16(-1);
-        self.buf.freeze()
+    pub fn finish(self) -> Bytes {
+        finish_binary_copy(self.buf)
     }
+}
+
+/// A buffer for binary COPY data with its header written, with room for `body_bytes` of rows.
+pub fn binary_copy_buffer(body_bytes: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(19 + body_bytes + 2);
+    buf.put_slice(SIGNATURE);
+    buf.put_i32(0); // flags: no OIDs
+    buf.put_i32(0); // header extension length
+    buf
+}
+
+/// Ends binary COPY data begun by [`binary_copy_buffer`].
+pub fn finish_binary_copy(mut buf: BytesMut) -> Bytes {
+    buf.put_i16(-1);
+    buf.freeze()
 }
 
 /// Encodes `count` rows (the count sizes the buffer once).
