@@ -52,7 +52,8 @@ use crate::sink::commit_record::{CommitRecord, InTransaction, Outcome, RecordErr
 use crate::sink::copy_encode::{binary_copy_buffer, finish_binary_copy};
 use crate::table_name::TableName;
 
-/// A message's key in the ledger: SHA-256 of its source's scope and its key at that source.
+/// A message's key in the ledger: SHA-256 of its source's scope and its key at that source, or
+/// its order and part of that hash ([`LedgerKey::ordered`]).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LedgerKey(pub [u8; 32]);
 
@@ -75,8 +76,9 @@ impl LedgerKey {
     }
 
     /// A key that sorts by `order` first: `order` in big-endian, then the first 24 bytes of the
-    /// hash of `parts`. 192 bits of hash within one millisecond leave chance collisions as unlikely
-    /// as among 256-bit keys, and the key keeps the ledger's 32 bytes.
+    /// hash of `parts`, so the key keeps the ledger's 32 bytes. Two keys can only meet by chance
+    /// if they share `order` too, and 192 bits of hash make that negligible even for billions of
+    /// keys in one millisecond.
     pub fn ordered(order: u64, parts: &[&[u8]]) -> LedgerKey {
         let hash = LedgerKey::of(parts).0;
         let mut key = [0u8; 32];
