@@ -337,6 +337,9 @@ fn db_group<'a>(
     group
 }
 
+/// Gives a benchmark message its identity at the source: its id and its place among the messages.
+type Identify = fn(&mut Meta, String, u64);
+
 /// `PgCopySink::commit` of one batch of rows: a transaction with the binary COPY, at 100, 1,000 and
 /// 10,000 rows, and at 1,000 with the dedupe ledger (every key new, as for fresh SQS traffic), for
 /// messages known by their SQS message id (ordered keys) and by a producer's key (unordered).
@@ -364,39 +367,34 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
     let mut key = 0u64;
     let pid = std::process::id();
     group.throughput(Throughput::Elements(n as u64));
-    // The SQS source's usual messages: known by message id, their keys ordered by `SentTimestamp`
-    // (here 100 messages sent per millisecond).
-    group.bench_function(BenchmarkId::new("copy+ledger", n), |b| {
-        let db = db.get_or_init(Db::open);
-        let (mut sink, record) = db.sink(true);
-        b.iter_custom(|iters| {
-            timed_commits(db, &mut sink, &*record, iters, &mut pending, || {
-                let mut rows = template[..n].to_vec();
-                for row in &mut rows {
-                    key += 1;
-                    let meta = &mut row.event.meta;
-                    meta.message_id = MessageId::Text(format!("bench-{pid}-{key}"));
-                    meta.sent_at_ms = Some(common::SENT_AT_MS + (key / 100) as i64);
-                }
-                rows
+    // The SQS source's usual messages are known by message id, their keys ordered by
+    // `SentTimestamp` (here 100 messages sent per millisecond); messages carrying a producer's
+    // idempotency key are known by it, and their keys are unordered.
+    let kinds: [(&str, Identify); 2] = [
+        ("copy+ledger", |meta, id, n| {
+            meta.message_id = MessageId::Text(id);
+            meta.sent_at_ms = Some(common::SENT_AT_MS + (n / 100) as i64);
+        }),
+        ("copy+producer-ledger", |meta, id, _| {
+            meta.dedupe_key = Some(id);
+        }),
+    ];
+    for (name, identify) in kinds {
+        group.bench_function(BenchmarkId::new(name, n), |b| {
+            let db = db.get_or_init(Db::open);
+            let (mut sink, record) = db.sink(true);
+            b.iter_custom(|iters| {
+                timed_commits(db, &mut sink, &*record, iters, &mut pending, || {
+                    let mut rows = template[..n].to_vec();
+                    for row in &mut rows {
+                        key += 1;
+                        identify(&mut row.event.meta, format!("bench-{pid}-{key}"), key);
+                    }
+                    rows
+                })
             })
-        })
-    });
-    // Messages carrying a producer's idempotency key: their keys are unordered.
-    group.bench_function(BenchmarkId::new("copy+producer-ledger", n), |b| {
-        let db = db.get_or_init(Db::open);
-        let (mut sink, record) = db.sink(true);
-        b.iter_custom(|iters| {
-            timed_commits(db, &mut sink, &*record, iters, &mut pending, || {
-                let mut rows = template[..n].to_vec();
-                for row in &mut rows {
-                    key += 1;
-                    row.event.meta.dedupe_key = Some(format!("bench-{pid}-{key}"));
-                }
-                rows
-            })
-        })
-    });
+        });
+    }
     group.finish();
 }
 
