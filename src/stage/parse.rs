@@ -169,13 +169,20 @@ pub const MAX_DEPTH: usize = 128;
 /// A failure hands the envelope back (boxed: the failure path is the rare one) for its dead letter.
 pub fn parse_login(envelope: Envelope) -> Result<LoginEvent, Box<(Envelope, ParseError)>> {
     match validate(&envelope.body) {
-        Ok((fields, ip)) => Ok(LoginEvent {
+        Ok((fields, ip)) => Ok(LoginEvent::new(envelope, fields, ip)),
+        Err(e) => Err(Box::new((envelope, e))),
+    }
+}
+
+impl LoginEvent {
+    #[inline]
+    fn new(envelope: Envelope, fields: Fields, ip: IpAddr) -> LoginEvent {
+        LoginEvent {
             body: envelope.body,
             meta: envelope.meta,
             fields,
             ip,
-        }),
-        Err(e) => Err(Box::new((envelope, e))),
+        }
     }
 }
 
@@ -459,12 +466,10 @@ pub fn parse_chunk(chunk: Chunk<Envelope>) -> Chunk<LoginEvent> {
             rejects.push(reject(envelope, reason));
             continue;
         }
-        match parse_login(envelope) {
-            Ok(event) => events.push(event),
-            Err(failed) => {
-                let (envelope, e) = *failed;
-                rejects.push(reject(envelope, e.to_string()));
-            }
+        // Validated from a borrowed body, so the envelope is moved once, into its event.
+        match validate(&envelope.body) {
+            Ok((fields, ip)) => events.push(LoginEvent::new(envelope, fields, ip)),
+            Err(e) => rejects.push(reject(envelope, e.to_string())),
         }
     }
     Chunk {

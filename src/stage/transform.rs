@@ -49,6 +49,27 @@ pub struct LoginRow {
     pub create_date: NaiveDate,
 }
 
+/// What the transform adds to an event to make its row.
+struct Derived {
+    masked_ip: Masked,
+    masked_device_id: Masked,
+    app_version: i32,
+    create_date: NaiveDate,
+}
+
+impl Derived {
+    #[inline]
+    fn into_row(self, event: LoginEvent) -> LoginRow {
+        LoginRow {
+            event,
+            masked_ip: self.masked_ip,
+            masked_device_id: self.masked_device_id,
+            app_version: self.app_version,
+            create_date: self.create_date,
+        }
+    }
+}
+
 /// Why an event cannot become a row under the configured transform.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransformError {
@@ -87,10 +108,16 @@ impl Transformer {
         event: LoginEvent,
         today: NaiveDate,
     ) -> Result<LoginRow, Box<(LoginEvent, TransformError)>> {
-        let app_version = match encode_version(event.app_version(), self.app_version) {
-            Ok(v) => v,
-            Err(e) => return Err(Box::new((event, e))),
-        };
+        match self.derive(&event, today) {
+            Ok(derived) => Ok(derived.into_row(event)),
+            Err(e) => Err(Box::new((event, e))),
+        }
+    }
+
+    /// What the row adds to `event`. Computed from a borrowed event so that the event itself is
+    /// moved once, into its row, instead of in and out of this function as well.
+    fn derive(&self, event: &LoginEvent, today: NaiveDate) -> Result<Derived, TransformError> {
+        let app_version = encode_version(event.app_version(), self.app_version)?;
         let create_date = match self.create_date {
             CreateDateMode::ProcessingTime => today,
             CreateDateMode::SentTime => event
@@ -99,32 +126,25 @@ impl Transformer {
                 .or_else(|| event.meta.sent_at_ms.and_then(utc_date_of_millis))
                 .unwrap_or(today),
         };
-        let masks = (
-            self.masker.mask_ip(event.ip),
-            self.masker.mask(event.device_id().as_bytes()),
-        );
-        let (masked_ip, masked_device_id) = match masks {
-            (Some(ip), Some(device_id)) => (ip, device_id),
-            (None, _) => {
-                let bytes = event.ip.to_string().len();
-                let e = TransformError::TooLongToSeal { field: "ip", bytes };
-                return Err(Box::new((event, e)));
-            }
-            (_, None) => {
-                let bytes = event.device_id().len();
-                let e = TransformError::TooLongToSeal {
-                    field: "device_id",
-                    bytes,
-                };
-                return Err(Box::new((event, e)));
-            }
-        };
-        Ok(LoginRow {
+        let masked_ip =
+            self.masker
+                .mask_ip(event.ip)
+                .ok_or_else(|| TransformError::TooLongToSeal {
+                    field: "ip",
+                    bytes: event.ip.to_string().len(),
+                })?;
+        let masked_device_id = self
+            .masker
+            .mask(event.device_id().as_bytes())
+            .ok_or_else(|| TransformError::TooLongToSeal {
+                field: "device_id",
+                bytes: event.device_id().len(),
+            })?;
+        Ok(Derived {
             masked_ip,
             masked_device_id,
             app_version,
             create_date,
-            event,
         })
     }
 
@@ -133,10 +153,9 @@ impl Transformer {
         let mut rows = Vec::with_capacity(chunk.items.len());
         let mut rejects = chunk.rejects;
         for event in chunk.items {
-            match self.transform(event, today) {
-                Ok(row) => rows.push(row),
-                Err(failed) => {
-                    let (event, e) = *failed;
+            match self.derive(&event, today) {
+                Ok(derived) => rows.push(derived.into_row(event)),
+                Err(e) => {
                     let (body, meta) = event.into_body_and_meta();
                     rejects.push(Reject {
                         body,
