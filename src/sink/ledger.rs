@@ -16,8 +16,8 @@
 //! redelivery (SQS `SentTimestamp`), the key starts with that time ([`LedgerKey::ordered`]). New
 //! keys then land at the end of the primary key's index, in the few pages already in memory,
 //! instead of on a random page each: a random key splits a leaf every few dozen inserts and, after
-//! each checkpoint, writes a full page image for the first change to each leaf, so an ordered key
-//! costs about a quarter as much (`docs/profiling.md`). The time is no part of the message's
+//! each checkpoint, writes a full page image for the first change to each leaf, so an ordered key's
+//! index entry costs about a quarter as much (`docs/profiling.md`). The time is no part of the message's
 //! identity: it only orders keys, and the rest of the key is still the hash of scope and identity.
 //! Keys of messages without such a time (a producer's idempotency key, which its resends share
 //! although they are sent at other times) stay unordered.
@@ -116,9 +116,9 @@ pub struct Ledger {
     prune: String,
 }
 
-/// The savepoint the all-new COPY is tried in.
-const SAVEPOINT: &str = "sluice_ledger_copy";
-const SAVEPOINT_STATEMENT: &str = "SAVEPOINT sluice_ledger_copy";
+/// The savepoint the all-new COPY is tried in, and how it is undone.
+const SAVEPOINT: &str = "SAVEPOINT sluice_ledger_copy";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT sluice_ledger_copy";
 
 /// `keys` as binary COPY data of one `bytea` column, sent in one piece.
 fn encode_keys(keys: &[&LedgerKey]) -> Bytes {
@@ -207,7 +207,7 @@ impl Ledger {
         let statement = statements.get(tx, &self.copy).await?;
         let data = encode_keys(keys);
         // The savepoint and the COPY go out together: one round trip less per batch.
-        let savepoint = tx.batch_execute(SAVEPOINT_STATEMENT);
+        let savepoint = tx.batch_execute(SAVEPOINT);
         let copied = async {
             let sink = tx.copy_in::<_, Bytes>(&statement).await?;
             pin_mut!(sink);
@@ -217,8 +217,7 @@ impl Ledger {
         match futures::join!(savepoint, copied) {
             (Ok(()), Ok(_)) => Ok(true),
             (Ok(()), Err(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                tx.batch_execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}"))
-                    .await?;
+                tx.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
                 Ok(false)
             }
             (Err(e), _) | (_, Err(e)) => Err(e),
