@@ -75,15 +75,14 @@ impl LedgerKey {
         LedgerKey(hash.finalize().into())
     }
 
-    /// A key that sorts by `order` first: `order` in big-endian, then the first 24 bytes of the
-    /// hash of `parts`, so the key keeps the ledger's 32 bytes. Two keys can only meet by chance
+    /// This key made to sort by `order` first: `order` in big-endian, then the first 24 bytes of
+    /// this key's hash, so the key keeps the ledger's 32 bytes. Two keys can only meet by chance
     /// if they share `order` too, and 192 bits of hash make that negligible even for billions of
     /// keys in one millisecond.
-    pub fn ordered(order: u64, parts: &[&[u8]]) -> LedgerKey {
-        let hash = LedgerKey::of(parts).0;
+    pub fn ordered(self, order: u64) -> LedgerKey {
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&order.to_be_bytes());
-        key[8..].copy_from_slice(&hash[..24]);
+        key[8..].copy_from_slice(&self.0[..24]);
         LedgerKey(key)
     }
 }
@@ -322,16 +321,16 @@ mod tests {
 
     #[test]
     fn ordered_keys_sort_by_their_order_first() {
-        let early = LedgerKey::ordered(1_700_000_000_000, &[b"q", b"zzz"]);
-        let late = LedgerKey::ordered(1_700_000_000_001, &[b"q", b"aaa"]);
+        let early = LedgerKey::of(&[b"q", b"zzz"]).ordered(1_700_000_000_000);
+        let late = LedgerKey::of(&[b"q", b"aaa"]).ordered(1_700_000_000_001);
         assert!(early < late);
         assert_eq!(
             early,
-            LedgerKey::ordered(1_700_000_000_000, &[b"q", b"zzz"])
+            LedgerKey::of(&[b"q", b"zzz"]).ordered(1_700_000_000_000)
         );
         assert_ne!(
             early,
-            LedgerKey::ordered(1_700_000_000_000, &[b"q", b"zzy"])
+            LedgerKey::of(&[b"q", b"zzy"]).ordered(1_700_000_000_000)
         );
         assert_ne!(early, LedgerKey::of(&[b"q", b"zzz"]));
     }

@@ -4,8 +4,9 @@
 //! A batch's transaction claims its messages in the source's commit record (the dedupe ledger skips
 //! the ones already committed), COPYs the rows in binary, inserts the dead-letter records, waits for
 //! the batch's turn (only a source whose batches commit in order has to, and one whose claim takes
-//! locks waits before the claim instead: [`super::commit_order`]), seals the record (checkpoints, positions), forwards the dead letters to the dead-letter queue (if
-//! any), and commits. Only then do the batch's acknowledgement tokens go on (see [`super::run_committer`]).
+//! locks waits before the claim instead: [`super::commit_order`]), seals the record (checkpoints,
+//! positions), forwards the dead letters to the dead-letter queue (if any), and commits. Only then
+//! do the batch's acknowledgement tokens go on (see [`super::run_committer`]).
 //!
 //! Failures are sorted by [`classify`]: transient ones (connection lost, server restarting) keep the
 //! batch and retry it on a fresh connection with backoff, forever, so an outage stalls the pipeline

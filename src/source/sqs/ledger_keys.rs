@@ -52,13 +52,13 @@ impl LedgerKeys for SqsLedgerKeys {
             ])),
             (_, None) => match &meta.message_id {
                 MessageId::Text(id) => {
-                    let parts: [&[u8]; 4] = [b"sqs", queue, b"message", id.as_bytes()];
+                    let unordered = LedgerKey::of(&[b"sqs", queue, b"message", id.as_bytes()]);
                     match meta.sent_at_ms.and_then(|ms| u64::try_from(ms).ok()) {
                         Some(sent) => MessageKeys {
-                            key: LedgerKey::ordered(sent, &parts),
-                            earlier: (meta.receive_count > 1).then(|| LedgerKey::of(&parts)),
+                            key: unordered.ordered(sent),
+                            earlier: (meta.receive_count > 1).then_some(unordered),
                         },
-                        None => MessageKeys::only(LedgerKey::of(&parts)),
+                        None => MessageKeys::only(unordered),
                     }
                 }
                 MessageId::Position(n) => MessageKeys::only(LedgerKey::of(&[
