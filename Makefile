@@ -58,7 +58,7 @@ unit: ## unit tests only (no services needed)
 test: up lint ## everything the tests need, then the whole suite (lint has checked that the benchmarks compile)
 	$(WITH_STACK) cargo nextest run --workspace --no-fail-fast
 
-bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (about 10 min once the release build exists)
+bench: up ## measure stages, sink, pipeline and memory, then regenerate docs/capacity.md (3-10 min once the release build exists, by machine)
 	@mkdir -p $(BENCH_OUT) && date +%s > $(BENCH_OUT)/started-at && cp /proc/loadavg $(BENCH_OUT)/loadavg-at-start
 	cargo build --release --bins
 	$(WITH_STACK) cargo bench --bench stages --bench postgres
