@@ -1,6 +1,7 @@
 //! The dedupe ledger against a real PostgreSQL: which keys it reports as new, on its fast path (every
-//! key new: one COPY) and on its fallback (some key committed before: the COPY is undone and the
-//! keys are inserted one by one), and how two transactions holding the same key are ordered.
+//! key new: one plain insert) and on its fallback (some key committed before: that insert is undone
+//! and the keys are inserted again `ON CONFLICT DO NOTHING`), and how two transactions holding the
+//! same key are ordered.
 
 mod common;
 
@@ -117,7 +118,7 @@ async fn a_message_claimed_under_two_keys_is_new_only_if_both_are() {
 
 #[tokio::test]
 async fn the_ledger_takes_the_batch_rows_after_it_either_way() {
-    // The fallback undoes only its own COPY: what the transaction writes next still commits.
+    // The fallback undoes only its own insert: what the transaction writes next still commits.
     let l = TestLedger::new().await;
     let mut client = pg().await;
     l.commit(&mut client, &["old"]).await;

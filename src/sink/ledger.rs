@@ -23,11 +23,18 @@
 //! although they are sent at other times) stay unordered.
 //!
 //! Most batches hold no key seen before (a redelivery is the exception), so a batch's keys are first
-//! written as all new, with one binary COPY inside a savepoint: that pays one index entry per key
-//! and no conflict check. Only if a key turns out to be committed already (the COPY fails on the
-//! primary key) is the savepoint rolled back and the keys inserted one by one `ON CONFLICT DO
-//! NOTHING`, which tells which are new. Either way, the primary key is what makes two transactions
-//! holding the same key wait for each other, so exactly one of them loads the message.
+//! written as all new, with one plain `INSERT` of the keys as one array inside a savepoint: that
+//! pays one index entry per key and no conflict check. Only if a key turns out to be committed
+//! already (the insert fails on the primary key) is the savepoint rolled back and the keys inserted
+//! again `ON CONFLICT DO NOTHING`, which tells which are new. Either way, the primary key is what
+//! makes two transactions holding the same key wait for each other, so exactly one of them loads
+//! the message.
+//!
+//! Not `COPY`, although the rows go that way: COPY buffers up to 1,000 rows before writing them,
+//! and PostgreSQL 15 registers the table's tuple descriptor once per buffered row in a resource
+//! owner whose lookups then grow with the number already registered. For 1,000 keys of 32 bytes
+//! that bookkeeping is most of the statement: 2.0–2.4 ms against 1.0–1.2 ms for the same keys
+//! inserted (`docs/profiling.md`, "The ledger's statement").
 //!
 //! Earlier versions kept unscoped text keys (`message_key text`). Such a table is never altered: its
 //! keys cannot be scoped after the fact, so sluice refuses to use it (see [`crate::sink::schema`])
@@ -38,18 +45,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{BufMut, Bytes};
-use futures::{SinkExt, pin_mut};
 use sha2::{Digest, Sha256};
 use tokio_postgres::Transaction;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Meta;
 use crate::error_chain::Chain;
 use crate::pg::Connector;
 use crate::sink::commit_record::{CommitRecord, InTransaction, Outcome, RecordError, Statements};
-use crate::sink::copy_encode::{binary_copy_buffer, finish_binary_copy};
 use crate::table_name::TableName;
 
 /// A message's key in the ledger: SHA-256 of its source's scope and its key at that source, or
@@ -110,30 +115,19 @@ pub trait LedgerKeys: Send + Sync {
 
 /// The ledger table's statements.
 pub struct Ledger {
-    copy: String,
+    insert_new: String,
     insert: String,
     prune: String,
 }
 
-/// The savepoint the all-new COPY is tried in, and how it is undone.
-const SAVEPOINT: &str = "SAVEPOINT sluice_ledger_copy";
-const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT sluice_ledger_copy";
-
-/// `keys` as binary COPY data of one `bytea` column, sent in one piece.
-fn encode_keys(keys: &[&LedgerKey]) -> Bytes {
-    let mut data = binary_copy_buffer(keys.len() * (2 + 4 + 32));
-    for key in keys {
-        data.put_i16(1);
-        data.put_i32(key.0.len() as i32);
-        data.put_slice(&key.0);
-    }
-    finish_binary_copy(data)
-}
+/// The savepoint the all-new insert is tried in, and how it is undone.
+const SAVEPOINT: &str = "SAVEPOINT sluice_ledger_insert";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT sluice_ledger_insert";
 
 impl Ledger {
     pub fn new(table: &TableName) -> Ledger {
         Ledger {
-            copy: format!("COPY {table} (scoped_key) FROM STDIN (FORMAT binary)"),
+            insert_new: format!("INSERT INTO {table} (scoped_key) SELECT unnest($1::bytea[])"),
             insert: format!(
                 "INSERT INTO {table} (scoped_key) SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING scoped_key"
             ),
@@ -157,7 +151,7 @@ impl Ledger {
         // for each other instead of deadlocking.
         let mut distinct: Vec<&LedgerKey> = listed.into_iter().collect();
         distinct.sort_unstable();
-        if keys.is_empty() || self.copy_all_new(tx, statements, &distinct).await? {
+        if keys.is_empty() || self.insert_all_new(tx, statements, &distinct).await? {
             return Ok(first);
         }
         let statement = statements.get(tx, &self.insert).await?;
@@ -195,25 +189,21 @@ impl Ledger {
             .collect())
     }
 
-    /// Writes `keys` with one COPY, as if none were in the ledger yet; true if so. If one was (the
-    /// primary key refuses it), the COPY is undone and false returned.
-    async fn copy_all_new(
+    /// Writes `keys` with one insert, as if none were in the ledger yet; true if so. If one was (the
+    /// primary key refuses it), the insert is undone and false returned.
+    async fn insert_all_new(
         &self,
         tx: &Transaction<'_>,
         statements: &mut Statements,
         keys: &[&LedgerKey],
     ) -> Result<bool, tokio_postgres::Error> {
-        let statement = statements.get(tx, &self.copy).await?;
-        let data = encode_keys(keys);
-        // The savepoint and the COPY go out together: one round trip less per batch.
+        let statement = statements.get(tx, &self.insert_new).await?;
+        let bytes: Vec<&[u8]> = keys.iter().map(|k| k.0.as_slice()).collect();
+        let params: [&(dyn ToSql + Sync); 1] = [&bytes];
+        // The savepoint and the insert go out together: one round trip for both.
         let savepoint = tx.batch_execute(SAVEPOINT);
-        let copied = async {
-            let sink = tx.copy_in::<_, Bytes>(&statement).await?;
-            pin_mut!(sink);
-            sink.send(data).await?;
-            sink.finish().await
-        };
-        match futures::join!(savepoint, copied) {
+        let inserted = tx.execute(&statement, &params);
+        match futures::join!(savepoint, inserted) {
             (Ok(()), Ok(_)) => Ok(true),
             (Ok(()), Err(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 tx.batch_execute(ROLLBACK_TO_SAVEPOINT).await?;
