@@ -33,7 +33,7 @@
 //! Not `COPY`, although the rows go that way: COPY buffers up to 1,000 rows before writing them,
 //! and PostgreSQL 15 registers the table's tuple descriptor once per buffered row in a resource
 //! owner whose lookups then grow with the number already registered. For 1,000 keys of 32 bytes
-//! that bookkeeping is most of the statement: 2.0–2.4 ms against 1.0–1.2 ms for the same keys
+//! that bookkeeping is most of the statement: 1.8–2.3 ms against 0.9–1.2 ms for the same keys
 //! inserted (`docs/profiling.md`, "The ledger's statement").
 //!
 //! Earlier versions kept unscoped text keys (`message_key text`). Such a table is never altered: its
