@@ -16,9 +16,10 @@
 //! redelivery (SQS `SentTimestamp`), the key starts with that time ([`LedgerKey::ordered`]). New
 //! keys then land at the end of the primary key's index, in the few pages already in memory,
 //! instead of on a random page each: a random key splits a leaf every few dozen inserts and, after
-//! each checkpoint, writes a full page image for the first change to each leaf, so an ordered key's
-//! index entry costs about a quarter as much (`docs/profiling.md`). The time is no part of the message's
-//! identity: it only orders keys, and the rest of the key is still the hash of scope and identity.
+//! each checkpoint, writes a full page image for the first change to each leaf, so an ordered
+//! key's index entry costs about a quarter as much (`docs/profiling.md`). The time is no part of
+//! the message's identity: it only orders keys, and the rest of the key is still the hash of scope
+//! and identity.
 //! Keys of messages without such a time (a producer's idempotency key, which its resends share
 //! although they are sent at other times) stay unordered.
 //!
@@ -126,11 +127,11 @@ const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT sluice_ledger_insert"
 
 impl Ledger {
     pub fn new(table: &TableName) -> Ledger {
+        // The fallback is the same insert, skipping keys committed before and returning the new ones.
+        let insert_new = format!("INSERT INTO {table} (scoped_key) SELECT unnest($1::bytea[])");
         Ledger {
-            insert_new: format!("INSERT INTO {table} (scoped_key) SELECT unnest($1::bytea[])"),
-            insert: format!(
-                "INSERT INTO {table} (scoped_key) SELECT unnest($1::bytea[]) ON CONFLICT DO NOTHING RETURNING scoped_key"
-            ),
+            insert: format!("{insert_new} ON CONFLICT DO NOTHING RETURNING scoped_key"),
+            insert_new,
             prune: format!(
                 "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE seen_at < now() - make_interval(hours => $1) LIMIT 10000))"
             ),

@@ -56,9 +56,9 @@ pub fn dead_letter_ddl(table: &TableName) -> String {
     )
 }
 
-/// Keys of committed messages (32 bytes made from the SHA-256 of source and key, see [`crate::sink::ledger`]), for
-/// skipping redeliveries; pruned by `seen_at`. Keys arrive in time order, so a BRIN index finds the
-/// old ones for pruning at almost no cost per insert.
+/// Keys of committed messages (32 bytes made from the SHA-256 of source and key, see
+/// [`crate::sink::ledger`]), for skipping redeliveries; pruned by `seen_at`. Keys arrive in time
+/// order, so a BRIN index finds the old ones for pruning at almost no cost per insert.
 pub fn ledger_ddl(table: &TableName) -> Vec<String> {
     vec![
         format!(
