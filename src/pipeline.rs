@@ -253,11 +253,12 @@ impl Pipeline {
             run_transform_stage(transformer, parsed.1, rows.0, s).await;
             Ok(())
         });
+        let record = source.commit_record;
+        let preparing = record.clone();
         tasks.spawn("batcher", async move {
-            run_batcher(rows.1, batches.0, limits).await;
+            run_batcher(rows.1, batches.0, limits, preparing).await;
             Ok(())
         });
-        let record = source.commit_record;
         let queue = BatchQueue::new(batches.1, record.ordered());
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
         for committer in sink.committers {

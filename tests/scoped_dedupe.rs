@@ -173,3 +173,46 @@ async fn a_redelivered_dead_letter_is_stored_once() {
     assert_eq!(commit.committed[0].counts.loaded, 1);
     assert_eq!(schema.rows_loaded().await, 1);
 }
+
+/// At the committer: a batch whose ledger keys the batcher made ahead claims exactly what one
+/// whose keys are made in the transaction claims, on the all-new path and on the fallback alike.
+#[tokio::test]
+async fn keys_made_ahead_claim_what_keys_made_in_the_transaction_claim() {
+    let schema = TestSchema::new().await;
+    let (tables, mut committer) = committer_in(&schema, true).await;
+    let record = LedgerRecord::new(&tables.ledger, Arc::new(SqsLedgerKeys::new("arn:test:q")));
+    let rejected = |id: &str| {
+        let mut meta = Meta::at_position(1, SystemTime::now());
+        meta.message_id = MessageId::Text(id.to_owned());
+        Reject {
+            body: format!("{{\"bad\": \"{id}\"}}"),
+            meta,
+            stage: Stage::Parse,
+            reason: "missing field `user_id`".into(),
+        }
+    };
+    // (messages, keys made ahead, stored, duplicates)
+    let rounds: [(&[&str], bool, usize, usize); 3] = [
+        (&["m1", "m2"], true, 2, 0),
+        (&["m1", "m3"], false, 1, 1),
+        (&["m2", "m3", "m4"], true, 1, 2),
+    ];
+    for (ids, ahead, stored, duplicates) in rounds {
+        let mut batch = Batch::new(Vec::new(), ids.iter().map(|id| rejected(id)).collect());
+        if ahead {
+            batch.prepare(&record);
+            assert!(batch.prepared().is_some(), "the ledger prepares its keys");
+        }
+        let commit = committer
+            .commit(batch, &record, &mut Turn::free())
+            .await
+            .expect("commit");
+        let counts = commit.committed[0].counts;
+        assert_eq!(
+            (counts.rejected, counts.duplicates),
+            (stored, duplicates),
+            "{ids:?}, keys made ahead: {ahead}"
+        );
+    }
+    assert_eq!(schema.count(&schema.dead_letters()).await, 4);
+}

@@ -13,6 +13,8 @@
 //! for a busy sink before the batch closes anyway. The batch's rows are encoded here, in their own
 //! task, so that the next batch is ready the moment the current one commits.
 
+use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,10 +22,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::envelope::{AckToken, Chunk, Meta, Reject, SourceOrder};
+use crate::sink::commit_record::{CommitRecord, Entry, Outcome, Prepared};
 use crate::sink::copy_encode::encode_rows;
 use crate::stage::transform::LoginRow;
 
-/// What one transaction commits: rows, dead-letter records, and the rows' COPY payload.
+/// What one transaction commits: rows, dead-letter records, the rows' COPY payload and what the
+/// source's commit record prepared for them.
 ///
 /// Rows stay in the vectors they arrived in (one per chunk): gathering ten thousand rows into one
 /// vector would copy every row once more, for nothing.
@@ -33,6 +37,9 @@ pub struct Batch {
     /// The encoded rows, made while the previous batch commits. The sink takes it (leaving it empty)
     /// for the COPY, and encodes again for a retry or when some rows turn out to be duplicates.
     pub copy_data: Bytes,
+    /// What the commit record worked out ahead for these messages ([`CommitRecord::prepare`]),
+    /// also made while the previous batch commits; dropped with any message.
+    prepared: Option<Prepared>,
 }
 
 impl Batch {
@@ -47,7 +54,35 @@ impl Batch {
             chunks,
             rejects,
             copy_data,
+            prepared: None,
         }
+    }
+
+    /// Lets `record` prepare its claim of these messages now, outside the transaction.
+    pub fn prepare(&mut self, record: &dyn CommitRecord) {
+        let prepared = record.prepare(&self.entries());
+        self.prepared = prepared;
+    }
+
+    /// What the commit record prepared for these messages, if anything.
+    pub fn prepared(&self) -> Option<&(dyn Any + Send + Sync)> {
+        self.prepared.as_deref()
+    }
+
+    /// Every message as the commit record sees it: the rows', then the dead letters'.
+    pub fn entries(&self) -> Vec<Entry<'_>> {
+        self.rows()
+            .map(|r| Entry {
+                meta: &r.event.meta,
+                body: r.event.body(),
+                outcome: Outcome::Row,
+            })
+            .chain(self.rejects.iter().map(|r| Entry {
+                meta: &r.meta,
+                body: &r.body,
+                outcome: Outcome::DeadLetter,
+            }))
+            .collect()
     }
 
     pub fn rows(&self) -> impl Iterator<Item = &LoginRow> + Clone {
@@ -95,6 +130,7 @@ impl Batch {
         let dropped = before - self.len();
         if dropped > 0 {
             self.copy_data = Bytes::new();
+            self.prepared = None;
         }
         dropped
     }
@@ -181,8 +217,10 @@ impl Gathering {
         }
     }
 
-    fn into_batch(self) -> Batch {
-        Batch::from_chunks(self.chunks, self.rejects)
+    fn into_batch(self, record: &dyn CommitRecord) -> Batch {
+        let mut batch = Batch::from_chunks(self.chunks, self.rejects);
+        batch.prepare(record);
+        batch
     }
 }
 
@@ -236,11 +274,12 @@ fn held_bytes(chunk: &Chunk<LoginRow>) -> usize {
 }
 
 /// The batching task: runs until its input closes, then sends the last partial batch and closes its
-/// output.
+/// output. Each batch leaves encoded and prepared for `record`.
 pub async fn run_batcher(
     mut input: mpsc::Receiver<Chunk<LoginRow>>,
     output: mpsc::Sender<Batch>,
     limits: BatchLimits,
+    record: Arc<dyn CommitRecord>,
 ) {
     let mut carry: Option<Chunk<LoginRow>> = None;
     let mut input_open = true;
@@ -281,7 +320,7 @@ pub async fn run_batcher(
             tracing::warn!("batcher: sink stopped; dropping out");
             return;
         };
-        permit.send(gathering.into_batch());
+        permit.send(gathering.into_batch(&*record));
     }
 }
 
@@ -413,6 +452,7 @@ mod tests {
 
     use super::*;
     use crate::envelope::MessageId;
+    use crate::sink::commit_record::NoCommitRecord;
 
     fn chunk_of_rejects(n: usize) -> Chunk<LoginRow> {
         Chunk {
@@ -425,7 +465,7 @@ mod tests {
     async fn batches_are_cut_at_the_limit_and_the_tail_is_flushed() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(16);
-        let task = tokio::spawn(run_batcher(rx, btx, limits(4, Duration::from_secs(60))));
+        let task = tokio::spawn(batcher(rx, btx, limits(4, Duration::from_secs(60))));
         tx.send(chunk_of_rejects(3)).await.expect("send");
         tx.send(chunk_of_rejects(3)).await.expect("send");
         tx.send(chunk_of_rejects(3)).await.expect("send");
@@ -436,6 +476,56 @@ mod tests {
         }
         task.await.expect("batcher");
         assert_eq!(sizes, [4, 4, 1]);
+    }
+
+    /// The batching task for a source with nothing to record.
+    fn batcher(
+        input: mpsc::Receiver<Chunk<LoginRow>>,
+        output: mpsc::Sender<Batch>,
+        limits: BatchLimits,
+    ) -> impl Future<Output = ()> {
+        run_batcher(input, output, limits, Arc::new(NoCommitRecord))
+    }
+
+    /// A record that prepares the number of dead letters it was shown.
+    struct CountingRecord;
+
+    impl CommitRecord for CountingRecord {
+        fn prepare(&self, entries: &[Entry<'_>]) -> Option<Prepared> {
+            let dead = entries.iter().filter(|e| e.outcome == Outcome::DeadLetter);
+            Some(Box::new(dead.count()))
+        }
+    }
+
+    fn prepared_count(batch: &Batch) -> Option<usize> {
+        batch
+            .prepared()
+            .and_then(|p| p.downcast_ref::<usize>())
+            .copied()
+    }
+
+    #[tokio::test]
+    async fn batches_leave_prepared_and_a_changed_batch_loses_what_was_prepared() {
+        let (tx, rx) = mpsc::channel(16);
+        let (btx, mut brx) = mpsc::channel(16);
+        let limits = limits(100, Duration::from_secs(60));
+        tokio::spawn(run_batcher(rx, btx, limits, Arc::new(CountingRecord)));
+        tx.send(chunk_of_rejects(3)).await.expect("send");
+        let mut batch = brx.recv().await.expect("a batch");
+        assert_eq!(prepared_count(&batch), Some(3));
+        assert_eq!(batch.drop_where(|_| false), 0);
+        assert_eq!(
+            prepared_count(&batch),
+            Some(3),
+            "nothing dropped, still valid"
+        );
+        let first = batch.rejects[0].meta.message_id.clone();
+        assert_eq!(batch.drop_where(|m| m.message_id == first), 1);
+        assert_eq!(
+            prepared_count(&batch),
+            None,
+            "made for messages no longer there"
+        );
     }
 
     fn limits(rows: usize, linger: Duration) -> BatchLimits {
@@ -451,7 +541,7 @@ mod tests {
     async fn a_lone_message_leaves_at_once_when_the_sink_is_free() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(1);
-        tokio::spawn(run_batcher(rx, btx, limits(100, Duration::from_secs(60))));
+        tokio::spawn(batcher(rx, btx, limits(100, Duration::from_secs(60))));
         tx.send(chunk_of_rejects(2)).await.expect("send");
         let started = Instant::now();
         let batch = brx.recv().await.expect("a batch");
@@ -464,7 +554,7 @@ mod tests {
     async fn a_batch_grows_while_the_sink_is_busy() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(1);
-        tokio::spawn(run_batcher(rx, btx, limits(100, Duration::from_secs(60))));
+        tokio::spawn(batcher(rx, btx, limits(100, Duration::from_secs(60))));
         tx.send(chunk_of_rejects(1)).await.expect("send");
         wait_until(|| !brx.is_empty()).await; // the sink's one slot now holds the first batch
         for _ in 0..5 {
@@ -480,11 +570,7 @@ mod tests {
     async fn linger_bounds_how_long_a_batch_keeps_growing() {
         let (tx, rx) = mpsc::channel(16);
         let (btx, mut brx) = mpsc::channel(1);
-        tokio::spawn(run_batcher(
-            rx,
-            btx,
-            limits(100, Duration::from_millis(250)),
-        ));
+        tokio::spawn(batcher(rx, btx, limits(100, Duration::from_millis(250))));
         tx.send(chunk_of_rejects(1)).await.expect("send");
         wait_until(|| !brx.is_empty()).await;
         tx.send(chunk_of_rejects(2)).await.expect("send");
@@ -504,7 +590,7 @@ mod tests {
             bytes: 10,
             linger: Duration::from_secs(60),
         };
-        tokio::spawn(run_batcher(rx, btx, budget));
+        tokio::spawn(batcher(rx, btx, budget));
         tx.send(chunk_of_rejects(1)).await.expect("send");
         wait_until(|| !brx.is_empty()).await;
         for _ in 0..4 {

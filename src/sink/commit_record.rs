@@ -32,6 +32,7 @@
 //! [`CommitRecord::claim_in_turn`]), and what it reads may be outdated by the seal, which must lock
 //! and check what the claim relied on.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -80,6 +81,10 @@ impl Statements {
         Ok(statement)
     }
 }
+
+/// What a record works out for a batch before its transaction ([`CommitRecord::prepare`]), kept
+/// with the batch; only the record that made it reads it back.
+pub type Prepared = Box<dyn Any + Send + Sync>;
 
 /// Which messages a fenced-off commit must drop: those for which it returns true.
 pub type Fence = Box<dyn Fn(&Meta) -> bool + Send + Sync>;
@@ -136,6 +141,8 @@ pub struct InTransaction<'a, 't> {
     pub statements: &'a mut Statements,
     /// The messages this transaction commits: the rows', then the dead letters'.
     pub entries: &'a [Entry<'a>],
+    /// What [`CommitRecord::prepare`] made for these entries, if it made anything.
+    pub prepared: Option<&'a (dyn Any + Send + Sync)>,
     /// At the seal, what the claim answered for each entry (true: new, written in this
     /// transaction); empty at the claim.
     pub fresh: &'a [bool],
@@ -150,6 +157,14 @@ pub struct InTransaction<'a, 't> {
 /// What a source writes in every batch's transaction (see the module's description).
 #[async_trait]
 pub trait CommitRecord: Send + Sync {
+    /// Outside any transaction, once per batch (the batcher calls it while the batch before
+    /// commits): whatever the claim can work out ahead from the entries alone, so that the
+    /// transaction, which holds a connection, does not wait for it. Made again if the batch
+    /// changes. By default nothing.
+    fn prepare(&self, _entries: &[Entry<'_>]) -> Option<Prepared> {
+        None
+    }
+
     /// Before the rows: records the entries and tells, per entry in order, whether it is new (load
     /// or store it) or was committed before (skip it). An entry repeated within the list is new at
     /// most once. By default every message is new.

@@ -55,7 +55,9 @@ use tokio_util::sync::CancellationToken;
 use crate::envelope::Meta;
 use crate::error_chain::Chain;
 use crate::pg::Connector;
-use crate::sink::commit_record::{CommitRecord, InTransaction, Outcome, RecordError, Statements};
+use crate::sink::commit_record::{
+    CommitRecord, Entry, InTransaction, Outcome, Prepared, RecordError, Statements,
+};
 use crate::table_name::TableName;
 
 /// A message's key in the ledger: SHA-256 of its source's scope and its key at that source, or
@@ -108,6 +110,49 @@ impl MessageKeys {
     }
 }
 
+/// A batch's keys as the ledger's statements send them. Hashing, deduplicating and sorting a
+/// thousand keys takes a few hundred microseconds, so the batcher makes them while the batch before
+/// commits ([`LedgerRecord::prepare`]) rather than the transaction, which would hold its connection
+/// open that much longer.
+#[derive(Debug, Clone)]
+pub struct ClaimKeys {
+    messages: Vec<MessageKeys>,
+    /// Every message's own key, then the earlier keys of those that have one.
+    keys: Vec<LedgerKey>,
+    /// Per key of `keys`: whether it is its first appearance there.
+    first: Vec<bool>,
+    /// The distinct keys in order: two transactions sharing keys take them in the same order, so
+    /// they wait for each other instead of deadlocking.
+    sorted: Vec<LedgerKey>,
+}
+
+impl ClaimKeys {
+    pub fn new(messages: Vec<MessageKeys>) -> ClaimKeys {
+        let mut keys = Vec::with_capacity(messages.len());
+        keys.extend(messages.iter().map(|m| m.key));
+        keys.extend(messages.iter().filter_map(|m| m.earlier));
+        let mut listed = HashSet::with_capacity(keys.len());
+        let first = keys.iter().map(|k| listed.insert(*k)).collect();
+        let mut sorted: Vec<LedgerKey> = listed.into_iter().collect();
+        sorted.sort_unstable();
+        ClaimKeys {
+            messages,
+            keys,
+            first,
+            sorted,
+        }
+    }
+
+    /// How many messages the keys are for.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
+
 /// How a source names its messages in the ledger: the source's scope and the message's identity
 /// there, for a message that is loaded or one that becomes a dead letter.
 pub trait LedgerKeys: Send + Sync {
@@ -146,23 +191,8 @@ impl Ledger {
         statements: &mut Statements,
         keys: &[LedgerKey],
     ) -> Result<Vec<bool>, tokio_postgres::Error> {
-        let mut listed = HashSet::with_capacity(keys.len());
-        let first: Vec<bool> = keys.iter().map(|k| listed.insert(k)).collect();
-        // In key order: two transactions sharing keys take them in the same order, so they wait
-        // for each other instead of deadlocking.
-        let mut distinct: Vec<&LedgerKey> = listed.into_iter().collect();
-        distinct.sort_unstable();
-        if keys.is_empty() || self.insert_all_new(tx, statements, &distinct).await? {
-            return Ok(first);
-        }
-        let statement = statements.get(tx, &self.insert).await?;
-        let bytes: Vec<&[u8]> = keys.iter().map(|k| k.0.as_slice()).collect();
-        let rows = tx.query(&statement, &[&bytes]).await?;
-        let mut inserted: HashSet<&[u8]> = rows.iter().map(|r| r.get::<_, &[u8]>(0)).collect();
-        Ok(keys
-            .iter()
-            .map(|k| inserted.remove(k.0.as_slice()))
-            .collect())
+        let claim = ClaimKeys::new(keys.iter().copied().map(MessageKeys::only).collect());
+        self.record_keys(tx, statements, &claim).await
     }
 
     /// Records each message's keys and tells, per message in order, whether it is new: whether all
@@ -173,13 +203,22 @@ impl Ledger {
         statements: &mut Statements,
         messages: &[MessageKeys],
     ) -> Result<Vec<bool>, tokio_postgres::Error> {
-        let mut keys = Vec::with_capacity(messages.len());
-        keys.extend(messages.iter().map(|m| m.key));
-        keys.extend(messages.iter().filter_map(|m| m.earlier));
-        let fresh = self.record(tx, statements, &keys).await?;
-        let (own, earlier) = fresh.split_at(messages.len());
+        self.record_claim(tx, statements, &ClaimKeys::new(messages.to_vec()))
+            .await
+    }
+
+    /// [`Ledger::record_messages`] with the keys made ready beforehand.
+    pub async fn record_claim(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &mut Statements,
+        claim: &ClaimKeys,
+    ) -> Result<Vec<bool>, tokio_postgres::Error> {
+        let fresh = self.record_keys(tx, statements, claim).await?;
+        let (own, earlier) = fresh.split_at(claim.messages.len());
         let mut earlier = earlier.iter();
-        Ok(messages
+        Ok(claim
+            .messages
             .iter()
             .zip(own)
             .map(|(m, &new)| match m.earlier {
@@ -190,13 +229,34 @@ impl Ledger {
             .collect())
     }
 
+    /// Tells, per key of `claim` in order, whether it is new.
+    async fn record_keys(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &mut Statements,
+        claim: &ClaimKeys,
+    ) -> Result<Vec<bool>, tokio_postgres::Error> {
+        if claim.keys.is_empty() || self.insert_all_new(tx, statements, &claim.sorted).await? {
+            return Ok(claim.first.clone());
+        }
+        let statement = statements.get(tx, &self.insert).await?;
+        let bytes: Vec<&[u8]> = claim.keys.iter().map(|k| k.0.as_slice()).collect();
+        let rows = tx.query(&statement, &[&bytes]).await?;
+        let mut inserted: HashSet<&[u8]> = rows.iter().map(|r| r.get::<_, &[u8]>(0)).collect();
+        Ok(claim
+            .keys
+            .iter()
+            .map(|k| inserted.remove(k.0.as_slice()))
+            .collect())
+    }
+
     /// Writes `keys` with one insert, as if none were in the ledger yet; true if so. If one was (the
     /// primary key refuses it), the insert is undone and false returned.
     async fn insert_all_new(
         &self,
         tx: &Transaction<'_>,
         statements: &mut Statements,
-        keys: &[&LedgerKey],
+        keys: &[LedgerKey],
     ) -> Result<bool, tokio_postgres::Error> {
         let statement = statements.get(tx, &self.insert_new).await?;
         let bytes: Vec<&[u8]> = keys.iter().map(|k| k.0.as_slice()).collect();
@@ -246,18 +306,37 @@ impl LedgerRecord {
     }
 }
 
+impl LedgerRecord {
+    fn claim_keys(&self, entries: &[Entry<'_>]) -> ClaimKeys {
+        ClaimKeys::new(
+            entries
+                .iter()
+                .map(|e| self.keys.keys(e.meta, e.body, e.outcome))
+                .collect(),
+        )
+    }
+}
+
 #[async_trait]
 impl CommitRecord for LedgerRecord {
+    fn prepare(&self, entries: &[Entry<'_>]) -> Option<Prepared> {
+        Some(Box::new(self.claim_keys(entries)))
+    }
+
     async fn claim(&self, t: &mut InTransaction<'_, '_>) -> Result<Vec<bool>, RecordError> {
-        let keys: Vec<MessageKeys> = t
-            .entries
-            .iter()
-            .map(|e| self.keys.keys(e.meta, e.body, e.outcome))
-            .collect();
-        Ok(self
-            .ledger
-            .record_messages(t.tx, t.statements, &keys)
-            .await?)
+        let prepared = t
+            .prepared
+            .and_then(|p| p.downcast_ref::<ClaimKeys>())
+            .filter(|claim| claim.len() == t.entries.len());
+        let made;
+        let claim = match prepared {
+            Some(claim) => claim,
+            None => {
+                made = self.claim_keys(t.entries);
+                &made
+            }
+        };
+        Ok(self.ledger.record_claim(t.tx, t.statements, claim).await?)
     }
 }
 

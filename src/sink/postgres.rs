@@ -34,9 +34,7 @@ use crate::pg::{ConnectError, Connector, PgError};
 use crate::retry::RetryPolicy;
 use crate::sink::batch::Batch;
 use crate::sink::commit_order::{OutOfTurn, Turn};
-use crate::sink::commit_record::{
-    CommitRecord, Entry, Fence, InTransaction, Outcome, RecordError, Statements,
-};
+use crate::sink::commit_record::{CommitRecord, Fence, InTransaction, RecordError, Statements};
 use crate::sink::copy_encode::{copy_statement, encode_rows};
 use crate::sink::dead_letter::{DeadLetterWriter, storable};
 use crate::sink::dead_letter_queue::DeadLetterQueue;
@@ -435,23 +433,12 @@ impl CommitParts {
         turn: &mut Turn,
     ) -> Result<CommitCounts, Failure> {
         let tx = session.client.transaction().await?;
-        let entries: Vec<Entry<'_>> = batch
-            .rows()
-            .map(|r| Entry {
-                meta: &r.event.meta,
-                body: r.event.body(),
-                outcome: Outcome::Row,
-            })
-            .chain(batch.rejects.iter().map(|r| Entry {
-                meta: &r.meta,
-                body: &r.body,
-                outcome: Outcome::DeadLetter,
-            }))
-            .collect();
+        let entries = batch.entries();
         let mut view = InTransaction {
             tx: &tx,
             statements: &mut session.record,
             entries: &entries,
+            prepared: batch.prepared(),
             fresh: &[],
             pending: pieces.pending,
             committed: pieces.committed,
