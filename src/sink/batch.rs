@@ -60,7 +60,7 @@ impl Batch {
 
     /// Lets `record` prepare its claim of these messages now, outside the transaction.
     pub fn prepare(&mut self, record: &dyn CommitRecord) {
-        let prepared = record.prepare(&self.entries());
+        let prepared = record.prepare(&mut self.each_entry());
         self.prepared = prepared;
     }
 
@@ -71,6 +71,10 @@ impl Batch {
 
     /// Every message as the commit record sees it: the rows', then the dead letters'.
     pub fn entries(&self) -> Vec<Entry<'_>> {
+        self.each_entry().collect()
+    }
+
+    fn each_entry(&self) -> impl Iterator<Item = Entry<'_>> {
         self.rows()
             .map(|r| Entry {
                 meta: &r.event.meta,
@@ -82,7 +86,6 @@ impl Batch {
                 body: &r.body,
                 outcome: Outcome::DeadLetter,
             }))
-            .collect()
     }
 
     pub fn rows(&self) -> impl Iterator<Item = &LoginRow> + Clone {
@@ -491,8 +494,8 @@ mod tests {
     struct CountingRecord;
 
     impl CommitRecord for CountingRecord {
-        fn prepare(&self, entries: &[Entry<'_>]) -> Option<Prepared> {
-            let dead = entries.iter().filter(|e| e.outcome == Outcome::DeadLetter);
+        fn prepare<'a>(&self, entries: &mut dyn Iterator<Item = Entry<'a>>) -> Option<Prepared> {
+            let dead = entries.filter(|e| e.outcome == Outcome::DeadLetter);
             Some(Box::new(dead.count()))
         }
     }

@@ -159,9 +159,9 @@ pub struct InTransaction<'a, 't> {
 pub trait CommitRecord: Send + Sync {
     /// Outside any transaction, once per batch (the batcher calls it while the batch before
     /// commits): whatever the claim can work out ahead from the entries alone, so that the
-    /// transaction, which holds a connection, does not wait for it. Made again if the batch
-    /// changes. By default nothing.
-    fn prepare(&self, _entries: &[Entry<'_>]) -> Option<Prepared> {
+    /// transaction, which holds a connection, does not wait for it. Dropped if the batch changes.
+    /// By default nothing, without looking at the entries.
+    fn prepare<'a>(&self, _entries: &mut dyn Iterator<Item = Entry<'a>>) -> Option<Prepared> {
         None
     }
 

@@ -307,10 +307,9 @@ impl LedgerRecord {
 }
 
 impl LedgerRecord {
-    fn claim_keys(&self, entries: &[Entry<'_>]) -> ClaimKeys {
+    fn claim_keys<'a>(&self, entries: impl Iterator<Item = Entry<'a>>) -> ClaimKeys {
         ClaimKeys::new(
             entries
-                .iter()
                 .map(|e| self.keys.keys(e.meta, e.body, e.outcome))
                 .collect(),
         )
@@ -319,7 +318,7 @@ impl LedgerRecord {
 
 #[async_trait]
 impl CommitRecord for LedgerRecord {
-    fn prepare(&self, entries: &[Entry<'_>]) -> Option<Prepared> {
+    fn prepare<'a>(&self, entries: &mut dyn Iterator<Item = Entry<'a>>) -> Option<Prepared> {
         Some(Box::new(self.claim_keys(entries)))
     }
 
@@ -332,7 +331,7 @@ impl CommitRecord for LedgerRecord {
         let claim = match prepared {
             Some(claim) => claim,
             None => {
-                made = self.claim_keys(t.entries);
+                made = self.claim_keys(t.entries.iter().copied());
                 &made
             }
         };
