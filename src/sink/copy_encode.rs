@@ -69,7 +69,7 @@ impl CopyEncoder {
 }
 
 /// A buffer for binary COPY data with its header written, with room for `body_bytes` of rows.
-pub fn binary_copy_buffer(body_bytes: usize) -> BytesMut {
+fn binary_copy_buffer(body_bytes: usize) -> BytesMut {
     let mut buf = BytesMut::with_capacity(19 + body_bytes + 2);
     buf.put_slice(SIGNATURE);
     buf.put_i32(0); // flags: no OIDs
@@ -78,7 +78,7 @@ pub fn binary_copy_buffer(body_bytes: usize) -> BytesMut {
 }
 
 /// Ends binary COPY data begun by [`binary_copy_buffer`].
-pub fn finish_binary_copy(mut buf: BytesMut) -> Bytes {
+fn finish_binary_copy(mut buf: BytesMut) -> Bytes {
     buf.put_i16(-1);
     buf.freeze()
 }

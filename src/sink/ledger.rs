@@ -114,7 +114,7 @@ impl MessageKeys {
 /// thousand keys takes a few hundred microseconds, so the batcher makes them while the batch before
 /// commits ([`LedgerRecord::prepare`]) rather than the transaction, which would hold its connection
 /// open that much longer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClaimKeys {
     messages: Vec<MessageKeys>,
     /// Every message's own key, then the earlier keys of those that have one.
