@@ -296,7 +296,7 @@ fn read_line_bounded(
             return Ok(any.then_some(size));
         }
         any = true;
-        let newline = buf.iter().position(|b| *b == b'\n');
+        let newline = memchr::memchr(b'\n', buf);
         let part = &buf[..newline.unwrap_or(buf.len())];
         let room = (limit + 1).saturating_sub(line.len());
         line.extend_from_slice(&part[..part.len().min(room)]);
