@@ -315,8 +315,8 @@ fn ip_problem(text: &str) -> ParseError {
 /// Whether arrays and objects nest deeper than `max` anywhere in `body`, brackets inside strings
 /// not counted. This runs for every message, before any parsing: a body with at most `max`
 /// opening brackets in all (nearly every one) is cleared by a SIMD search that stops at the
-/// `max + 1`th, and only the rest are walked with the string state. (A byte-by-byte count here
-/// cost more instructions per message than all of the line reading.)
+/// `max + 1`th (a byte-by-byte count cost about 700 instructions per message), and only the rest
+/// are walked with the string state.
 fn nested_deeper_than(body: &[u8], max: usize) -> bool {
     if memchr::memchr2_iter(b'[', b'{', body).nth(max).is_none() {
         return false;
