@@ -304,9 +304,7 @@ impl LedgerRecord {
             keys,
         }
     }
-}
 
-impl LedgerRecord {
     fn claim_keys<'a>(&self, entries: impl Iterator<Item = Entry<'a>>) -> ClaimKeys {
         ClaimKeys::new(
             entries

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 use crate::envelope::{MessageId, Meta};
 use crate::pg::{ConnectError, Connector, PgError};
-use crate::sink::commit_record::{CommitRecord, InTransaction, RecordError};
+use crate::sink::commit_record::{CommitRecord, Entry, InTransaction, Prepared, RecordError};
 use crate::table_name::TableName;
 
 /// The table's name, in the schema of the ledger table.
@@ -159,6 +159,11 @@ fn position(meta: &Meta) -> i64 {
 
 #[async_trait]
 impl CommitRecord for FilePositions {
+    /// The ledger's keys, when there is one: its claim below finds them in the transaction's view.
+    fn prepare<'a>(&self, entries: &mut dyn Iterator<Item = Entry<'a>>) -> Option<Prepared> {
+        self.ledger.as_ref()?.prepare(entries)
+    }
+
     async fn claim(&self, t: &mut InTransaction<'_, '_>) -> Result<Vec<bool>, RecordError> {
         let statement = t.statements.get(t.tx, &self.select).await?;
         let row = t.tx.query_opt(&statement, &[&self.file]).await?;
