@@ -20,8 +20,14 @@
 //! steady rate an operator plans with) and
 //! `SLUICE_BENCH_NAIVE_ROWS` (default 2,000 rows per naive-loader iteration).
 //!
+//! The report's two ratios against a target (the pipeline against the ceiling, the sink with the
+//! ledger against without) are also measured in paired rounds, `SLUICE_BENCH_PAIRED_ROUNDS` of
+//! each (default 9), both sides back to back from emptied tables, so that the machine's drift
+//! between criterion groups minutes apart does not enter them.
+//!
 //! Besides criterion's results, the run writes `target/bench/postgres-run.json`: the server's
-//! version and durability settings, and the pipeline's own counts, for the capacity report.
+//! version and durability settings, the paired rounds, and the pipeline's own counts, for the
+//! capacity report.
 
 mod common;
 
@@ -345,7 +351,18 @@ type Identify = fn(&mut Meta, String, u64);
 /// messages known by their SQS message id (ordered keys) and by a producer's key (unordered).
 /// Building, encoding and preparing the batch (the ledger's keys) is not timed: the batcher does it
 /// while the previous batch commits.
-fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
+/// Batches per side of a paired ledger round: enough that a side lasts a good part of a second.
+const LEDGER_PAIR_BATCHES: u64 = 100;
+
+/// One paired round of the sink at 1,000 rows per batch: seconds per batch without the ledger and
+/// with it, measured back to back.
+#[derive(Clone, Copy)]
+struct LedgerPair {
+    plain: f64,
+    ledger: f64,
+}
+
+fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
     let template = common::rows(&common::bodies(10_600, 21));
     assert!(template.len() >= 10_000);
     let mut group = db_group(c, "sink", Duration::from_secs(4));
@@ -379,6 +396,7 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
             meta.dedupe_key = Some(id);
         }),
     ];
+    let mut message_id_ledger: Option<(PgCopySink, Arc<dyn CommitRecord>)> = None;
     for (name, identify) in kinds {
         // Criterion calls the closure once per sample: one committer, on one connection, serves
         // every sample, as in a running daemon and as for the plain sink above. (A committer per
@@ -398,8 +416,77 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) {
                 })
             })
         });
+        if name == "copy+ledger" {
+            message_id_ledger = held;
+        }
     }
     group.finish();
+    // The target compares the two rates; criterion measures them minutes apart, while this
+    // shared machine's speed drifts, so they are also measured in pairs, back to back.
+    let (Some(db), Some((mut plain_sink, plain_record)), Some((mut ledger_sink, ledger_record))) =
+        (db.get(), plain, message_id_ledger)
+    else {
+        return Vec::new();
+    };
+    let identify = kinds[0].1;
+    let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
+    (0..rounds)
+        .map(|round| {
+            // Each side starts from emptied tables and a checkpoint, as the pipeline's pairs do.
+            let mut side = |ledger_on: bool| {
+                db.truncate_all();
+                pending = 0;
+                let total = if ledger_on {
+                    timed_commits(
+                        db,
+                        &mut ledger_sink,
+                        &*ledger_record,
+                        LEDGER_PAIR_BATCHES,
+                        &mut pending,
+                        || {
+                            let mut rows = template[..n].to_vec();
+                            for row in &mut rows {
+                                key += 1;
+                                identify(&mut row.event.meta, format!("bench-{pid}-{key}"), key);
+                            }
+                            rows
+                        },
+                    )
+                } else {
+                    timed_commits(
+                        db,
+                        &mut plain_sink,
+                        &*plain_record,
+                        LEDGER_PAIR_BATCHES,
+                        &mut pending,
+                        || template[..n].to_vec(),
+                    )
+                };
+                total.as_secs_f64() / LEDGER_PAIR_BATCHES as f64
+            };
+            // Alternate which goes first, so neither always follows the other.
+            let pair = if round % 2 == 0 {
+                let plain = side(false);
+                LedgerPair {
+                    plain,
+                    ledger: side(true),
+                }
+            } else {
+                let ledger = side(true);
+                LedgerPair {
+                    plain: side(false),
+                    ledger,
+                }
+            };
+            eprintln!(
+                "paired sink round {}: {:.2} ms per batch without the ledger, {:.2} ms with it",
+                round + 1,
+                pair.plain * 1e3,
+                pair.ledger * 1e3
+            );
+            pair
+        })
+        .collect()
 }
 
 /// A committer with the Kinesis commit record, and the leases its batches are read under.
@@ -800,7 +887,12 @@ impl From<&LoginRow> for NaiveRow {
 }
 
 /// Facts about the server and the pipeline run that the report states next to the numbers.
-fn write_run_facts(db: &Db, counts: &PipelineCounts, pairs: &[(f64, f64)]) {
+fn write_run_facts(
+    db: &Db,
+    counts: &PipelineCounts,
+    pairs: &[(f64, f64)],
+    ledger_pairs: &[LedgerPair],
+) {
     let dir = output_dir();
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("cannot create {}: {e}", dir.display());
@@ -810,6 +902,10 @@ fn write_run_facts(db: &Db, counts: &PipelineCounts, pairs: &[(f64, f64)]) {
         "paired_seconds": pairs
             .iter()
             .map(|(pipeline, ceiling)| serde_json::json!({"pipeline": pipeline, "ceiling": ceiling}))
+            .collect::<Vec<_>>(),
+        "ledger_paired_seconds": ledger_pairs
+            .iter()
+            .map(|p| serde_json::json!({"plain": p.plain, "ledger": p.ledger}))
             .collect::<Vec<_>>(),
         "server_version": db.setting("server_version"),
         "synchronous_commit": db.setting("synchronous_commit"),
@@ -841,7 +937,7 @@ fn main() {
         31,
     );
     let mut counts = PipelineCounts::default();
-    sink(&mut c, &db);
+    let ledger_pairs = sink(&mut c, &db);
     kinesis_sink(&mut c, &db);
     pipeline(&mut c, &db, &bodies, &mut counts);
     kinesis_pipeline(&mut c, &db, &bodies);
@@ -852,6 +948,6 @@ fn main() {
     {
         let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
         let pairs = paired(db, &bodies, rounds);
-        write_run_facts(db, &counts, &pairs);
+        write_run_facts(db, &counts, &pairs, &ledger_pairs);
     }
 }

@@ -2,7 +2,7 @@
 //! them into pollers, shards and servers. Each rule is a small function, tested here, so the
 //! report's prose never hides a computation and a new section reuses the same rules.
 
-use super::inputs::PairedRound;
+use super::inputs::{LedgerPairedRound, PairedRound};
 
 /// At most this many messages per SQS ReceiveMessage.
 pub const SQS_BATCH: f64 = 10.0;
@@ -37,6 +37,14 @@ pub fn paired_ratios(messages: f64, ceiling_rows: f64, rounds: &[PairedRound]) -
         .iter()
         .map(|r| (messages / r.pipeline) / (ceiling_rows / r.ceiling))
         .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios
+}
+
+/// The ledger's rate over the plain sink's in each paired round, smallest first (same batch size,
+/// so the inverse ratio of their times per batch).
+pub fn ledger_ratios(rounds: &[LedgerPairedRound]) -> Vec<f64> {
+    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.plain / r.ledger).collect();
     ratios.sort_by(f64::total_cmp);
     ratios
 }
@@ -174,6 +182,26 @@ mod tests {
     fn an_interval_wider_than_a_fifth_of_the_median_is_noisy() {
         assert!(!is_noisy(90.0, 110.0, 100.0));
         assert!(is_noisy(85.0, 110.0, 100.0));
+    }
+
+    #[test]
+    fn ledger_ratios_are_the_plain_time_over_the_ledger_time_of_each_round_sorted() {
+        let rounds = [
+            LedgerPairedRound {
+                plain: 2.0,
+                ledger: 4.0,
+            },
+            LedgerPairedRound {
+                plain: 3.0,
+                ledger: 4.0,
+            },
+            LedgerPairedRound {
+                plain: 1.0,
+                ledger: 5.0,
+            },
+        ];
+        assert_eq!(ledger_ratios(&rounds), [0.2, 0.5, 0.75]);
+        assert!(ledger_ratios(&[]).is_empty());
     }
 
     #[test]

@@ -173,6 +173,10 @@ impl Criterion {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PostgresRun {
     pub paired_seconds: Vec<PairedRound>,
+    /// The sink without and with the ledger, back to back; absent from runs before they were
+    /// measured.
+    #[serde(default)]
+    pub ledger_paired_seconds: Vec<LedgerPairedRound>,
     pub server_version: String,
     pub synchronous_commit: String,
     pub fsync: String,
@@ -185,6 +189,13 @@ pub struct PostgresRun {
 pub struct PairedRound {
     pub pipeline: f64,
     pub ceiling: f64,
+}
+
+/// One round that ran the sink without and with the dedupe ledger back to back: seconds per batch.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct LedgerPairedRound {
+    pub plain: f64,
+    pub ledger: f64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -72,7 +72,7 @@ impl Report {
         let c = &measured.criterion;
         let stages = Stages::build(c)?;
         let end_to_end = EndToEnd::build(c, &measured.postgres)?;
-        let sink = Sink::build(c)?;
+        let sink = Sink::build(c, &measured.postgres)?;
         let kinesis = Kinesis::build(c, &end_to_end)?;
         let memory = Memory::build(measured.memory_large, measured.memory_small);
         let targets = Targets::build(&stages, &end_to_end, &sink, &memory);
@@ -347,13 +347,20 @@ pub struct Sink {
 
 #[derive(Serialize)]
 pub struct LedgerCost {
+    /// Milliseconds per batch more than the plain sink: the median of the paired rounds where the
+    /// run has them, else the difference of the two criterion medians.
     pub ms_per_batch: f64,
-    /// The ledger's rate as a share of the plain sink's.
+    /// The ledger's rate as a share of the plain sink's: the median of the paired rounds where the
+    /// run has them, else the ratio of the two criterion medians.
     pub share: f64,
+    /// Ledger ÷ plain in each paired round, smallest first (empty for a run without them).
+    pub pair_ratios: Vec<f64>,
+    /// The ratio of the two criterion medians, measured minutes apart.
+    pub medians_share: f64,
 }
 
 impl Sink {
-    fn build(c: &Criterion) -> Result<Self> {
+    fn build(c: &Criterion, run: &PostgresRun) -> Result<Self> {
         let plain = c.all("sink", "copy")?;
         let ledger = c.one("sink", "copy+ledger")?;
         let producer_ledger = c.one("sink", "copy+producer-ledger")?;
@@ -361,13 +368,21 @@ impl Sink {
             .iter()
             .find(|p| p.size() == producer_ledger.size())
             .map(|p| producer_ledger.rate() / p.rate());
-        let ledger_cost = plain
-            .iter()
-            .find(|p| p.size() == ledger.size())
-            .map(|p| LedgerCost {
-                ms_per_batch: (ledger.ns - p.ns) / 1e6,
-                share: ledger.rate() / p.rate(),
-            });
+        let ledger_cost = plain.iter().find(|p| p.size() == ledger.size()).map(|p| {
+            let medians_share = ledger.rate() / p.rate();
+            let pair_ratios = figures::ledger_ratios(&run.ledger_paired_seconds);
+            let pair_costs: Vec<f64> = run
+                .ledger_paired_seconds
+                .iter()
+                .map(|r| (r.ledger - r.plain) * 1e3)
+                .collect();
+            LedgerCost {
+                ms_per_batch: stats::median(&pair_costs).unwrap_or((ledger.ns - p.ns) / 1e6),
+                share: stats::median(&pair_ratios).unwrap_or(medians_share),
+                pair_ratios,
+                medians_share,
+            }
+        });
         Ok(Self {
             plain: plain.iter().map(Measure::from).collect(),
             ledger: (&ledger).into(),
