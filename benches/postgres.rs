@@ -346,11 +346,9 @@ fn db_group<'a>(
 /// Gives a benchmark message its identity at the source: its id and its place among the messages.
 type Identify = fn(&mut Meta, String, u64);
 
-/// `PgCopySink::commit` of one batch of rows: a transaction with the binary COPY, at 100, 1,000 and
-/// 10,000 rows, and at 1,000 with the dedupe ledger (every key new, as for fresh SQS traffic), for
-/// messages known by their SQS message id (ordered keys) and by a producer's key (unordered).
-/// Building, encoding and preparing the batch (the ledger's keys) is not timed: the batcher does it
-/// while the previous batch commits.
+/// A committer and the commit record its batches write.
+type Committing = (PgCopySink, Arc<dyn CommitRecord>);
+
 /// Batches per side of a paired ledger round: enough that a side lasts a good part of a second.
 const LEDGER_PAIR_BATCHES: u64 = 100;
 
@@ -362,12 +360,18 @@ struct LedgerPair {
     ledger: f64,
 }
 
+/// `PgCopySink::commit` of one batch of rows: a transaction with the binary COPY, at 100, 1,000 and
+/// 10,000 rows, and at 1,000 with the dedupe ledger (every key new, as for fresh SQS traffic), for
+/// messages known by their SQS message id (ordered keys) and by a producer's key (unordered).
+/// Building, encoding and preparing the batch (the ledger's keys) is not timed: the batcher does it
+/// while the previous batch commits. Then, on the same committers, the paired rounds of the plain
+/// sink and the message-id ledger that the report judges the ledger's share on.
 fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
     let template = common::rows(&common::bodies(10_600, 21));
     assert!(template.len() >= 10_000);
     let mut group = db_group(c, "sink", Duration::from_secs(4));
     let mut pending = 0usize;
-    let mut plain: Option<(PgCopySink, Arc<dyn CommitRecord>)> = None;
+    let mut plain: Option<Committing> = None;
     for n in [100usize, 1_000, 10_000] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(BenchmarkId::new("copy", n), |b| {
@@ -396,12 +400,12 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
             meta.dedupe_key = Some(id);
         }),
     ];
-    let mut message_id_ledger: Option<(PgCopySink, Arc<dyn CommitRecord>)> = None;
+    let mut message_id_ledger: Option<(Committing, Identify)> = None;
     for (name, identify) in kinds {
         // Criterion calls the closure once per sample: one committer, on one connection, serves
         // every sample, as in a running daemon and as for the plain sink above. (A committer per
         // sample made each sample pay a fresh backend's first transactions.)
-        let mut held: Option<(PgCopySink, Arc<dyn CommitRecord>)> = None;
+        let mut held: Option<Committing> = None;
         group.bench_function(BenchmarkId::new(name, n), |b| {
             let db = db.get_or_init(Db::open);
             let (sink, record) = held.get_or_insert_with(|| db.sink(true));
@@ -417,18 +421,20 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
             })
         });
         if name == "copy+ledger" {
-            message_id_ledger = held;
+            message_id_ledger = held.map(|committer| (committer, identify));
         }
     }
     group.finish();
     // The target compares the two rates; criterion measures them minutes apart, while this
     // shared machine's speed drifts, so they are also measured in pairs, back to back.
-    let (Some(db), Some((mut plain_sink, plain_record)), Some((mut ledger_sink, ledger_record))) =
-        (db.get(), plain, message_id_ledger)
+    let (
+        Some(db),
+        Some((mut plain_sink, plain_record)),
+        Some(((mut ledger_sink, ledger_record), identify)),
+    ) = (db.get(), plain, message_id_ledger)
     else {
         return Vec::new();
     };
-    let identify = kinds[0].1;
     let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
     (0..rounds)
         .map(|round| {
