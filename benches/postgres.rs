@@ -352,12 +352,13 @@ type Committing = (PgCopySink, Arc<dyn CommitRecord>);
 /// Batches per side of a paired ledger round: enough that a side lasts a good part of a second.
 const LEDGER_PAIR_BATCHES: u64 = 100;
 
-/// One paired round of the sink at 1,000 rows per batch: seconds per batch without the ledger and
-/// with it, measured back to back.
+/// One paired round of the sink at 1,000 rows per batch, seconds per batch, measured back to back:
+/// without the ledger, with it for messages known by SQS message id, and for producer keys.
 #[derive(Clone, Copy)]
 struct LedgerPair {
     plain: f64,
     ledger: f64,
+    producer_ledger: f64,
 }
 
 /// `PgCopySink::commit` of one batch of rows: a transaction with the binary COPY, at 100, 1,000 and
@@ -365,7 +366,7 @@ struct LedgerPair {
 /// messages known by their SQS message id (ordered keys) and by a producer's key (unordered).
 /// Building, encoding and preparing the batch (the ledger's keys) is not timed: the batcher does it
 /// while the previous batch commits. Then, on the same committers, the paired rounds of the plain
-/// sink and the message-id ledger that the report judges the ledger's share on.
+/// sink and the two ledgers that the report judges the ledger's share on.
 fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
     let template = common::rows(&common::bodies(10_600, 21));
     assert!(template.len() >= 10_000);
@@ -400,7 +401,7 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
             meta.dedupe_key = Some(id);
         }),
     ];
-    let mut message_id_ledger: Option<(Committing, Identify)> = None;
+    let mut ledgers: Vec<(Committing, Identify)> = Vec::with_capacity(kinds.len());
     for (name, identify) in kinds {
         // Criterion calls the closure once per sample: one committer, on one connection, serves
         // every sample, as in a running daemon and as for the plain sink above. (A committer per
@@ -420,75 +421,79 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
                 })
             })
         });
-        if name == "copy+ledger" {
-            message_id_ledger = held.map(|committer| (committer, identify));
+        if let Some(committer) = held {
+            ledgers.push((committer, identify));
         }
     }
     group.finish();
     // The target compares the two rates; criterion measures them minutes apart, while this
     // shared machine's speed drifts, so they are also measured in pairs, back to back.
-    let (
-        Some(db),
-        Some((mut plain_sink, plain_record)),
-        Some(((mut ledger_sink, ledger_record), identify)),
-    ) = (db.get(), plain, message_id_ledger)
-    else {
+    let (Some(db), Some((mut plain_sink, plain_record))) = (db.get(), plain) else {
         return Vec::new();
     };
+    if ledgers.len() != kinds.len() {
+        return Vec::new();
+    }
     let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
     (0..rounds)
         .map(|round| {
-            // Each side starts from emptied tables and a checkpoint, as the pipeline's pairs do.
-            let mut side = |ledger_on: bool| {
+            // Side 0 is the plain sink, then one side per kind of key. Each starts from emptied
+            // tables and a checkpoint, as the pipeline's pairs do, and the order flips every round
+            // so that no side always follows another.
+            let mut seconds = vec![0.0; 1 + ledgers.len()];
+            let mut order: Vec<usize> = (0..seconds.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for side in order {
                 db.truncate_all();
                 pending = 0;
-                let total = if ledger_on {
-                    timed_commits(
-                        db,
-                        &mut ledger_sink,
-                        &*ledger_record,
-                        LEDGER_PAIR_BATCHES,
-                        &mut pending,
-                        || {
-                            let mut rows = template[..n].to_vec();
-                            for row in &mut rows {
-                                key += 1;
-                                identify(&mut row.event.meta, format!("bench-{pid}-{key}"), key);
-                            }
-                            rows
-                        },
-                    )
-                } else {
-                    timed_commits(
+                let total = match side.checked_sub(1) {
+                    None => timed_commits(
                         db,
                         &mut plain_sink,
                         &*plain_record,
                         LEDGER_PAIR_BATCHES,
                         &mut pending,
                         || template[..n].to_vec(),
-                    )
+                    ),
+                    Some(kind) => {
+                        let ((sink, record), identify) = &mut ledgers[kind];
+                        let identify = *identify;
+                        timed_commits(
+                            db,
+                            sink,
+                            &**record,
+                            LEDGER_PAIR_BATCHES,
+                            &mut pending,
+                            || {
+                                let mut rows = template[..n].to_vec();
+                                for row in &mut rows {
+                                    key += 1;
+                                    identify(
+                                        &mut row.event.meta,
+                                        format!("bench-{pid}-{key}"),
+                                        key,
+                                    );
+                                }
+                                rows
+                            },
+                        )
+                    }
                 };
-                total.as_secs_f64() / LEDGER_PAIR_BATCHES as f64
-            };
-            // Alternate which goes first, so neither always follows the other.
-            let pair = if round % 2 == 0 {
-                let plain = side(false);
-                LedgerPair {
-                    plain,
-                    ledger: side(true),
-                }
-            } else {
-                let ledger = side(true);
-                LedgerPair {
-                    plain: side(false),
-                    ledger,
-                }
+                seconds[side] = total.as_secs_f64() / LEDGER_PAIR_BATCHES as f64;
+            }
+            let pair = LedgerPair {
+                plain: seconds[0],
+                ledger: seconds[1],
+                producer_ledger: seconds[2],
             };
             eprintln!(
-                "paired sink round {}: {:.2} ms per batch without the ledger, {:.2} ms with it",
+                "paired sink round {}: ms per batch without the ledger {:.2}, with it {:.2} (message ids), {:.2} (producer keys)",
                 round + 1,
                 pair.plain * 1e3,
-                pair.ledger * 1e3
+                pair.ledger * 1e3,
+                pair.producer_ledger * 1e3
             );
             pair
         })
@@ -911,7 +916,13 @@ fn write_run_facts(
             .collect::<Vec<_>>(),
         "ledger_paired_seconds": ledger_pairs
             .iter()
-            .map(|p| serde_json::json!({"plain": p.plain, "ledger": p.ledger}))
+            .map(|p| {
+                serde_json::json!({
+                    "plain": p.plain,
+                    "ledger": p.ledger,
+                    "producer_ledger": p.producer_ledger,
+                })
+            })
             .collect::<Vec<_>>(),
         "server_version": db.setting("server_version"),
         "synchronous_commit": db.setting("synchronous_commit"),

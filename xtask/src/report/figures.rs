@@ -44,9 +44,22 @@ pub fn paired_ratios(messages: f64, ceiling_rows: f64, rounds: &[PairedRound]) -
 /// The ledger's rate over the plain sink's in each paired round, smallest first (same batch size,
 /// so the inverse ratio of their times per batch).
 pub fn ledger_ratios(rounds: &[LedgerPairedRound]) -> Vec<f64> {
-    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.plain / r.ledger).collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios
+    sorted(rounds.iter().map(|r| r.plain / r.ledger))
+}
+
+/// The same for producer keys, over the rounds that measured them.
+pub fn producer_ledger_ratios(rounds: &[LedgerPairedRound]) -> Vec<f64> {
+    sorted(
+        rounds
+            .iter()
+            .filter_map(|r| r.producer_ledger.map(|p| r.plain / p)),
+    )
+}
+
+fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values
 }
 
 /// How much bigger `larger` is than `smaller`, as a share (0.1 = 10% more).
@@ -185,22 +198,26 @@ mod tests {
     }
 
     #[test]
-    fn ledger_ratios_are_the_plain_time_over_the_ledger_time_of_each_round_sorted() {
+    fn ledger_ratios_are_the_plain_time_over_the_ledger_time_of_each_measured_round_sorted() {
         let rounds = [
             LedgerPairedRound {
                 plain: 2.0,
                 ledger: 4.0,
+                producer_ledger: Some(8.0),
             },
             LedgerPairedRound {
                 plain: 3.0,
                 ledger: 4.0,
+                producer_ledger: None,
             },
             LedgerPairedRound {
                 plain: 1.0,
                 ledger: 5.0,
+                producer_ledger: Some(2.0),
             },
         ];
         assert_eq!(ledger_ratios(&rounds), [0.2, 0.5, 0.75]);
+        assert_eq!(producer_ledger_ratios(&rounds), [0.25, 0.5]);
         assert!(ledger_ratios(&[]).is_empty());
     }
 

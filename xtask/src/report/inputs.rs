@@ -195,7 +195,11 @@ pub struct PairedRound {
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct LedgerPairedRound {
     pub plain: f64,
+    /// Messages known by SQS message id (ordered keys).
     pub ledger: f64,
+    /// Messages known by a producer's key (unordered); absent from the first runs that paired.
+    #[serde(default)]
+    pub producer_ledger: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -301,14 +301,17 @@ mod tests {
                 LedgerPairedRound {
                     plain: 0.004,
                     ledger: 0.008,
+                    producer_ledger: Some(0.01),
                 },
                 LedgerPairedRound {
                     plain: 0.004,
                     ledger: 0.006,
+                    producer_ledger: Some(0.008),
                 },
                 LedgerPairedRound {
                     plain: 0.0045,
                     ledger: 0.0075,
+                    producer_ledger: Some(0.009),
                 },
             ],
             server_version: "15".into(),
@@ -406,6 +409,9 @@ mod tests {
         assert!(text.contains(
             "(ledger-on rate over ledger-off: 50.0%, 60.0%, 66.7%); the two criterion medians in the table, measured minutes apart, give 29.7%."
         ));
+        assert!(text.contains(
+            "and the sink carries 50% of the file path's rate (median of the same rounds: 40.0%, 50.0%, 50.0%)."
+        ));
         assert!(!text.contains("\n\n\n"), "no double blank lines");
         assert!(text.ends_with("```\n"));
     }
@@ -419,6 +425,8 @@ mod tests {
             "| sink with the SQS dedupe ledger vs without, 1,000-row batches | ≥ 60% | 29.7% | ❌ not met |"
         ));
         assert!(!text.contains("rounds that run the sink without and with the ledger"));
+        // 80,000 against 320,000 rows/s in the criterion medians.
+        assert!(text.contains("and the sink carries 25% of the file path's rate."));
     }
 
     #[test]

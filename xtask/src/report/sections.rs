@@ -339,8 +339,11 @@ pub struct Sink {
     pub ledger: Measure,
     /// The ledger with producers' idempotency keys, which are unordered.
     pub producer_ledger: Measure,
-    /// The producer keys' rate as a share of the plain sink's, when measured at the same size.
+    /// The producer keys' rate as a share of the plain sink's, when measured at the same size: the
+    /// median of the paired rounds where the run has them, else the ratio of criterion medians.
     pub producer_ledger_share: Option<f64>,
+    /// Producer keys ÷ plain in each paired round, smallest first (empty without them).
+    pub producer_pair_ratios: Vec<f64>,
     /// The ledger's cost against the plain sink at the same batch size, when both were measured.
     pub ledger_cost: Option<LedgerCost>,
 }
@@ -364,10 +367,13 @@ impl Sink {
         let plain = c.all("sink", "copy")?;
         let ledger = c.one("sink", "copy+ledger")?;
         let producer_ledger = c.one("sink", "copy+producer-ledger")?;
+        let producer_pair_ratios = figures::producer_ledger_ratios(&run.ledger_paired_seconds);
         let producer_ledger_share = plain
             .iter()
             .find(|p| p.size() == producer_ledger.size())
-            .map(|p| producer_ledger.rate() / p.rate());
+            .map(|p| {
+                stats::median(&producer_pair_ratios).unwrap_or(producer_ledger.rate() / p.rate())
+            });
         let ledger_cost = plain.iter().find(|p| p.size() == ledger.size()).map(|p| {
             let medians_share = ledger.rate() / p.rate();
             let pair_ratios = figures::ledger_ratios(&run.ledger_paired_seconds);
@@ -388,6 +394,7 @@ impl Sink {
             ledger: (&ledger).into(),
             producer_ledger: (&producer_ledger).into(),
             producer_ledger_share,
+            producer_pair_ratios,
             ledger_cost,
         })
     }
