@@ -31,8 +31,10 @@ enum Command {
         /// Message counts, one run series each.
         #[arg(required = true)]
         counts: Vec<u64>,
-        /// Runs per count; the median run is kept.
-        #[arg(long, default_value_t = 3, env = "SLUICE_BENCH_MEMORY_RUNS")]
+        /// Runs per count; the median run is kept. Five, because single runs' peak RSS differs by
+        /// several MiB (how many encoded batches are alive at the peak), and the growth check
+        /// compares two medians.
+        #[arg(long, default_value_t = 5, env = "SLUICE_BENCH_MEMORY_RUNS")]
         runs: usize,
     },
     /// Write docs/capacity.md from criterion's results and the side results in target/bench.
