@@ -33,12 +33,11 @@ pub fn is_noisy(low: f64, high: f64, median: f64) -> bool {
 /// The pipeline's rate over the ceiling's in each paired round, smallest first: each pair ran on
 /// the same machine state, so its ratio does not carry drift between two runs minutes apart.
 pub fn paired_ratios(messages: f64, ceiling_rows: f64, rounds: &[PairedRound]) -> Vec<f64> {
-    let mut ratios: Vec<f64> = rounds
-        .iter()
-        .map(|r| (messages / r.pipeline) / (ceiling_rows / r.ceiling))
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios
+    sorted(
+        rounds
+            .iter()
+            .map(|r| (messages / r.pipeline) / (ceiling_rows / r.ceiling)),
+    )
 }
 
 /// The ledger's rate over the plain sink's in each paired round, smallest first (same batch size,
