@@ -20,10 +20,10 @@
 //! steady rate an operator plans with) and
 //! `SLUICE_BENCH_NAIVE_ROWS` (default 2,000 rows per naive-loader iteration).
 //!
-//! The report's two ratios against a target (the pipeline against the ceiling, the sink with the
-//! ledger against without) are also measured in paired rounds, `SLUICE_BENCH_PAIRED_ROUNDS` of
-//! each (default 9), both sides back to back from emptied tables, so that the machine's drift
-//! between criterion groups minutes apart does not enter them.
+//! The report's comparisons of one measurement with another (the pipeline against the ceiling; the
+//! sink with the ledger, and with Kinesis checkpoints, against without) are also measured in paired
+//! rounds, `SLUICE_BENCH_PAIRED_ROUNDS` of each (default 9), the sides back to back from emptied
+//! tables, so that the machine's drift between criterion groups minutes apart does not enter them.
 //!
 //! Besides criterion's results, the run writes `target/bench/postgres-run.json`: the server's
 //! version and durability settings, the paired rounds, and the pipeline's own counts, for the
@@ -349,31 +349,69 @@ type Identify = fn(&mut Meta, String, u64);
 /// A committer and the commit record its batches write.
 type Committing = (PgCopySink, Arc<dyn CommitRecord>);
 
-/// Batches per side of a paired ledger round: enough that a side lasts a good part of a second.
-const LEDGER_PAIR_BATCHES: u64 = 100;
+/// Batches per side of a paired sink round: enough that a side lasts a good part of a second.
+const SINK_PAIR_BATCHES: u64 = 100;
 
 /// One paired round of the sink at 1,000 rows per batch, seconds per batch, measured back to back:
-/// without the ledger, with it for messages known by SQS message id, and for producer keys.
-#[derive(Clone, Copy)]
-struct LedgerPair {
+/// without a commit record, with the ledger for messages known by SQS message id and for producer
+/// keys, and with the Kinesis checkpoints of each shard count measured.
+#[derive(Clone)]
+struct SinkPair {
     plain: f64,
     ledger: f64,
     producer_ledger: f64,
+    /// Shard count and seconds per batch.
+    checkpoints: Vec<(usize, f64)>,
 }
+
+/// The committers the sink benchmarks kept, one connection each, for the paired rounds: the plain
+/// sink, and each ledger with how its messages are identified.
+struct SinkSides {
+    plain: Committing,
+    ledgers: Vec<(Committing, Identify)>,
+    /// The last ledger key handed out: keys stay unique across the criterion samples and the rounds.
+    key: u64,
+}
+
+/// 1,000 rows of `template` identified by fresh keys, the last handed out being `*key`.
+fn keyed_rows(template: &[LoginRow], identify: Identify, key: &mut u64) -> Vec<LoginRow> {
+    let pid = std::process::id();
+    let mut rows = template.to_vec();
+    for row in &mut rows {
+        *key += 1;
+        identify(&mut row.event.meta, format!("bench-{pid}-{key}"), *key);
+    }
+    rows
+}
+
+/// The SQS source's usual messages are known by message id, their keys ordered by
+/// `SentTimestamp` (here 100 messages sent per millisecond); messages carrying a producer's
+/// idempotency key are known by it, and their keys are unordered.
+const LEDGER_KINDS: [(&str, Identify); 2] = [
+    ("copy+ledger", |meta, id, n| {
+        meta.message_id = MessageId::Text(id);
+        meta.sent_at_ms = Some(common::SENT_AT_MS + (n / 100) as i64);
+    }),
+    ("copy+producer-ledger", |meta, id, _| {
+        meta.dedupe_key = Some(id);
+    }),
+];
+
+/// Rows per batch where the sink's commit records are compared.
+const RECORD_BATCH_ROWS: usize = 1_000;
 
 /// `PgCopySink::commit` of one batch of rows: a transaction with the binary COPY, at 100, 1,000 and
 /// 10,000 rows, and at 1,000 with the dedupe ledger (every key new, as for fresh SQS traffic), for
 /// messages known by their SQS message id (ordered keys) and by a producer's key (unordered).
 /// Building, encoding and preparing the batch (the ledger's keys) is not timed: the batcher does it
-/// while the previous batch commits. Then, on the same committers, the paired rounds of the plain
-/// sink and the two ledgers that the report judges the ledger's share on.
-fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
-    let template = common::rows(&common::bodies(10_600, 21));
+/// while the previous batch commits. Returns the committers for the paired rounds
+/// ([`paired_sinks`]), when the filter let every one of them run.
+fn sink(c: &mut Criterion, db: &OnceCell<Db>, template: &[LoginRow]) -> Option<SinkSides> {
     assert!(template.len() >= 10_000);
     let mut group = db_group(c, "sink", Duration::from_secs(4));
     let mut pending = 0usize;
     let mut plain: Option<Committing> = None;
-    for n in [100usize, 1_000, 10_000] {
+    for n in [100usize, RECORD_BATCH_ROWS, 10_000] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(BenchmarkId::new("copy", n), |b| {
             let db = db.get_or_init(Db::open);
@@ -385,24 +423,11 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
             })
         });
     }
-    let n = 1_000usize;
+    let n = RECORD_BATCH_ROWS;
     let mut key = 0u64;
-    let pid = std::process::id();
     group.throughput(Throughput::Elements(n as u64));
-    // The SQS source's usual messages are known by message id, their keys ordered by
-    // `SentTimestamp` (here 100 messages sent per millisecond); messages carrying a producer's
-    // idempotency key are known by it, and their keys are unordered.
-    let kinds: [(&str, Identify); 2] = [
-        ("copy+ledger", |meta, id, n| {
-            meta.message_id = MessageId::Text(id);
-            meta.sent_at_ms = Some(common::SENT_AT_MS + (n / 100) as i64);
-        }),
-        ("copy+producer-ledger", |meta, id, _| {
-            meta.dedupe_key = Some(id);
-        }),
-    ];
-    let mut ledgers: Vec<(Committing, Identify)> = Vec::with_capacity(kinds.len());
-    for (name, identify) in kinds {
+    let mut ledgers: Vec<(Committing, Identify)> = Vec::with_capacity(LEDGER_KINDS.len());
+    for (name, identify) in LEDGER_KINDS {
         // Criterion calls the closure once per sample: one committer, on one connection, serves
         // every sample, as in a running daemon and as for the plain sink above. (A committer per
         // sample made each sample pay a fresh backend's first transactions.)
@@ -412,12 +437,7 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
             let (sink, record) = held.get_or_insert_with(|| db.sink(true));
             b.iter_custom(|iters| {
                 timed_commits(db, sink, &**record, iters, &mut pending, || {
-                    let mut rows = template[..n].to_vec();
-                    for row in &mut rows {
-                        key += 1;
-                        identify(&mut row.event.meta, format!("bench-{pid}-{key}"), key);
-                    }
-                    rows
+                    keyed_rows(&template[..n], identify, &mut key)
                 })
             })
         });
@@ -426,78 +446,12 @@ fn sink(c: &mut Criterion, db: &OnceCell<Db>) -> Vec<LedgerPair> {
         }
     }
     group.finish();
-    // The target compares the two rates; criterion measures them minutes apart, while this
-    // shared machine's speed drifts, so they are also measured in pairs, back to back.
-    let (Some(db), Some((mut plain_sink, plain_record))) = (db.get(), plain) else {
-        return Vec::new();
-    };
-    if ledgers.len() != kinds.len() {
-        return Vec::new();
-    }
-    let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
-    (0..rounds)
-        .map(|round| {
-            // Side 0 is the plain sink, then one side per kind of key. Each starts from emptied
-            // tables and a checkpoint, as the pipeline's pairs do, and the order flips every round
-            // so that no side always follows another.
-            let mut seconds = vec![0.0; 1 + ledgers.len()];
-            let mut order: Vec<usize> = (0..seconds.len()).collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for side in order {
-                db.truncate_all();
-                pending = 0;
-                let total = match side.checked_sub(1) {
-                    None => timed_commits(
-                        db,
-                        &mut plain_sink,
-                        &*plain_record,
-                        LEDGER_PAIR_BATCHES,
-                        &mut pending,
-                        || template[..n].to_vec(),
-                    ),
-                    Some(kind) => {
-                        let ((sink, record), identify) = &mut ledgers[kind];
-                        let identify = *identify;
-                        timed_commits(
-                            db,
-                            sink,
-                            &**record,
-                            LEDGER_PAIR_BATCHES,
-                            &mut pending,
-                            || {
-                                let mut rows = template[..n].to_vec();
-                                for row in &mut rows {
-                                    key += 1;
-                                    identify(
-                                        &mut row.event.meta,
-                                        format!("bench-{pid}-{key}"),
-                                        key,
-                                    );
-                                }
-                                rows
-                            },
-                        )
-                    }
-                };
-                seconds[side] = total.as_secs_f64() / LEDGER_PAIR_BATCHES as f64;
-            }
-            let pair = LedgerPair {
-                plain: seconds[0],
-                ledger: seconds[1],
-                producer_ledger: seconds[2],
-            };
-            eprintln!(
-                "paired sink round {}: ms per batch without the ledger {:.2}, with it {:.2} (message ids), {:.2} (producer keys)",
-                round + 1,
-                pair.plain * 1e3,
-                pair.ledger * 1e3,
-                pair.producer_ledger * 1e3
-            );
-            pair
-        })
-        .collect()
+    let plain = plain?;
+    (ledgers.len() == LEDGER_KINDS.len()).then_some(SinkSides {
+        plain,
+        ledgers,
+        key,
+    })
 }
 
 /// A committer with the Kinesis commit record, and the leases its batches are read under.
@@ -507,29 +461,43 @@ struct ShardCommitter {
     record: Arc<dyn CommitRecord>,
 }
 
+/// `template`'s rows read from `leases`' shards in turn, from sequence number `*read` on.
+fn shard_rows(template: &[LoginRow], leases: &[Arc<LeaseClaim>], read: &mut u64) -> Vec<LoginRow> {
+    let mut rows = template.to_vec();
+    for (i, row) in rows.iter_mut().enumerate() {
+        *read += 1;
+        read_from_shard(
+            &mut row.event.meta,
+            &leases[i % leases.len()],
+            sequence(*read),
+        );
+    }
+    rows
+}
+
 /// `PgCopySink::commit` of 1,000-row batches with the Kinesis source's commit record: the
 /// messages of each batch spread evenly over 4, then 64 shards, so that every batch moves each
 /// shard's fenced checkpoint (one locking SELECT and one UPDATE over the batch's shards). Compared
 /// with `sink/copy/1000`, it gives what checkpointing costs per batch. The benchmark's parameter is
-/// the shard count.
-fn kinesis_sink(c: &mut Criterion, db: &OnceCell<Db>) {
-    let n = 1_000usize;
-    let template = common::rows(&common::bodies(1_100, 23));
+/// the shard count. Returns the committers that ran, with their shard counts, for the paired rounds.
+fn kinesis_sink(
+    c: &mut Criterion,
+    db: &OnceCell<Db>,
+    template: &[LoginRow],
+) -> Vec<(usize, ShardCommitter)> {
+    let n = RECORD_BATCH_ROWS;
     assert!(template.len() >= n);
     let mut group = db_group(c, "kinesis_sink", Duration::from_secs(4));
     group.throughput(Throughput::Elements(n as u64));
     let mut pending = 0usize;
     let mut read = 0u64;
+    let mut kept = Vec::with_capacity(KINESIS_SHARDS.len());
     for shards in KINESIS_SHARDS {
         // Criterion calls the closure once per sample: the leases are taken once.
         let mut held: Option<ShardCommitter> = None;
         group.bench_function(BenchmarkId::new("checkpoints", shards), |b| {
             let db = db.get_or_init(Db::open);
-            let ShardCommitter {
-                leases,
-                sink,
-                record,
-            } = held.get_or_insert_with(|| {
+            let committer = held.get_or_insert_with(|| {
                 let (sink, record) = db.kinesis_sink();
                 ShardCommitter {
                     leases: db.shard_leases(&format!("sink-{shards}"), shards),
@@ -537,19 +505,106 @@ fn kinesis_sink(c: &mut Criterion, db: &OnceCell<Db>) {
                     record,
                 }
             });
+            let ShardCommitter {
+                leases,
+                sink,
+                record,
+            } = committer;
             b.iter_custom(|iters| {
                 timed_commits(db, sink, &**record, iters, &mut pending, || {
-                    let mut rows = template[..n].to_vec();
-                    for (i, row) in rows.iter_mut().enumerate() {
-                        read += 1;
-                        read_from_shard(&mut row.event.meta, &leases[i % shards], sequence(read));
-                    }
-                    rows
+                    shard_rows(&template[..n], leases, &mut read)
                 })
             })
         });
+        kept.extend(held.map(|committer| (shards, committer)));
     }
     group.finish();
+    kept
+}
+
+/// The report's ledger target compares two sink rates, and its checkpoint costs are differences of
+/// sink times; criterion measures the groups minutes apart, while this shared machine's speed
+/// drifts by more than those margins, so the sides are also measured in rounds, back to back, on
+/// the committers the criterion groups used. Each side commits [`SINK_PAIR_BATCHES`] batches of
+/// the same 1,000 rows from emptied tables and a checkpoint, and the order flips every round so
+/// that no side always follows another.
+fn paired_sinks(
+    db: &Db,
+    template: &[LoginRow],
+    sides: &mut SinkSides,
+    shard_sides: &mut [(usize, ShardCommitter)],
+    rounds: usize,
+) -> Vec<SinkPair> {
+    let template = &template[..RECORD_BATCH_ROWS];
+    let mut pending = 0usize;
+    let mut read = 0u64;
+    let SinkSides {
+        plain,
+        ledgers,
+        key,
+    } = sides;
+    // Side 0 is the plain sink, then one per kind of ledger key, then one per shard count.
+    let ledger_sides = ledgers.len();
+    let count = 1 + ledger_sides + shard_sides.len();
+    (0..rounds)
+        .map(|round| {
+            let mut seconds = vec![0.0; count];
+            let mut order: Vec<usize> = (0..count).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for side in order {
+                db.truncate_all();
+                pending = 0;
+                let total = if side == 0 {
+                    let (sink, record) = &mut *plain;
+                    timed_commits(db, sink, &**record, SINK_PAIR_BATCHES, &mut pending, || {
+                        template.to_vec()
+                    })
+                } else if let Some(((sink, record), identify)) = ledgers.get_mut(side - 1) {
+                    let identify = *identify;
+                    timed_commits(db, sink, &**record, SINK_PAIR_BATCHES, &mut pending, || {
+                        keyed_rows(template, identify, key)
+                    })
+                } else {
+                    let (_, committer) = &mut shard_sides[side - 1 - ledger_sides];
+                    let ShardCommitter {
+                        leases,
+                        sink,
+                        record,
+                    } = committer;
+                    timed_commits(db, sink, &**record, SINK_PAIR_BATCHES, &mut pending, || {
+                        shard_rows(template, leases, &mut read)
+                    })
+                };
+                seconds[side] = total.as_secs_f64() / SINK_PAIR_BATCHES as f64;
+            }
+            let pair = SinkPair {
+                plain: seconds[0],
+                ledger: seconds[1],
+                producer_ledger: seconds[2],
+                checkpoints: shard_sides
+                    .iter()
+                    .zip(&seconds[1 + ledger_sides..])
+                    .map(|((shards, _), s)| (*shards, *s))
+                    .collect(),
+            };
+            let checkpoints: Vec<String> = pair
+                .checkpoints
+                .iter()
+                .map(|(shards, s)| format!(", {:.2} with checkpoints over {shards} shards", s * 1e3))
+                .collect();
+            eprintln!(
+                "paired sink round {}: ms per batch without a commit record {:.2}, with the ledger {:.2} (message ids), {:.2} (producer keys){}",
+                round + 1,
+                pair.plain * 1e3,
+                pair.ledger * 1e3,
+                pair.producer_ledger * 1e3,
+                checkpoints.concat()
+            );
+            pair
+        })
+        .collect()
 }
 
 /// Commits `iters` batches of the rows `make_rows` returns, timing only the commits; `pending`
@@ -902,7 +957,7 @@ fn write_run_facts(
     db: &Db,
     counts: &PipelineCounts,
     pairs: &[(f64, f64)],
-    ledger_pairs: &[LedgerPair],
+    sink_pairs: &[SinkPair],
 ) {
     let dir = output_dir();
     if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -914,13 +969,18 @@ fn write_run_facts(
             .iter()
             .map(|(pipeline, ceiling)| serde_json::json!({"pipeline": pipeline, "ceiling": ceiling}))
             .collect::<Vec<_>>(),
-        "ledger_paired_seconds": ledger_pairs
+        "sink_paired_seconds": sink_pairs
             .iter()
             .map(|p| {
                 serde_json::json!({
                     "plain": p.plain,
                     "ledger": p.ledger,
                     "producer_ledger": p.producer_ledger,
+                    "checkpoints": p
+                        .checkpoints
+                        .iter()
+                        .map(|(shards, seconds)| serde_json::json!({"shards": shards, "seconds": seconds}))
+                        .collect::<Vec<_>>(),
                 })
             })
             .collect::<Vec<_>>(),
@@ -954,8 +1014,18 @@ fn main() {
         31,
     );
     let mut counts = PipelineCounts::default();
-    let ledger_pairs = sink(&mut c, &db);
-    kinesis_sink(&mut c, &db);
+    let template = common::rows(&common::bodies(10_600, 21));
+    let sides = sink(&mut c, &db, &template);
+    let mut shard_sides = kinesis_sink(&mut c, &db, &template);
+    let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
+    let sink_pairs = match (db.get(), sides) {
+        (Some(db), Some(mut sides)) => {
+            paired_sinks(db, &template, &mut sides, &mut shard_sides, rounds)
+        }
+        _ => Vec::new(),
+    };
+    // Their connections are not needed by the benchmarks that follow.
+    drop(shard_sides);
     pipeline(&mut c, &db, &bodies, &mut counts);
     kinesis_pipeline(&mut c, &db, &bodies);
     ceiling(&mut c, &db, &bodies);
@@ -963,8 +1033,7 @@ fn main() {
     if let Some(db) = db.get()
         && counts.messages > 0
     {
-        let rounds = count_from_env("SLUICE_BENCH_PAIRED_ROUNDS", 9);
         let pairs = paired(db, &bodies, rounds);
-        write_run_facts(db, &counts, &pairs, &ledger_pairs);
+        write_run_facts(db, &counts, &pairs, &sink_pairs);
     }
 }

@@ -2,7 +2,7 @@
 //! them into pollers, shards and servers. Each rule is a small function, tested here, so the
 //! report's prose never hides a computation and a new section reuses the same rules.
 
-use super::inputs::{LedgerPairedRound, PairedRound};
+use super::inputs::{PairedRound, SinkPairedRound};
 
 /// At most this many messages per SQS ReceiveMessage.
 pub const SQS_BATCH: f64 = 10.0;
@@ -42,17 +42,42 @@ pub fn paired_ratios(messages: f64, ceiling_rows: f64, rounds: &[PairedRound]) -
 
 /// The ledger's rate over the plain sink's in each paired round, smallest first (same batch size,
 /// so the inverse ratio of their times per batch).
-pub fn ledger_ratios(rounds: &[LedgerPairedRound]) -> Vec<f64> {
+pub fn ledger_ratios(rounds: &[SinkPairedRound]) -> Vec<f64> {
     sorted(rounds.iter().map(|r| r.plain / r.ledger))
 }
 
 /// The same for producer keys, over the rounds that measured them.
-pub fn producer_ledger_ratios(rounds: &[LedgerPairedRound]) -> Vec<f64> {
+pub fn producer_ledger_ratios(rounds: &[SinkPairedRound]) -> Vec<f64> {
     sorted(
         rounds
             .iter()
             .filter_map(|r| r.producer_ledger.map(|p| r.plain / p)),
     )
+}
+
+/// The sink's rate with Kinesis checkpoints over `shards` shards, over the plain sink's, in each
+/// paired round that measured that shard count, smallest first.
+pub fn checkpoint_ratios(rounds: &[SinkPairedRound], shards: u64) -> Vec<f64> {
+    sorted(checkpoint_sides(rounds, shards).map(|(plain, k)| plain / k))
+}
+
+/// What the checkpoints over `shards` shards added to a batch in each paired round that measured
+/// that shard count, in milliseconds, smallest first.
+pub fn checkpoint_costs_ms(rounds: &[SinkPairedRound], shards: u64) -> Vec<f64> {
+    sorted(checkpoint_sides(rounds, shards).map(|(plain, k)| (k - plain) * 1e3))
+}
+
+/// Seconds per batch of the plain sink and of the sink with checkpoints over `shards` shards.
+fn checkpoint_sides(
+    rounds: &[SinkPairedRound],
+    shards: u64,
+) -> impl Iterator<Item = (f64, f64)> + '_ {
+    rounds.iter().filter_map(move |r| {
+        r.checkpoints
+            .iter()
+            .find(|k| k.shards == shards)
+            .map(|k| (r.plain, k.seconds))
+    })
 }
 
 fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
@@ -188,6 +213,7 @@ pub fn table_rates(examples: &[f64], measured: f64) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::inputs::CheckpointSide;
     use super::*;
 
     #[test]
@@ -199,25 +225,50 @@ mod tests {
     #[test]
     fn ledger_ratios_are_the_plain_time_over_the_ledger_time_of_each_measured_round_sorted() {
         let rounds = [
-            LedgerPairedRound {
+            SinkPairedRound {
                 plain: 2.0,
                 ledger: 4.0,
                 producer_ledger: Some(8.0),
+                checkpoints: Vec::new(),
             },
-            LedgerPairedRound {
+            SinkPairedRound {
                 plain: 3.0,
                 ledger: 4.0,
                 producer_ledger: None,
+                checkpoints: Vec::new(),
             },
-            LedgerPairedRound {
+            SinkPairedRound {
                 plain: 1.0,
                 ledger: 5.0,
                 producer_ledger: Some(2.0),
+                checkpoints: Vec::new(),
             },
         ];
         assert_eq!(ledger_ratios(&rounds), [0.2, 0.5, 0.75]);
         assert_eq!(producer_ledger_ratios(&rounds), [0.25, 0.5]);
         assert!(ledger_ratios(&[]).is_empty());
+    }
+
+    #[test]
+    fn checkpoint_figures_compare_each_round_with_its_own_plain_sink() {
+        let side = |shards, seconds| CheckpointSide { shards, seconds };
+        let round = |plain, checkpoints| SinkPairedRound {
+            plain,
+            ledger: 1.0,
+            producer_ledger: None,
+            checkpoints,
+        };
+        let rounds = [
+            round(0.004, vec![side(4, 0.008), side(64, 0.010)]),
+            round(0.002, vec![side(4, 0.005)]),
+            round(0.003, Vec::new()),
+        ];
+        assert_eq!(checkpoint_ratios(&rounds, 4), [0.4, 0.5]);
+        assert_eq!(checkpoint_ratios(&rounds, 64), [0.4]);
+        assert!(checkpoint_ratios(&rounds, 16).is_empty());
+        let costs = checkpoint_costs_ms(&rounds, 4);
+        assert_eq!(costs.len(), 2);
+        assert!((costs[0] - 3.0).abs() < 1e-9 && (costs[1] - 4.0).abs() < 1e-9);
     }
 
     #[test]

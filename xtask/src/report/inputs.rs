@@ -173,10 +173,11 @@ impl Criterion {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PostgresRun {
     pub paired_seconds: Vec<PairedRound>,
-    /// The sink without and with the ledger, back to back; absent from runs before they were
-    /// measured.
-    #[serde(default)]
-    pub ledger_paired_seconds: Vec<LedgerPairedRound>,
+    /// The sink without a commit record, with the ledger and with Kinesis checkpoints, back to
+    /// back; absent from runs before they were measured (named for the ledger alone in the first
+    /// runs that paired it).
+    #[serde(default, alias = "sink_paired_seconds")]
+    pub sink_paired_seconds: Vec<SinkPairedRound>,
     pub server_version: String,
     pub synchronous_commit: String,
     pub fsync: String,
@@ -191,15 +192,26 @@ pub struct PairedRound {
     pub ceiling: f64,
 }
 
-/// One round that ran the sink without and with the dedupe ledger back to back: seconds per batch.
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct LedgerPairedRound {
+/// One round that ran the sink without a commit record, with the dedupe ledger and with Kinesis
+/// checkpoints back to back: seconds per batch.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SinkPairedRound {
     pub plain: f64,
     /// Messages known by SQS message id (ordered keys).
     pub ledger: f64,
     /// Messages known by a producer's key (unordered); absent from the first runs that paired.
     #[serde(default)]
     pub producer_ledger: Option<f64>,
+    /// Batches spread over each shard count measured; absent from runs before they were paired.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointSide>,
+}
+
+/// The sink with Kinesis checkpoints, its batches spread over `shards` shards: seconds per batch.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct CheckpointSide {
+    pub shards: u64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -73,7 +73,7 @@ impl Report {
         let stages = Stages::build(c)?;
         let end_to_end = EndToEnd::build(c, &measured.postgres)?;
         let sink = Sink::build(c, &measured.postgres)?;
-        let kinesis = Kinesis::build(c, &end_to_end)?;
+        let kinesis = Kinesis::build(c, &measured.postgres, &end_to_end)?;
         let memory = Memory::build(measured.memory_large, measured.memory_small);
         let targets = Targets::build(&stages, &end_to_end, &sink, &memory);
         let sizing = Sizing::build(&stages, &end_to_end, &sink, &kinesis, &memory);
@@ -367,7 +367,7 @@ impl Sink {
         let plain = c.all("sink", "copy")?;
         let ledger = c.one("sink", "copy+ledger")?;
         let producer_ledger = c.one("sink", "copy+producer-ledger")?;
-        let producer_pair_ratios = figures::producer_ledger_ratios(&run.ledger_paired_seconds);
+        let producer_pair_ratios = figures::producer_ledger_ratios(&run.sink_paired_seconds);
         let producer_ledger_share = plain
             .iter()
             .find(|p| p.size() == producer_ledger.size())
@@ -376,9 +376,9 @@ impl Sink {
             });
         let ledger_cost = plain.iter().find(|p| p.size() == ledger.size()).map(|p| {
             let medians_share = ledger.rate() / p.rate();
-            let pair_ratios = figures::ledger_ratios(&run.ledger_paired_seconds);
+            let pair_ratios = figures::ledger_ratios(&run.sink_paired_seconds);
             let pair_costs: Vec<f64> = run
-                .ledger_paired_seconds
+                .sink_paired_seconds
                 .iter()
                 .map(|r| (r.ledger - r.plain) * 1e3)
                 .collect();
@@ -485,10 +485,13 @@ pub struct Kinesis {
 pub struct KinesisSink {
     pub shards: u64,
     pub measure: Measure,
-    /// Milliseconds per batch more than the plain sink at the same batch size.
+    /// Milliseconds per batch more than the plain sink at the same batch size: the median of the
+    /// paired rounds where the run has them, else the difference of the two criterion medians.
     pub ms_per_batch: Option<f64>,
-    /// Its rate as a share of the plain sink's.
+    /// Its rate as a share of the plain sink's, from the same figures.
     pub share: Option<f64>,
+    /// Checkpoints ÷ plain in each paired round, smallest first (empty without them).
+    pub pair_ratios: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -505,7 +508,7 @@ pub struct KinesisPipeline {
 const PIPELINE_BATCH_ROWS: u64 = 10_000;
 
 impl Kinesis {
-    fn build(c: &Criterion, end_to_end: &EndToEnd) -> Result<Self> {
+    fn build(c: &Criterion, run: &PostgresRun, end_to_end: &EndToEnd) -> Result<Self> {
         let sinks = c.all("kinesis_sink", "checkpoints")?;
         let plain = c.all("sink", "copy")?;
         // The benchmark's parameter is the shard count; its elements are the rows per batch.
@@ -513,13 +516,22 @@ impl Kinesis {
             .iter()
             .find(|p| p.elements == sinks[0].elements)
             .cloned();
+        let rounds = &run.sink_paired_seconds;
         let sink: Vec<KinesisSink> = sinks
             .iter()
-            .map(|k| KinesisSink {
-                shards: k.size(),
-                measure: k.into(),
-                ms_per_batch: plain_sink.as_ref().map(|p| (k.ns - p.ns) / 1e6),
-                share: plain_sink.as_ref().map(|p| k.rate() / p.rate()),
+            .map(|k| {
+                let shards = k.size();
+                let pair_ratios = figures::checkpoint_ratios(rounds, shards);
+                let pair_costs = figures::checkpoint_costs_ms(rounds, shards);
+                KinesisSink {
+                    shards,
+                    measure: k.into(),
+                    ms_per_batch: stats::median(&pair_costs)
+                        .or_else(|| plain_sink.as_ref().map(|p| (k.ns - p.ns) / 1e6)),
+                    share: stats::median(&pair_ratios)
+                        .or_else(|| plain_sink.as_ref().map(|p| k.rate() / p.rate())),
+                    pair_ratios,
+                }
             })
             .collect();
         let points: Vec<(f64, f64)> = sink
