@@ -355,7 +355,6 @@ const SINK_PAIR_BATCHES: u64 = 100;
 /// One paired round of the sink at 1,000 rows per batch, seconds per batch, measured back to back:
 /// without a commit record, with the ledger for messages known by SQS message id and for producer
 /// keys, and with the Kinesis checkpoints of each shard count measured.
-#[derive(Clone)]
 struct SinkPair {
     plain: f64,
     ledger: f64,
@@ -373,7 +372,7 @@ struct SinkSides {
     key: u64,
 }
 
-/// 1,000 rows of `template` identified by fresh keys, the last handed out being `*key`.
+/// `template`'s rows identified by fresh keys, counting on from the last handed out, `*key`.
 fn keyed_rows(template: &[LoginRow], identify: Identify, key: &mut u64) -> Vec<LoginRow> {
     let pid = std::process::id();
     let mut rows = template.to_vec();
