@@ -176,7 +176,7 @@ pub struct PostgresRun {
     /// The sink without a commit record, with the ledger and with Kinesis checkpoints, back to
     /// back; absent from runs before they were measured (named for the ledger alone in the first
     /// runs that paired it).
-    #[serde(default, alias = "sink_paired_seconds")]
+    #[serde(default, alias = "ledger_paired_seconds")]
     pub sink_paired_seconds: Vec<SinkPairedRound>,
     pub server_version: String,
     pub synchronous_commit: String,
@@ -350,6 +350,40 @@ mod tests {
             ns_low: ns * 0.9,
             ns_high: ns * 1.25,
         }
+    }
+
+    /// The facts a run writes beside the pipeline's counts, with the given sink rounds.
+    fn run_facts(sink_rounds: &str) -> String {
+        format!(
+            r#"{{"paired_seconds": [{{"pipeline": 1.0, "ceiling": 0.9}}], {sink_rounds}
+                "server_version": "15", "synchronous_commit": "on", "fsync": "on",
+                "shared_buffers": "128MB",
+                "pipeline": {{"messages": 10, "loaded": 9, "rejected": 1}}}}"#
+        )
+    }
+
+    #[test]
+    fn sink_rounds_are_read_from_this_runs_facts_and_from_older_ones() {
+        let now: PostgresRun = serde_json::from_str(&run_facts(
+            r#""sink_paired_seconds": [{"plain": 0.003, "ledger": 0.006, "producer_ledger": 0.007,
+                "checkpoints": [{"shards": 4, "seconds": 0.0045}, {"shards": 64, "seconds": 0.005}]}],"#,
+        ))
+        .unwrap();
+        let round = &now.sink_paired_seconds[0];
+        assert_eq!(round.producer_ledger, Some(0.007));
+        let shards: Vec<u64> = round.checkpoints.iter().map(|k| k.shards).collect();
+        assert_eq!(shards, [4, 64]);
+        // Before the checkpoints were paired, the rounds were the ledger's alone.
+        let older: PostgresRun = serde_json::from_str(&run_facts(
+            r#""ledger_paired_seconds": [{"plain": 0.003, "ledger": 0.006}],"#,
+        ))
+        .unwrap();
+        let round = &older.sink_paired_seconds[0];
+        assert_eq!((round.plain, round.ledger), (0.003, 0.006));
+        assert!(round.producer_ledger.is_none() && round.checkpoints.is_empty());
+        // And before any sink rounds, none.
+        let oldest: PostgresRun = serde_json::from_str(&run_facts("")).unwrap();
+        assert!(oldest.sink_paired_seconds.is_empty());
     }
 
     #[test]
