@@ -20,10 +20,11 @@
 //! steady rate an operator plans with) and
 //! `SLUICE_BENCH_NAIVE_ROWS` (default 2,000 rows per naive-loader iteration).
 //!
-//! The report's comparisons of one measurement with another (the pipeline against the ceiling; the
-//! sink with the ledger, and with Kinesis checkpoints, against without) are also measured in paired
-//! rounds, `SLUICE_BENCH_PAIRED_ROUNDS` of each (default 9), the sides back to back from emptied
-//! tables, so that the machine's drift between criterion groups minutes apart does not enter them.
+//! The report's comparisons of one measurement with another (the pipeline, and the pipeline with
+//! Kinesis checkpoints, against the ceiling and each other; the sink with the ledger, and with
+//! checkpoints, against without) are also measured in paired rounds, `SLUICE_BENCH_PAIRED_ROUNDS`
+//! of each (default 9), the sides back to back from emptied tables, so that the machine's drift
+//! between criterion groups minutes apart does not enter them.
 //!
 //! Besides criterion's results, the run writes `target/bench/postgres-run.json`: the server's
 //! version and durability settings, the paired rounds, and the pipeline's own counts, for the
@@ -713,20 +714,29 @@ fn no_record() -> Arc<dyn CommitRecord> {
     Arc::new(NoCommitRecord)
 }
 
+/// The pipeline's messages read from a stream's shards, and the commit record that checkpoints
+/// them: what a Kinesis pipeline run starts from.
+type ShardMessages = (Vec<Envelope>, Arc<dyn CommitRecord>);
+
 /// The whole pipeline as [`pipeline`] runs it, with the messages read from Kinesis: spread evenly
 /// over 4, then 64 shards (each held under a lease), so that every 10,000-row batch commits with a
 /// fenced checkpoint for each shard, in the order they were read as the Kinesis source's record
 /// requires (on the default two connections: each batch's COPY overlaps the COMMIT before it). The benchmark's parameter is the shard count.
-fn kinesis_pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
+fn kinesis_pipeline(
+    c: &mut Criterion,
+    db: &OnceCell<Db>,
+    bodies: &[String],
+) -> Vec<(usize, ShardMessages)> {
     let n = bodies.len();
     let mut group = db_group(c, "kinesis_pipeline", Duration::from_secs(12));
     group.sampling_mode(SamplingMode::Flat);
     group.throughput(Throughput::Elements(n as u64));
+    let mut kept = Vec::with_capacity(KINESIS_SHARDS.len());
     for shards in KINESIS_SHARDS {
         let stream = format!("pipeline-{shards}");
         // Criterion calls the closure once per sample: the leases are taken and the messages
         // made once.
-        let mut made: Option<(Vec<Envelope>, Arc<dyn CommitRecord>)> = None;
+        let mut made: Option<ShardMessages> = None;
         group.bench_function(BenchmarkId::new("checkpoints", shards), |b| {
             let db = db.get_or_init(Db::open);
             let config = pipeline_config(db);
@@ -756,8 +766,10 @@ fn kinesis_pipeline(c: &mut Criterion, db: &OnceCell<Db>, bodies: &[String]) {
                 total
             })
         });
+        kept.extend(made.map(|messages| (shards, messages)));
     }
     group.finish();
+    kept
 }
 
 /// One pipeline run over `template` into emptied tables, its batches writing `record`; the time
@@ -812,35 +824,78 @@ fn ceiling_once(
     started.elapsed()
 }
 
-/// The pipeline and the ceiling, alternately, `rounds` times (`SLUICE_BENCH_PAIRED_ROUNDS`, default 9): on a shared machine whose speed
-/// drifts (other tenants, the host), each pair sees the same conditions, so the ratio of a pair is
-/// steadier than the ratio of two medians taken minutes apart.
-fn paired(db: &Db, bodies: &[String], rounds: usize) -> Vec<(f64, f64)> {
+/// One round of the whole pipeline beside PostgreSQL's ceiling, seconds each: the pipeline, the
+/// ceiling, and the pipeline with Kinesis checkpoints over each shard count measured.
+struct PipelinePair {
+    pipeline: f64,
+    ceiling: f64,
+    /// Shard count and seconds.
+    checkpoints: Vec<(usize, f64)>,
+}
+
+/// The pipeline and the ceiling, and the pipeline with each stream's checkpoints, back to back,
+/// `rounds` times (`SLUICE_BENCH_PAIRED_ROUNDS`, default 9): on a shared machine whose speed
+/// drifts (other tenants, the host), the sides of a round see the same conditions, so a ratio
+/// within a round is steadier than the ratio of two medians taken minutes apart. The ceiling sits
+/// next to the plain pipeline and the Kinesis runs on its other side, and the order reverses every
+/// other round, so that the target's two sides always run one after the other.
+fn paired(
+    db: &Db,
+    bodies: &[String],
+    streams: &[(usize, ShardMessages)],
+    rounds: usize,
+) -> Vec<PipelinePair> {
     let template = common::envelopes(bodies);
     let payloads = encoded_batches(&common::rows(bodies));
     let config = pipeline_config(db);
     let mut client = db.connect();
     let copy = copy_statement(&db.tables.target);
+    let messages = template.len();
+    // Side 0 is the ceiling, 1 the plain pipeline, then one per stream.
+    let count = 2 + streams.len();
     (0..rounds)
         .map(|round| {
-            // Alternate which goes first, so neither always follows the other.
-            let (pipeline, ceiling) = if round % 2 == 0 {
-                let (pipeline, _) = pipeline_once(db, &config, &template, no_record());
-                (pipeline, ceiling_once(db, &mut client, &copy, &payloads))
-            } else {
-                let ceiling = ceiling_once(db, &mut client, &copy, &payloads);
-                (
-                    pipeline_once(db, &config, &template, no_record()).0,
-                    ceiling,
-                )
+            let mut seconds = vec![0.0; count];
+            let mut order: Vec<usize> = (0..count).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for side in order {
+                let elapsed = match side {
+                    0 => ceiling_once(db, &mut client, &copy, &payloads),
+                    1 => pipeline_once(db, &config, &template, no_record()).0,
+                    _ => {
+                        let (_, (messages_read, record)) = &streams[side - 2];
+                        let (elapsed, summary) =
+                            pipeline_once(db, &config, messages_read, record.clone());
+                        assert_eq!((summary.loaded + summary.rejected) as usize, messages);
+                        elapsed
+                    }
+                };
+                seconds[side] = elapsed.as_secs_f64();
+            }
+            let pair = PipelinePair {
+                ceiling: seconds[0],
+                pipeline: seconds[1],
+                checkpoints: streams
+                    .iter()
+                    .zip(&seconds[2..])
+                    .map(|((shards, _), s)| (*shards, *s))
+                    .collect(),
             };
+            let checkpoints: Vec<String> = pair
+                .checkpoints
+                .iter()
+                .map(|(shards, s)| format!(", with checkpoints over {shards} shards {s:.3} s"))
+                .collect();
             eprintln!(
-                "paired round {}: pipeline {:.3} s, ceiling {:.3} s",
+                "paired round {}: pipeline {:.3} s, ceiling {:.3} s{}",
                 round + 1,
-                pipeline.as_secs_f64(),
-                ceiling.as_secs_f64()
+                pair.pipeline,
+                pair.ceiling,
+                checkpoints.concat()
             );
-            (pipeline.as_secs_f64(), ceiling.as_secs_f64())
+            pair
         })
         .collect()
 }
@@ -951,11 +1006,19 @@ impl From<&LoginRow> for NaiveRow {
     }
 }
 
+/// Seconds per shard count, as the report reads them.
+fn shard_seconds(sides: &[(usize, f64)]) -> Vec<serde_json::Value> {
+    sides
+        .iter()
+        .map(|(shards, seconds)| serde_json::json!({"shards": shards, "seconds": seconds}))
+        .collect()
+}
+
 /// Facts about the server and the pipeline run that the report states next to the numbers.
 fn write_run_facts(
     db: &Db,
     counts: &PipelineCounts,
-    pairs: &[(f64, f64)],
+    pairs: &[PipelinePair],
     sink_pairs: &[SinkPair],
 ) {
     let dir = output_dir();
@@ -966,7 +1029,13 @@ fn write_run_facts(
     let facts = serde_json::json!({
         "paired_seconds": pairs
             .iter()
-            .map(|(pipeline, ceiling)| serde_json::json!({"pipeline": pipeline, "ceiling": ceiling}))
+            .map(|p| {
+                serde_json::json!({
+                    "pipeline": p.pipeline,
+                    "ceiling": p.ceiling,
+                    "checkpoints": shard_seconds(&p.checkpoints),
+                })
+            })
             .collect::<Vec<_>>(),
         "sink_paired_seconds": sink_pairs
             .iter()
@@ -975,11 +1044,7 @@ fn write_run_facts(
                     "plain": p.plain,
                     "ledger": p.ledger,
                     "producer_ledger": p.producer_ledger,
-                    "checkpoints": p
-                        .checkpoints
-                        .iter()
-                        .map(|(shards, seconds)| serde_json::json!({"shards": shards, "seconds": seconds}))
-                        .collect::<Vec<_>>(),
+                    "checkpoints": shard_seconds(&p.checkpoints),
                 })
             })
             .collect::<Vec<_>>(),
@@ -1026,13 +1091,13 @@ fn main() {
     // Their connections are not needed by the benchmarks that follow.
     drop(shard_sides);
     pipeline(&mut c, &db, &bodies, &mut counts);
-    kinesis_pipeline(&mut c, &db, &bodies);
+    let streams = kinesis_pipeline(&mut c, &db, &bodies);
     ceiling(&mut c, &db, &bodies);
     c.final_summary();
     if let Some(db) = db.get()
         && counts.messages > 0
     {
-        let pairs = paired(db, &bodies, rounds);
+        let pairs = paired(db, &bodies, &streams, rounds);
         write_run_facts(db, &counts, &pairs, &sink_pairs);
     }
 }

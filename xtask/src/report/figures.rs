@@ -40,6 +40,36 @@ pub fn paired_ratios(messages: f64, ceiling_rows: f64, rounds: &[PairedRound]) -
     )
 }
 
+/// The pipeline's rate with Kinesis checkpoints over `shards` shards over the plain pipeline's, in
+/// each paired round that ran that shard count, smallest first (the same messages, so the inverse
+/// ratio of their times).
+pub fn stream_vs_pipeline(rounds: &[PairedRound], shards: u64) -> Vec<f64> {
+    sorted(stream_runs(rounds, shards).map(|(r, k)| r.pipeline / k))
+}
+
+/// The same runs' rates over the ceiling's in their rounds, smallest first.
+pub fn stream_vs_copy(
+    messages: f64,
+    ceiling_rows: f64,
+    rounds: &[PairedRound],
+    shards: u64,
+) -> Vec<f64> {
+    sorted(stream_runs(rounds, shards).map(|(r, k)| (messages / k) / (ceiling_rows / r.ceiling)))
+}
+
+/// Each round that ran the pipeline with checkpoints over `shards` shards, with that run's seconds.
+fn stream_runs(
+    rounds: &[PairedRound],
+    shards: u64,
+) -> impl Iterator<Item = (&PairedRound, f64)> + '_ {
+    rounds.iter().filter_map(move |r| {
+        r.checkpoints
+            .iter()
+            .find(|k| k.shards == shards)
+            .map(|k| (r, k.seconds))
+    })
+}
+
 /// The ledger's rate over the plain sink's in each paired round, smallest first (same batch size,
 /// so the inverse ratio of their times per batch).
 pub fn ledger_ratios(rounds: &[SinkPairedRound]) -> Vec<f64> {
@@ -277,16 +307,26 @@ mod tests {
             PairedRound {
                 pipeline: 2.0,
                 ceiling: 1.0,
+                checkpoints: Vec::new(),
             },
             PairedRound {
                 pipeline: 1.0,
                 ceiling: 1.0,
+                checkpoints: vec![CheckpointSide {
+                    shards: 4,
+                    seconds: 1.25,
+                }],
             },
         ];
         // 600 messages against 600 rows: the ratio is ceiling time over pipeline time.
         assert_eq!(paired_ratios(600.0, 600.0, &rounds), [0.5, 1.0]);
         // Fewer ceiling rows in the same time: the pipeline keeps a larger share.
         assert_eq!(paired_ratios(600.0, 300.0, &rounds[1..]), [2.0]);
+        // The pipeline with checkpoints, against the plain pipeline and the ceiling of its own
+        // round; a round without that shard count does not count.
+        assert_eq!(stream_vs_pipeline(&rounds, 4), [0.8]);
+        assert_eq!(stream_vs_copy(600.0, 300.0, &rounds, 4), [1.6]);
+        assert!(stream_vs_pipeline(&rounds, 64).is_empty());
     }
 
     #[test]

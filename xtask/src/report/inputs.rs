@@ -185,11 +185,16 @@ pub struct PostgresRun {
     pub pipeline: PipelineCounts,
 }
 
-/// One round that ran the pipeline and the COPY ceiling back to back.
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// One round that ran the pipeline and the COPY ceiling back to back, and the pipeline with
+/// Kinesis checkpoints beside them: seconds each.
+#[derive(Debug, Clone, Deserialize)]
 pub struct PairedRound {
     pub pipeline: f64,
     pub ceiling: f64,
+    /// The pipeline with its messages read from each shard count measured; absent from runs before
+    /// they were paired.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointSide>,
 }
 
 /// One round that ran the sink without a commit record, with the dedupe ledger and with Kinesis
@@ -207,7 +212,8 @@ pub struct SinkPairedRound {
     pub checkpoints: Vec<CheckpointSide>,
 }
 
-/// The sink with Kinesis checkpoints, its batches spread over `shards` shards: seconds per batch.
+/// The sink or the pipeline with Kinesis checkpoints, its messages spread over `shards` shards:
+/// seconds per batch (sink) or per run (pipeline).
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct CheckpointSide {
     pub shards: u64,

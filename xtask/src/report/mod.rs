@@ -291,13 +291,14 @@ mod tests {
         }
         let side = |shards, seconds| CheckpointSide { shards, seconds };
         let postgres = PostgresRun {
-            paired_seconds: vec![
-                PairedRound {
+            paired_seconds: [(0.84, 0.9), (0.85, 0.92), (0.86, 0.95)]
+                .into_iter()
+                .map(|(four, sixty_four)| PairedRound {
                     pipeline: 0.8,
-                    ceiling: 0.7
-                };
-                3
-            ],
+                    ceiling: 0.7,
+                    checkpoints: vec![side(4, four), side(64, sixty_four)],
+                })
+                .collect(),
             sink_paired_seconds: vec![
                 SinkPairedRound {
                     plain: 0.004,
@@ -401,7 +402,15 @@ mod tests {
                 "spread over a 10,000-row batch of 64 shards it is 0.210 µs per message."
             )
         );
-        assert!(text.contains("| 4 | 740,000 msg/s | 718,447 – 762,887 | 97.4% | 89.2% |"));
+        // The Kinesis pipelines' shares are the paired rounds' medians (criterion's: 97.4% and
+        // 89.2% over 4 shards), and so is the plain pipeline's share of the ceiling beside them.
+        assert!(text.contains("| 4 | 740,000 msg/s | 718,447 – 762,887 | 94.1% | 84.4% |"));
+        assert!(text.contains("| 64 | 700,000 msg/s |"));
+        assert!(text.contains("| 87.0% | 78.0% |"));
+        assert!(text.contains("| none | 760,000 msg/s | 737,864 – 783,505 | 100% | 89.6% |"));
+        assert!(text.contains(
+            "with checkpoints it kept 93.0%, 94.1%, 95.2% of its rate over 4 shards, and 84.2%, 87.0%, 88.9% over 64 shards"
+        ));
         assert!(text.contains("**490,000 msg/s per process**"));
         assert!(text.contains("one process keeps up with about **490 shards**"));
         assert!(text.contains("one process drains a backlog on about 36 shards"));
@@ -426,10 +435,10 @@ mod tests {
     }
 
     #[test]
-    fn without_paired_sink_rounds_ledger_and_checkpoints_use_criterion_medians() {
-        let mut measured = measured(54.0);
-        measured.postgres.sink_paired_seconds.clear();
-        let text = render(&Report::build(measured).unwrap()).unwrap();
+    fn without_paired_rounds_ledger_and_checkpoints_use_criterion_medians() {
+        let mut no_sink_rounds = measured(54.0);
+        no_sink_rounds.postgres.sink_paired_seconds.clear();
+        let text = render(&Report::build(no_sink_rounds).unwrap()).unwrap();
         assert!(text.contains(
             "| sink with the SQS dedupe ledger vs without, 1,000-row batches | ≥ 60% | 29.7% | ❌ not met |"
         ));
@@ -443,6 +452,17 @@ mod tests {
         assert!(text.contains(
             "The cost per batch and the share compare criterion medians measured minutes apart."
         ));
+        // And the Kinesis pipelines, once their rounds are gone too.
+        let mut older = measured(54.0);
+        older.postgres.sink_paired_seconds.clear();
+        for round in &mut older.postgres.paired_seconds {
+            round.checkpoints.clear();
+        }
+        let text = render(&Report::build(older).unwrap()).unwrap();
+        assert!(text.contains("| 4 | 740,000 msg/s | 718,447 – 762,887 | 97.4% | 89.2% |"));
+        assert!(
+            text.contains("The shares are ratios of criterion medians measured minutes apart.")
+        );
         assert!(
             text.contains(
                 "Checkpointing costs about 0.286 ms per batch plus 9.20 µs per shard in it"

@@ -498,10 +498,13 @@ pub struct KinesisSink {
 pub struct KinesisPipeline {
     pub shards: u64,
     pub measure: Measure,
-    /// Its rate as a share of the pipeline without a commit record, and of the COPY ceiling
-    /// (criterion medians, measured minutes apart).
+    /// Its rate as a share of the pipeline without a commit record, and of the COPY ceiling: the
+    /// medians of the paired rounds where the run has them, else ratios of criterion medians
+    /// measured minutes apart.
     pub vs_pipeline: f64,
     pub vs_copy: f64,
+    /// Its rate over the plain pipeline's in each paired round, smallest first (empty without them).
+    pub pair_ratios: Vec<f64>,
 }
 
 /// The Kinesis pipeline runs commit batches of this many rows (`batch_rows` in the benchmark).
@@ -541,11 +544,23 @@ impl Kinesis {
         let pipelines = c.all("kinesis_pipeline", "checkpoints")?;
         let pipeline: Vec<KinesisPipeline> = pipelines
             .iter()
-            .map(|k| KinesisPipeline {
-                shards: k.size(),
-                measure: k.into(),
-                vs_pipeline: k.rate() / end_to_end.pipeline.rate,
-                vs_copy: k.rate() / end_to_end.ceiling.rate,
+            .map(|k| {
+                let shards = k.size();
+                let pair_ratios = figures::stream_vs_pipeline(&run.paired_seconds, shards);
+                let vs_copy = figures::stream_vs_copy(
+                    end_to_end.messages as f64,
+                    end_to_end.ceiling.elements,
+                    &run.paired_seconds,
+                    shards,
+                );
+                KinesisPipeline {
+                    shards,
+                    measure: k.into(),
+                    vs_pipeline: stats::median(&pair_ratios)
+                        .unwrap_or(k.rate() / end_to_end.pipeline.rate),
+                    vs_copy: stats::median(&vs_copy).unwrap_or(k.rate() / end_to_end.ceiling.rate),
+                    pair_ratios,
+                }
             })
             .collect();
         let slowest = pipelines
