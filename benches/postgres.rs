@@ -549,11 +549,7 @@ fn paired_sinks(
     (0..rounds)
         .map(|round| {
             let mut seconds = vec![0.0; count];
-            let mut order: Vec<usize> = (0..count).collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for side in order {
+            for side in side_order(round, count) {
                 db.truncate_all();
                 pending = 0;
                 let total = if side == 0 {
@@ -583,11 +579,7 @@ fn paired_sinks(
                 plain: seconds[0],
                 ledger: seconds[1],
                 producer_ledger: seconds[2],
-                checkpoints: shard_sides
-                    .iter()
-                    .zip(&seconds[1 + ledger_sides..])
-                    .map(|((shards, _), s)| (*shards, *s))
-                    .collect(),
+                checkpoints: by_shards(shard_sides, &seconds[1 + ledger_sides..]),
             };
             let checkpoints: Vec<String> = pair
                 .checkpoints
@@ -824,6 +816,25 @@ fn ceiling_once(
     started.elapsed()
 }
 
+/// The order in which round `round` runs its `count` sides: reversed every other round, so that no
+/// side always follows another.
+fn side_order(round: usize, count: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Each side's shard count with its seconds, `seconds` holding one entry per side in order.
+fn by_shards<T>(sides: &[(usize, T)], seconds: &[f64]) -> Vec<(usize, f64)> {
+    sides
+        .iter()
+        .zip(seconds)
+        .map(|((shards, _), s)| (*shards, *s))
+        .collect()
+}
+
 /// One round of the whole pipeline beside PostgreSQL's ceiling, seconds each: the pipeline, the
 /// ceiling, and the pipeline with Kinesis checkpoints over each shard count measured.
 struct PipelinePair {
@@ -856,11 +867,7 @@ fn paired(
     (0..rounds)
         .map(|round| {
             let mut seconds = vec![0.0; count];
-            let mut order: Vec<usize> = (0..count).collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for side in order {
+            for side in side_order(round, count) {
                 let elapsed = match side {
                     0 => ceiling_once(db, &mut client, &copy, &payloads),
                     1 => pipeline_once(db, &config, &template, no_record()).0,
@@ -877,11 +884,7 @@ fn paired(
             let pair = PipelinePair {
                 ceiling: seconds[0],
                 pipeline: seconds[1],
-                checkpoints: streams
-                    .iter()
-                    .zip(&seconds[2..])
-                    .map(|((shards, _), s)| (*shards, *s))
-                    .collect(),
+                checkpoints: by_shards(streams, &seconds[2..]),
             };
             let checkpoints: Vec<String> = pair
                 .checkpoints

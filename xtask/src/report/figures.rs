@@ -2,7 +2,7 @@
 //! them into pollers, shards and servers. Each rule is a small function, tested here, so the
 //! report's prose never hides a computation and a new section reuses the same rules.
 
-use super::inputs::{PairedRound, SinkPairedRound};
+use super::inputs::{CheckpointSide, PairedRound, SinkPairedRound};
 
 /// At most this many messages per SQS ReceiveMessage.
 pub const SQS_BATCH: f64 = 10.0;
@@ -62,12 +62,14 @@ fn stream_runs(
     rounds: &[PairedRound],
     shards: u64,
 ) -> impl Iterator<Item = (&PairedRound, f64)> + '_ {
-    rounds.iter().filter_map(move |r| {
-        r.checkpoints
-            .iter()
-            .find(|k| k.shards == shards)
-            .map(|k| (r, k.seconds))
-    })
+    rounds
+        .iter()
+        .filter_map(move |r| seconds_over(&r.checkpoints, shards).map(|k| (r, k)))
+}
+
+/// The seconds of the side whose messages were spread over `shards` shards, if one was.
+fn seconds_over(sides: &[CheckpointSide], shards: u64) -> Option<f64> {
+    sides.iter().find(|k| k.shards == shards).map(|k| k.seconds)
 }
 
 /// The ledger's rate over the plain sink's in each paired round, smallest first (same batch size,
@@ -102,12 +104,9 @@ fn checkpoint_sides(
     rounds: &[SinkPairedRound],
     shards: u64,
 ) -> impl Iterator<Item = (f64, f64)> + '_ {
-    rounds.iter().filter_map(move |r| {
-        r.checkpoints
-            .iter()
-            .find(|k| k.shards == shards)
-            .map(|k| (r.plain, k.seconds))
-    })
+    rounds
+        .iter()
+        .filter_map(move |r| seconds_over(&r.checkpoints, shards).map(|k| (r.plain, k)))
 }
 
 fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
@@ -243,7 +242,6 @@ pub fn table_rates(examples: &[f64], measured: f64) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::inputs::CheckpointSide;
     use super::*;
 
     #[test]
